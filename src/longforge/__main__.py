@@ -1,0 +1,5 @@
+"""Allow `python -m longforge`."""
+
+from longforge.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data engineering: sources, sampling plans, packing and the shard store."""

@@ -1,0 +1,1 @@
+"""Evaluation: passkey grids, perplexity against length, and the generation engine they share."""

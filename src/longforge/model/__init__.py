@@ -1,0 +1,1 @@
+"""Model-side pieces: attention back-ends."""

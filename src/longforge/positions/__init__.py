@@ -1,0 +1,1 @@
+"""Position encodings: RoPE scaling methods and training position-id transforms."""

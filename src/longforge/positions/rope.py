@@ -1,0 +1,268 @@
+"""RoPE scaling: one small function per method, registered by name, writing HF `rope_parameters`."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longforge.config import PositionSpec
+from longforge.errors import LongforgeError
+from longforge.hf import check_checkpoint, copy_tokenizer, link_or_copy, weight_files
+
+
+@dataclass(frozen=True)
+class RopeInfo:
+    """What a checkpoint's config says about its rotary embedding."""
+
+    head_dim: int
+    rotary_dim: int
+    theta: float
+    original_length: int
+    max_position_embeddings: int
+    current: dict[str, Any]
+
+    @property
+    def scaled(self) -> bool:
+        """True when the checkpoint already uses a scaling method."""
+        return self.current.get("rope_type", "default") != "default"
+
+
+@dataclass
+class RopePlan:
+    """The new rotary configuration for a checkpoint and how it was derived."""
+
+    method: str
+    factor: float
+    rope_parameters: dict[str, Any]
+    max_position_embeddings: int
+    target_length: int
+    info: RopeInfo
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description written next to the checkpoint."""
+        return {
+            "method": self.method,
+            "factor": self.factor,
+            "original_length": self.info.original_length,
+            "target_length": self.target_length,
+            "rope_parameters": self.rope_parameters,
+            "previous_rope_parameters": self.info.current,
+            "notes": self.notes,
+        }
+
+
+def rope_info(config: Any, original_length: int | None = None) -> RopeInfo:
+    """Read head dim, base, original window and current scaling from a transformers config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        legacy = getattr(config, "rope_theta", None)
+        if legacy is None:
+            raise LongforgeError(f"{type(config).__name__} has no rope_theta; longforge only handles RoPE models.")
+        params["rope_theta"] = legacy
+    params.setdefault("rope_type", params.pop("type", "default"))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
+    max_pos = int(config.max_position_embeddings)
+    orig = original_length or params.get("original_max_position_embeddings") or max_pos
+    return RopeInfo(head_dim, rotary_dim, float(params["rope_theta"]), int(orig), max_pos, params)
+
+
+def target_factor(target_length: int, original_length: int) -> float:
+    """Scale factor from the target and the ORIGINAL pretraining length (UltraLong: 1M from 8K -> 128)."""
+    if target_length <= original_length:
+        raise LongforgeError(
+            f"target length {target_length} is not above the model's original window {original_length}; "
+            "choose a longer target_length."
+        )
+    return target_length / original_length
+
+
+def _base(info: RopeInfo) -> dict[str, Any]:
+    extra = {}
+    if "partial_rotary_factor" in info.current:
+        extra["partial_rotary_factor"] = info.current["partial_rotary_factor"]
+    return {"rope_theta": info.theta, **extra}
+
+
+def _none(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    return dict(info.current)
+
+
+def _pi(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    return {"rope_type": "linear", **_base(info), "factor": factor}
+
+
+def _ntk(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    d = info.rotary_dim
+    return {**_base(info), "rope_type": "default", "rope_theta": info.theta * factor ** (d / (d - 2))}
+
+
+def _theta(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    assert spec.theta is not None
+    return {**_base(info), "rope_type": "default", "rope_theta": float(spec.theta)}
+
+
+def _dynamic(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    return {"rope_type": "dynamic", **_base(info), "factor": factor}
+
+
+def _yarn(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    p = {
+        "rope_type": "yarn",
+        **_base(info),
+        "factor": factor,
+        "original_max_position_embeddings": info.original_length,
+        "beta_fast": spec.beta_fast,
+        "beta_slow": spec.beta_slow,
+        "truncate": spec.truncate,
+    }
+    if spec.attention_factor is not None:
+        p["attention_factor"] = spec.attention_factor
+    return p
+
+
+def _llama3(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
+    return {
+        "rope_type": "llama3",
+        **_base(info),
+        "factor": factor,
+        "low_freq_factor": spec.low_freq_factor,
+        "high_freq_factor": spec.high_freq_factor,
+        "original_max_position_embeddings": info.original_length,
+    }
+
+
+ROPE_METHODS: dict[str, Callable[[RopeInfo, PositionSpec, float], dict[str, Any]]] = {
+    "none": _none,
+    "pi": _pi,
+    "ntk": _ntk,
+    "theta": _theta,
+    "dynamic": _dynamic,
+    "yarn": _yarn,
+    "llama3": _llama3,
+}
+
+
+def plan_rope(config: Any, spec: PositionSpec, target_length: int, original_length: int | None = None) -> RopePlan:
+    """Compute the new rope_parameters for a config, a method and a target length."""
+    if spec.method not in ROPE_METHODS:
+        raise LongforgeError(f"unknown RoPE method {spec.method!r}; use one of {', '.join(ROPE_METHODS)}.")
+    info = rope_info(config, original_length)
+    factor = spec.factor if spec.factor is not None else target_factor(target_length, info.original_length)
+    params = ROPE_METHODS[spec.method](info, spec, float(factor))
+    notes: list[str] = []
+    if info.scaled and spec.method != "none":
+        old = info.current
+        notes.append(
+            f"replaced the checkpoint's existing {old.get('rope_type')} scaling "
+            f"(factor {old.get('factor')}) with {spec.method}, relative to the original window {info.original_length}"
+        )
+    # HF's dynamic NTK treats max_position_embeddings as the original window.
+    max_pos = info.original_length if spec.method == "dynamic" else target_length
+    return RopePlan(spec.method, float(factor), params, int(max_pos), int(target_length), info, notes)
+
+
+def inv_freq(params: dict[str, Any], rotary_dim: int, max_position_embeddings: int, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and attention factor for rope_parameters, computed from the formulas (float64)."""
+    base = float(params["rope_theta"])
+    d = rotary_dim
+    idx = np.arange(0, d, 2, dtype=np.float64)
+    default = 1.0 / base ** (idx / d)
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return default, 1.0
+    factor = float(params["factor"])
+    if kind == "linear":
+        return default / factor, 1.0
+    if kind == "dynamic":
+        n = max(seq_len or max_position_embeddings, max_position_embeddings)
+        b = base * ((factor * n / max_position_embeddings) - (factor - 1)) ** (d / (d - 2))
+        return 1.0 / b ** (idx / d), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(params, d, default, factor)
+    if kind == "llama3":
+        return _llama3_inv_freq(params, default, factor), 1.0
+    raise LongforgeError(f"rope_type {kind!r} is not supported by longforge; use one of {', '.join(ROPE_METHODS)}.")
+
+
+def _yarn_inv_freq(params: dict[str, Any], d: int, default: np.ndarray, factor: float) -> tuple[np.ndarray, float]:
+    """YaRN: interpolate low frequencies, keep high ones, ramp linearly in index between beta_fast and beta_slow."""
+    base = float(params["rope_theta"])
+    orig = int(params["original_max_position_embeddings"])
+    beta_fast = float(params.get("beta_fast") or 32)
+    beta_slow = float(params.get("beta_slow") or 1)
+
+    def dim_for(rotations: float) -> float:
+        return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for(beta_fast), dim_for(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (unchanged), 0 = interpolate (divided by factor)
+    inv = (default / factor) * (1 - keep) + default * keep
+    att = params.get("attention_factor")
+    if att is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+
+        def m(scale: float, k: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+        att = m(factor, mscale) / m(factor, mscale_all) if mscale and mscale_all else m(factor)
+    return inv, float(att)
+
+
+def _llama3_inv_freq(params: dict[str, Any], default: np.ndarray, factor: float) -> np.ndarray:
+    """Llama 3: divide long wavelengths by factor, keep short ones, blend smoothly in between."""
+    orig = float(params["original_max_position_embeddings"])
+    low_f, high_f = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    wavelen = 2 * math.pi / default
+    scaled = np.where(wavelen > orig / low_f, default / factor, default)
+    smooth = (orig / wavelen - low_f) / (high_f - low_f)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high_f) & (wavelen <= orig / low_f)
+    return np.where(medium, blended, scaled)
+
+
+def freq_table(plan: RopePlan) -> list[dict[str, float]]:
+    """Per frequency index: wavelength, original and new inverse frequency, and their ratio."""
+    info = plan.info
+    old, _ = inv_freq(info.current, info.rotary_dim, info.max_position_embeddings)
+    new, _ = inv_freq(plan.rope_parameters, info.rotary_dim, plan.max_position_embeddings, seq_len=plan.target_length)
+    return [
+        {"index": i, "wavelength": 2 * math.pi / o, "inv_freq": o, "new_inv_freq": n, "ratio": n / o}
+        for i, (o, n) in enumerate(zip(old.tolist(), new.tolist()))
+    ]
+
+
+def apply_rope(model_dir: Path, out_dir: Path, spec: PositionSpec, target_length: int, original_length: int | None = None) -> RopePlan:
+    """Write a checkpoint whose config uses the planned rope; weights are hard-linked (or copied)."""
+    from transformers import AutoConfig
+
+    model_dir = check_checkpoint(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    plan = plan_rope(config, spec, target_length, original_length)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise LongforgeError("--out must differ from the model folder; longforge never rewrites the input checkpoint.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.rope_parameters = plan.rope_parameters
+    config.max_position_embeddings = plan.max_position_embeddings
+    config.save_pretrained(out_dir)
+    how = {link_or_copy(f, out_dir / f.name) for f in weight_files(model_dir)}
+    if not how:
+        raise LongforgeError(f"{model_dir} has no weight files (*.safetensors or pytorch_model*.bin); pass a complete checkpoint.")
+    copy_tokenizer(model_dir, out_dir)
+    plan.notes.append(f"weights {' and '.join(sorted(how))} from {model_dir}")
+    (out_dir / "longforge_rope.json").write_text(json.dumps(plan.summary(), indent=2))
+    return plan

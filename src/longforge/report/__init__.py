@@ -1,0 +1,1 @@
+"""The report: plots and a markdown/HTML page a person can look at."""

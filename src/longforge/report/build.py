@@ -1,0 +1,201 @@
+"""Build report.md and report.html for a run directory, and the terminal summary table."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from longforge import __version__
+from longforge.errors import LongforgeError
+from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def passkey_bands(res: dict[str, Any], original: int) -> dict[str, float | None]:
+    """Accuracy inside the original window, beyond it, at 4x-8x of it, and over the whole grid."""
+    per = {int(k): v for k, v in res["summary"]["per_length"].items()}
+    return {
+        "inside": _mean([v for L, v in per.items() if L <= original]),
+        "beyond": _mean([v for L, v in per.items() if L > original]),
+        "4x-8x": _mean([v for L, v in per.items() if 4 * original <= L <= 8 * original]),
+        "all": res["summary"]["accuracy"],
+    }
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Gather every result a report shows from a run directory."""
+    evals = {}
+    for d in sorted((run_dir / "eval").glob("*")):
+        if (d / "summary.json").is_file():
+            evals[d.name] = {"summary": _read(d / "summary.json")}
+            for task in ("passkey", "ppl"):
+                if (d / f"{task}.json").is_file():
+                    evals[d.name][task] = _read(d / f"{task}.json")
+    if not evals:
+        raise LongforgeError(f"{run_dir} has no evaluation results (eval/*/summary.json); run the eval stage first.")
+    stages = {}
+    for done in sorted(run_dir.glob("**/DONE.json")):
+        rec = _read(done)
+        stages[str(done.parent.relative_to(run_dir))] = rec
+    logs = {p.parent.name: p for p in sorted((run_dir / "train").glob("*/log.jsonl"))} if (run_dir / "train").is_dir() else {}
+    manifest = _read(run_dir / "data" / "manifest.json") if (run_dir / "data" / "manifest.json").is_file() else None
+    recipe = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
+    return {"evals": evals, "stages": stages, "logs": logs, "manifest": manifest, "recipe": recipe}
+
+
+def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the before/after table."""
+    evals = info["evals"]
+    first = next(iter(evals.values()))["summary"]
+    original = int(first["original_length"])
+    ppl_lengths: list[str] = []
+    for e in evals.values():
+        for k in (e["summary"].get("ppl") or {}):
+            if k not in ppl_lengths:
+                ppl_lengths.append(k)
+    ppl_lengths.sort(key=int)
+    header = ["model", f"passkey <= {original}", f"passkey > {original}", "passkey 4x-8x", "passkey all"]
+    header += [f"ppl@{k}" for k in ppl_lengths]
+    rows = []
+    for label, e in evals.items():
+        row = [label]
+        if "passkey" in e:
+            b = passkey_bands(e["passkey"], original)
+            row += [_pct(b["inside"]), _pct(b["beyond"]), _pct(b["4x-8x"]), _pct(b["all"])]
+        else:
+            row += ["-"] * 4
+        p = e["summary"].get("ppl") or {}
+        row += [f"{p[k]:.2f}" if p.get(k) else "-" for k in ppl_lengths]
+        rows.append(row)
+    return header, rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.0f}%"
+
+
+def rich_tables(info: dict[str, Any]) -> list[Table]:
+    """The summary for the terminal: a passkey table and a perplexity table (narrow enough for 80 columns)."""
+    header, rows = summary_rows(info)
+    split = 5
+    tables = []
+    for title, cols in (("passkey accuracy", range(0, split)), ("perplexity by context length", [0, *range(split, len(header))])):
+        cols = list(cols)
+        if len(cols) < 2:
+            continue
+        t = Table(title=f"longforge: {title}")
+        for i in cols:
+            t.add_column(header[i].replace("passkey ", ""), justify="left" if i == 0 else "right")
+        for r in rows:
+            t.add_row(*(r[i] for i in cols))
+        tables.append(t)
+    return tables
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def build_report(run_dir: Path) -> dict[str, Path]:
+    """Write report/report.md, report/report.html and the PNGs; returns their paths."""
+    run_dir = Path(run_dir)
+    info = collect(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    evals = info["evals"]
+    original = int(next(iter(evals.values()))["summary"]["original_length"])
+    images: dict[str, Path] = {}
+    pk = {k: v["passkey"] for k, v in evals.items() if "passkey" in v}
+    if pk:
+        images["Passkey retrieval"] = passkey_heatmaps(pk, original, out / "passkey.png")
+    pp = {k: v["ppl"] for k, v in evals.items() if "ppl" in v}
+    if pp:
+        images["Perplexity against length"] = ppl_curves(pp, original, out / "ppl.png")
+    if info["logs"]:
+        images["Training loss"] = loss_curves(info["logs"], out / "loss.png")
+    header, rows = summary_rows(info)
+    timing = [[name, f"{rec.get('seconds', 0):.1f}", rec.get("finished", "")] for name, rec in info["stages"].items()]
+    sections = _sections(info, header, rows, timing)
+    md = _markdown(sections, images, info)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(sections, images, info))
+    (out / "summary.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return {"md": out / "report.md", "html": out / "report.html", **{k: v for k, v in images.items()}}
+
+
+def _sections(info: dict[str, Any], header: list[str], rows: list[list[str]], timing: list[list[str]]) -> dict[str, Any]:
+    machine = f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}"
+    manifest = info["manifest"]
+    data_rows = []
+    if manifest:
+        for name, st in manifest["sources"].items():
+            data_rows.append([name, str(st["documents_seen"]), str(st["documents_kept"]), str(st["documents_dropped"]),
+                              str(st["documents_repeated"]), str(st["tokens_seen"]), str(st["tokens_written"])])
+    return {
+        "generated": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine,
+        "summary": (header, rows),
+        "timing": (["stage", "seconds", "finished"], timing),
+        "data": (["source", "docs seen", "kept", "dropped", "repeated", "tokens seen", "tokens written"], data_rows),
+    }
+
+
+def _markdown(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]) -> str:
+    parts = [
+        "# longforge report",
+        f"Generated {sec['generated']} by longforge {__version__} on {sec['machine']}.",
+        "## Before / after",
+        _md_table(*sec["summary"]),
+    ]
+    for title, p in images.items():
+        parts += [f"## {title}", f"![{title}]({p.name})"]
+    if sec["data"][1]:
+        parts += ["## Data", _md_table(*sec["data"])]
+    parts += ["## Timings", _md_table(*sec["timing"])]
+    if info["recipe"]:
+        parts += ["## Recipe", "```yaml", info["recipe"].rstrip(), "```"]
+    return "\n\n".join(parts) + "\n"
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _html(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]) -> str:
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             "pre{background:#f7f7f7;padding:1em;overflow:auto}")
+    body = [f"<h1>longforge report</h1><p>Generated {html.escape(sec['generated'])} by longforge {__version__} "
+            f"on {html.escape(sec['machine'])}.</p>", "<h2>Before / after</h2>", _html_table(*sec["summary"])]
+    for title, p in images.items():
+        b64 = base64.b64encode(p.read_bytes()).decode()
+        body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>")
+    if sec["data"][1]:
+        body += ["<h2>Data</h2>", _html_table(*sec["data"])]
+    body += ["<h2>Timings</h2>", _html_table(*sec["timing"])]
+    if info["recipe"]:
+        body.append(f"<h2>Recipe</h2><pre>{html.escape(info['recipe'])}</pre>")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>longforge report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"

@@ -1,0 +1,76 @@
+"""Matplotlib figures for the report (headless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def passkey_heatmaps(results: dict[str, dict[str, Any]], original_length: int, path: Path) -> Path:
+    """Side-by-side accuracy heatmaps (length x depth), one per model, with the original window marked."""
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+    im = None
+    for ax, (label, res) in zip(axes[0], results.items()):
+        grid = np.array(res["summary"]["grid"], dtype=float)
+        lengths, depths = res["lengths"], res["depths"]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(depths)), [f"{d * 100:.0f}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_xlabel("needle depth (%)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("prompt length (tokens)")
+        acc = res["summary"]["accuracy"]
+        ax.set_title(f"{label}: {acc * 100:.0f}% overall")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                ax.text(j, i, f"{grid[i, j] * 100:.0f}", ha="center", va="center", fontsize=7)
+        inside = [i for i, x in enumerate(lengths) if x <= original_length]
+        if inside and len(inside) < len(lengths):
+            ax.axhline(max(inside) + 0.5, color="black", linewidth=1.5, linestyle="--")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="passkey accuracy")
+    fig.suptitle(f"Passkey retrieval (dashed line: original window {original_length})")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def ppl_curves(results: dict[str, dict[str, Any]], original_length: int, path: Path) -> Path:
+    """Perplexity against length, one line per model, log-log."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, res in results.items():
+        rows = [r for r in res["rows"] if r["ppl"] is not None]
+        ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=label)
+    ax.axvline(original_length, color="gray", linestyle="--", linewidth=1, label="original window")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("Perplexity against length (held-out documents)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_curves(logs: dict[str, Path], path: Path) -> Path:
+    """Training loss per step for each stage's log.jsonl."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, log in logs.items():
+        recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per target token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Training: batches, loss, schedule, the loop, checkpoints and resume."""

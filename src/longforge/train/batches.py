@@ -1,0 +1,89 @@
+"""Batches for training: the tensors one micro-batch needs, built as pure functions of (seed, step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from longforge.data.store import LoaderPlan, PackedDataset
+from longforge.positions.transforms import doc_ids_from_starts, position_ids
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """One micro-batch: tokens, document ids, position ids and optional per-token loss weights."""
+
+    input_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    position_ids: torch.Tensor
+    loss_weights: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch on another device."""
+        w = None if self.loss_weights is None else self.loss_weights.to(device)
+        return Batch(self.input_ids.to(device), self.doc_ids.to(device), self.position_ids.to(device), w)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the batch (inputs, not targets)."""
+        return int(self.input_ids.numel())
+
+
+class BatchSource(Protocol):
+    """Anything that yields micro-batch `micro` of global step `step`, deterministically."""
+
+    def batch(self, step: int, micro: int) -> Batch: ...
+
+
+def targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token labels and weights; the first token of every document and the last position are not targets."""
+    ids, docs = batch.input_ids, batch.doc_ids
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = ids[:, 1:]
+    new_doc = docs[:, 1:] != docs[:, :-1]
+    labels[:, :-1][new_doc] = IGNORE
+    weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    if batch.loss_weights is None:
+        weights[:, :-1] = 1.0
+    else:
+        weights[:, :-1] = batch.loss_weights[:, 1:].float()
+    weights[labels == IGNORE] = 0.0
+    return labels, weights
+
+
+@dataclass
+class PackedBatches:
+    """Micro-batches from a shard store, sharded over data-parallel ranks."""
+
+    dataset: PackedDataset
+    micro_batch: int
+    grad_accum: int
+    seed: int
+    transform: str = "contiguous"
+    target_length: int = 0
+    document_mask: bool = True
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        self.plan = LoaderPlan(len(self.dataset), self.micro_batch * self.grad_accum * self.world, self.seed)
+
+    def batch(self, step: int, micro: int) -> Batch:
+        """Micro-batch `micro` of step `step` for this rank."""
+        mine = self.plan.rank_indices(step, self.rank, self.world)
+        rows = mine[micro * self.micro_batch : (micro + 1) * self.micro_batch]
+        ids, docs, pos = [], [], []
+        for r in rows:
+            tokens, starts = self.dataset.get(int(r))
+            d = doc_ids_from_starts(starts, len(tokens))
+            rng = np.random.default_rng([self.seed, step, int(r)])
+            p = position_ids(self.transform, d, self.target_length or len(tokens), rng, self.document_mask)
+            ids.append(tokens)
+            docs.append(d)
+            pos.append(p)
+        return Batch(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(docs)), torch.from_numpy(np.stack(pos)))
