@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from longforge.errors import LongforgeError
-from longforge.progress import console, say
+from longforge.progress import console, err_console, say
 
 app = typer.Typer(
     help="Extend the context window of a pretrained causal LM: data, RoPE scaling, long-sequence training, evaluation, report.",
@@ -286,8 +286,9 @@ def main() -> None:
     try:
         app()
     except LongforgeError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # One unwrapped line per problem, on stderr, so scripts and people can both read it.
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted; run the same command again to resume.[/]")
+        err_console.print("[yellow]interrupted; run the same command again to resume.[/]")
         sys.exit(130)

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
 
 def progress_bar() -> Progress:

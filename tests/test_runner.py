@@ -1,0 +1,75 @@
+"""`longforge run` end to end on a micro recipe: stages, skipping, resuming, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longforge.config import parse_recipe
+from longforge.runner import run_recipe
+
+
+def _done(run: Path) -> dict[str, str]:
+    return {str(p.parent.relative_to(run)): json.loads(p.read_text())["finished"] for p in run.glob("**/DONE.json")}
+
+
+def test_run_end_to_end_then_skip_then_rerun_changed_stage(micro_recipe: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = run_recipe(parse_recipe(micro_recipe), run)
+    for f in ("recipe.yaml", "data/index.json", "data/manifest.json", "rope/config.json", "rope/longforge_rope.json",
+              "train/extend/final/model.safetensors", "train/extend/log.jsonl", "eval/base/passkey.json",
+              "eval/final/ppl.json", "report/report.md", "report/report.html", "report/passkey.png", "report/ppl.png"):
+        assert (run / f).is_file(), f
+    assert Path(out["final"]) == run / "train" / "extend" / "final"
+    final_cfg = json.loads((run / "train/extend/final/config.json").read_text())
+    assert final_cfg["rope_parameters"]["rope_type"] == "yarn" and final_cfg["max_position_embeddings"] == 256
+    md = (run / "report" / "report.md").read_text()
+    assert "| base |" in md and "| final |" in md and "![Passkey retrieval](passkey.png)" in md
+    assert "<img" in (run / "report" / "report.html").read_text()
+    first = _done(run)
+    assert set(first) == {"data", "rope", "train/extend", "eval/base", "eval/final"}
+
+    run_recipe(parse_recipe(micro_recipe), run)
+    assert _done(run) == first  # nothing re-ran
+
+    micro_recipe["stages"][0]["lr"] = 5e-4
+    run_recipe(parse_recipe(micro_recipe), run)
+    again = _done(run)
+    assert again["data"] == first["data"] and again["rope"] == first["rope"] and again["eval/base"] == first["eval/base"]
+    assert again["train/extend"] != first["train/extend"] and again["eval/final"] != first["eval/final"]
+
+
+def test_interrupted_run_resumes_the_training_stage(micro_recipe: dict, tmp_path: Path, monkeypatch) -> None:
+    from longforge.train import batches
+
+    real = batches.PackedBatches.batch
+
+    def interrupt(self, step, micro):  # noqa: ANN001
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, micro)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(batches.PackedBatches, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(parse_recipe(micro_recipe), run)
+    assert not (run / "train/extend/DONE.json").exists()
+    assert [p.name for p in (run / "train/extend/checkpoints").iterdir()] == ["step-0000002"]
+    monkeypatch.setattr(batches.PackedBatches, "batch", real)
+    run_recipe(parse_recipe(micro_recipe), run)
+    log = [json.loads(x)["step"] for x in (run / "train/extend/log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_recipe_file_through_the_cli(micro_recipe: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from longforge.cli import app
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(micro_recipe))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "report" / "report.html").is_file()
