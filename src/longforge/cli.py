@@ -239,7 +239,17 @@ def eval_cmd(
     spec = _validated(EvalSpec, {"passkey": {"lengths": lens, "depths": depths, "trials": trials},
                                  "ppl": {"source": str(ppl_source)} if ppl_source else None, "seed": seed}, "eval")
     summary = evaluate(model_dir, spec, out, info.original_length, target, resolve_device(device), model_dir.name)
-    say(json.dumps({k: v for k, v in summary.items() if k in ("passkey", "ppl")}, indent=1)[:2000])
+    t = Table(title=f"{model_dir.name}: passkey accuracy and perplexity by length")
+    for col in ("length", "passkey", "ppl"):
+        t.add_column(col, justify="right")
+    per = summary.get("passkey", {}).get("per_length", {})
+    ppl = summary.get("ppl", {})
+    for length in sorted({*per, *ppl}, key=int):
+        acc = per.get(length)
+        p = ppl.get(length)
+        t.add_row(length, "-" if acc is None else f"{acc:.0%}", "-" if p is None else f"{p:.2f}")
+    console.print(t)
+    say(f"results: {out}/passkey.json, {out}/summary.json" + (f", {out}/ppl.json" if ppl else ""))
 
 
 @app.command()
