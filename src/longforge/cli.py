@@ -157,7 +157,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Data folder from `longforge data build`.")],
     out: Annotated[Path, typer.Option(help="Stage folder: checkpoints/, log.jsonl and final/.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")],
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch and data-parallel replica.")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
     warmup_steps: Annotated[int, typer.Option()] = 0,
@@ -165,29 +165,40 @@ def train(
     document_mask: Annotated[bool, typer.Option(help="Forbid attention across packed documents.")] = True,
     transform: Annotated[str, typer.Option(help="Position ids: contiguous or pose.")] = "contiguous",
     target_length: Annotated[Optional[int], typer.Option(help="Target length for --transform pose.")] = None,
+    sp: Annotated[int, typer.Option(help="Sequence-parallel degree (launch with torchrun; processes / sp = data-parallel replicas).")] = 1,
+    attention: Annotated[str, typer.Option(help="auto, dense, sdpa, varlen or flex.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16-mixed or bf16.")] = "auto",
+    optimizer: Annotated[str, typer.Option(help="adamw or adamw_bf16 (with --precision bf16).")] = "adamw",
+    activation_checkpointing: Annotated[str, typer.Option(help="auto, on or off.")] = "auto",
+    offload_activations: Annotated[bool, typer.Option(help="Keep checkpointed activations in CPU memory.")] = False,
+    mlp_tile: Annotated[int, typer.Option(help="Run MLPs in tiles of this many tokens (0 = off).")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Continual pretraining on packed long sequences; re-running the same command resumes from the last checkpoint."""
+    """Continual pretraining on packed long sequences; one or many GPUs via torchrun; re-running resumes."""
     from longforge.config import StageSpec
     from longforge.data.store import PackedDataset
-    from longforge.hf import load_model, resolve_device
+    from longforge.hf import load_model
+    from longforge.model.parallel import init_layout
     from longforge.train.batches import PackedBatches
     from longforge.train.loop import train_model
 
     spec = _validated(StageSpec, {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                                   "warmup_steps": warmup_steps, "schedule": schedule, "document_mask": document_mask,
-                                  "save_every": save_every}, "train")
+                                  "save_every": save_every, "sp": sp, "attention": attention, "precision": precision,
+                                  "optimizer": optimizer, "activation_checkpointing": activation_checkpointing,
+                                  "offload_activations": offload_activations, "mlp_tile": mlp_tile}, "train")
     if transform not in ("contiguous", "pose"):
         raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose.")
-    dev = resolve_device(device)
     ds = PackedDataset(data)
     if transform == "pose" and not target_length:
         raise LongforgeError("--transform pose needs --target-length (the length the skipped positions should reach).")
-    model = load_model(model_dir, dev)
-    source = PackedBatches(ds, batch_size, grad_accum, seed, transform, target_length or ds.seq_len, document_mask)
-    res = train_model(model, source, spec, out, dev, tokenizer_from=model_dir)
+    layout = init_layout(sp, device)
+    model = load_model(model_dir, "cpu")
+    source = PackedBatches(ds, batch_size, grad_accum, seed, transform, target_length or ds.seq_len, document_mask,
+                           rank=layout.dp_rank, world=layout.dp)
+    res = train_model(model, source, spec, out, layout.device, tokenizer_from=model_dir, layout=layout)
     say(f"final loss {res.last_loss:.4f}; checkpoint {res.final}")
 
 

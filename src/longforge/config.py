@@ -108,6 +108,23 @@ class StageSpec(Strict):
     document_mask: bool = True
     save_every: int = Field(default=50, gt=0)
     data: Path | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
+    sp: int = Field(default=1, gt=0, description="Sequence-parallel degree (Ulysses); processes come from torchrun.")
+    attention: Literal["auto", "dense", "sdpa", "varlen", "flex"] = Field(
+        default="auto", description="Attention kernel: auto = varlen (document masks) or sdpa on CUDA, dense on CPU.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
+        default="auto", description="auto = fp32 on CPU, bf16-mixed (fp32 master weights) on CUDA; bf16 = bf16 weights.")
+    optimizer: Literal["adamw", "adamw_bf16"] = Field(
+        default="adamw", description="adamw_bf16: bf16 moments and stochastic rounding (needs precision bf16).")
+    activation_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Recompute each layer in backward; auto = on for CUDA.")
+    offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
+    mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
+
+    @model_validator(mode="after")
+    def _bf16_optimizer(self) -> "StageSpec":
+        if self.optimizer == "adamw_bf16" and self.precision != "bf16":
+            raise ValueError("optimizer 'adamw_bf16' keeps bf16 weights; set precision: bf16 with it")
+        return self
 
 
 class PasskeySpec(Strict):

@@ -62,6 +62,9 @@ def load_model(path: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LongforgeError(f"could not load a causal LM from {path}: {first}") from None
+    # Remember the dtype on disk so a trained model is exported the way it came (bf16 stays bf16).
+    declared = read_config(path).get("dtype") or read_config(path).get("torch_dtype")
+    model._lf_source_dtype = getattr(torch, declared) if isinstance(declared, str) and hasattr(torch, declared) else dtype
     return model.to(device).eval()
 
 

@@ -11,8 +11,13 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
+def _quiet() -> bool:
+    """No output when LONGFORGE_QUIET=1, and none from processes other than rank 0 under torchrun."""
+    return os.environ.get("LONGFORGE_QUIET") == "1" or os.environ.get("RANK", "0") != "0"
+
+
 def progress_bar() -> Progress:
-    """A rich progress bar with counts, elapsed and remaining time (quiet when LONGFORGE_QUIET=1)."""
+    """A rich progress bar with counts, elapsed and remaining time (quiet when LONGFORGE_QUIET=1 or not rank 0)."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -22,11 +27,11 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=os.environ.get("LONGFORGE_QUIET") == "1",
+        disable=_quiet(),
     )
 
 
 def say(message: str) -> None:
     """Print one line of status."""
-    if os.environ.get("LONGFORGE_QUIET") != "1":
+    if not _quiet():
         console.print(message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,20 +39,40 @@ def prepare_stage(folder: Path, fp: str, keep_partial: bool) -> None:
     started.write_text(json.dumps({"fingerprint": fp, "started": dt.datetime.now().isoformat(timespec="seconds")}))
 
 
-def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]], resumable: bool = False) -> dict[str, Any]:
-    """Run one stage unless it is already done with the same inputs; record its time."""
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]], resumable: bool = False,
+              all_ranks: bool = False) -> dict[str, Any]:
+    """Run one stage unless it is already done with the same inputs; record its time.
+
+    Under torchrun only rank 0 runs a stage, the others wait, unless `all_ranks` (training) asks for every process.
+    """
+    main = _rank() == 0
     if stage_done(folder, fp):
         say(f"[green]✓[/] {name} [dim](done earlier, skipped)[/]")
         return json.loads((folder / DONE).read_text())
     say(f"[bold cyan]▶ {name}[/]")
-    prepare_stage(folder, fp, keep_partial=resumable)
+    if main:
+        prepare_stage(folder, fp, keep_partial=resumable)
+    _barrier()
     t0 = time.time()
-    info = fn()
-    rec = {"fingerprint": fp, "seconds": round(time.time() - t0, 2),
-           "finished": dt.datetime.now().isoformat(timespec="seconds"), **info}
-    (folder / DONE).write_text(json.dumps(rec, indent=1, default=str))
-    say(f"[green]✓[/] {name} [dim]({rec['seconds']:.1f} s)[/]")
-    return rec
+    info = fn() if (main or all_ranks) else {}
+    if main:
+        rec = {"fingerprint": fp, "seconds": round(time.time() - t0, 2),
+               "finished": dt.datetime.now().isoformat(timespec="seconds"), **info}
+        (folder / DONE).write_text(json.dumps(rec, indent=1, default=str))
+        say(f"[green]✓[/] {name} [dim]({rec['seconds']:.1f} s)[/]")
+    _barrier()
+    return json.loads((folder / DONE).read_text())
 
 
 def original_length(recipe: Recipe) -> int:
@@ -91,6 +112,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     from longforge.data.store import PackedDataset
     from longforge.eval.run import evaluate
     from longforge.hf import load_model
+    from longforge.model.parallel import init_layout
     from longforge.positions.rope import apply_rope
     from longforge.report.build import build_report, collect, rich_tables
     from longforge.train.batches import PackedBatches
@@ -98,6 +120,8 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 
     orig = preflight(recipe)
     device = resolve_device(recipe.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_layout(1, recipe.device)  # joins torchrun's process group so every stage can wait for rank 0
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -133,13 +157,16 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
                              recipe.positions.transform, recipe.target_length, recipe.seed])
 
         def do_train(st=st, st_dir=st_dir, st_data=st_data, model_in=model_in) -> dict[str, Any]:
-            model = load_model(model_in, device)
+            layout = init_layout(st.sp, recipe.device)
+            model = load_model(model_in, "cpu")
             source = PackedBatches(PackedDataset(st_data), st.batch_size, st.grad_accum, recipe.seed,
-                                   recipe.positions.transform, recipe.target_length, st.document_mask)
-            res = train_model(model, source, st, st_dir, device, tokenizer_from=model_in, label=f"train/{st.name}")
+                                   recipe.positions.transform, recipe.target_length, st.document_mask,
+                                   rank=layout.dp_rank, world=layout.dp)
+            res = train_model(model, source, st, st_dir, layout.device, tokenizer_from=model_in,
+                              label=f"train/{st.name}", layout=layout)
             return {"final": str(res.final), "steps": res.steps, "last_loss": res.last_loss, "tokens": res.tokens}
 
-        run_stage(f"train/{st.name}", st_dir, st_fp, do_train, resumable=True)
+        run_stage(f"train/{st.name}", st_dir, st_fp, do_train, resumable=True, all_ranks=True)
         model_in, model_fp = st_dir / "final", st_fp
 
     models = {"base": (recipe.model.path, fingerprint(str(recipe.model.path))), "final": (model_in, model_fp)}
@@ -154,9 +181,11 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 
     # The report is cheap and shows every stage's timing, so it is rebuilt on every run.
     say("[bold cyan]▶ report[/]")
-    paths = build_report(run_dir)
-    rep = {k: str(v) for k, v in paths.items()}
-    for table in rich_tables(collect(run_dir)):
-        console.print(table)
-    say(f"report: {rep['md']}  and  {rep['html']}")
+    rep = {"md": str(run_dir / "report" / "report.md"), "html": str(run_dir / "report" / "report.html")}
+    if _rank() == 0:
+        rep.update({k: str(v) for k, v in build_report(run_dir).items()})
+        for table in rich_tables(collect(run_dir)):
+            console.print(table)
+        say(f"report: {rep['md']}  and  {rep['html']}")
+    _barrier()
     return {"report": rep["md"], "html": rep["html"], "final": str(model_in)}

@@ -1,14 +1,24 @@
-"""Attention with document masks, plugged into transformers through its attention interface."""
+"""Attention with document masks, plugged into transformers through its attention interface.
+
+Back-ends: `dense` (exact reference, any device), `sdpa` (causal, no document mask), `varlen` (flash
+attention over packed documents, CUDA) and `flex` (FlexAttention with a document block mask, CUDA).
+With Ulysses sequence parallelism the heads are redistributed around the attention call.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_heads, spread_kv
+
 ATTN_NAME = "longforge"
+BACKENDS = ("auto", "dense", "sdpa", "varlen", "flex")
 _registered = False
+_cache: dict[str, Any] = {}
 
 
 def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
@@ -18,6 +28,106 @@ def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> to
     causal = torch.ones(s, kv_len, dtype=torch.bool, device=doc_ids.device).tril(diagonal=kv_len - s)
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same & causal)[:, None]
+
+
+def resolve_backend(backend: str, device: torch.device, document_mask: bool) -> str:
+    """The back-end `auto` means on this device: varlen/sdpa on CUDA, dense on CPU."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "varlen" if document_mask else "sdpa"
+    return "dense"
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+           mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if doc_ids is not None:
+        mask = document_causal_mask(doc_ids.to(q.device), kv_len)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=scale, enable_gqa=gqa)
+    # Decoding against a cache: new queries see every cached key and the causal part of themselves.
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=kv_len - q_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
+
+
+def cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative document lengths over the flattened batch (every row starts a document) and the longest one."""
+    b, s = doc_ids.shape
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.nonzero(new.reshape(-1), as_tuple=True)[0]
+    cu = torch.cat([starts, torch.tensor([b * s], device=doc_ids.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _cached(key: str, doc_ids: torch.Tensor, make: Any) -> Any:
+    """Reuse what is derived from the same document-id tensor across layers and recomputation."""
+    tag = (id(doc_ids), doc_ids.data_ptr(), tuple(doc_ids.shape), doc_ids._version)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] == tag:
+        return hit[1]
+    value = make()
+    _cache[key] = (tag, value)
+    return value
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, scale: float | None) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, s, d = q.shape
+    cu, longest = _cached("varlen", doc_ids, lambda: cu_seqlens(doc_ids))
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
+    kwargs: dict[str, Any] = {"scale": scale}
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    if q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    out = varlen_attn(*flat, cu, cu, longest, longest, **kwargs)
+    return out.reshape(b, s, h, d).transpose(1, 2)
+
+
+_flex_compiled: Any = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    b, _, s, _ = q.shape
+    if doc_ids is None:
+        doc_ids = torch.zeros(b, s, dtype=torch.long, device=q.device)
+
+    def make() -> Any:
+        docs = doc_ids.to(q.device)
+
+        def doc_causal(bi: Any, hi: Any, qi: Any, ki: Any) -> Any:
+            return (qi >= ki) & (docs[bi, qi] == docs[bi, ki])
+
+        return create_block_mask(doc_causal, b, None, s, s, device=q.device)
+
+    block = _cached("flex", doc_ids, make)
+    return _flex_compiled(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, backend: str,
+           scale: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention (B, H, S, D) -> (B, H, S, D), within documents when doc_ids is given."""
+    if backend == "varlen" and doc_ids is not None and q.shape[-2] == k.shape[-2]:
+        return _varlen(q, k, v, doc_ids, scale)
+    if backend == "flex" and q.shape[-2] == k.shape[-2]:
+        return _flex(q, k, v, doc_ids, scale)
+    if backend == "sdpa" and doc_ids is None and mask is None and q.shape[-2] == k.shape[-2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return _dense(q, k, v, doc_ids, mask, scale)
 
 
 def longforge_attention(
@@ -30,21 +140,16 @@ def longforge_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Exact causal attention, restricted to each packed document when `lf_doc_ids` is passed."""
+    """transformers attention function: optional Ulysses all-to-all around a document-masked causal attention."""
     doc_ids: torch.Tensor | None = kwargs.get("lf_doc_ids")
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    gqa = query.shape[1] != key.shape[1]
-    if doc_ids is not None:
-        mask = document_causal_mask(doc_ids.to(query.device), kv_len)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-    elif attention_mask is not None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
-    elif q_len == kv_len:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, enable_gqa=gqa)
-    else:
-        # Decoding against a cache: the new queries see every cached key and the causal part of themselves.
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(diagonal=kv_len - q_len)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling, enable_gqa=gqa)
+    sp: SequenceParallel | None = kwargs.get("lf_sp")
+    backend = resolve_backend(kwargs.get("lf_backend", "auto"), query.device, doc_ids is not None)
+    if sp is not None and sp.size > 1:
+        key, value = spread_kv(key, sp.size), spread_kv(value, sp.size)
+        query, key, value = (seq_to_heads(t, sp.group, sp.size) for t in (query, key, value))
+    out = attend(query, key, value, doc_ids, backend, scaling, attention_mask)
+    if sp is not None and sp.size > 1:
+        out = heads_to_seq(out, sp.group, sp.size)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,4 +1,4 @@
-"""The training loop: token-averaged loss over the global batch, chunked LM head, checkpoints and resume."""
+"""The training loop: token-averaged loss over the global batch, chunked LM head, parallel layouts, checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,13 @@ from torch.utils.checkpoint import checkpoint
 from longforge.config import StageSpec
 from longforge.errors import LongforgeError
 from longforge.hf import save_model
-from longforge.model.attention import use_longforge_attention
+from longforge.model.attention import resolve_backend, use_longforge_attention
+from longforge.model.memory import apply_checkpointing, apply_tiled_mlp, offload_saved_activations
+from longforge.model.parallel import Layout, SequenceParallel, all_reduce_sum, apply_fsdp, check_layout
 from longforge.progress import progress_bar
 from longforge.train.batches import Batch, BatchSource, targets
+from longforge.train.flops import attention_context, flops_per_token, peak_flops
+from longforge.train.optim import make_optimizer
 from longforge.train.schedule import lr_at
 
 LOSS_CHUNK = 4096
@@ -54,25 +59,109 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torc
     keep = w > 0
     h, lab, w = h[keep], lab[keep], w[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
-    bias = getattr(lm_head, "bias", None)
-    assert bias is None, "LM heads with a bias are not supported"
+    assert getattr(lm_head, "bias", None) is None, "LM heads with a bias are not supported"
+    weight = lm_head.weight
     for i in range(0, h.shape[0], chunk):
         part = slice(i, i + chunk)
         if torch.is_grad_enabled():
             # Recompute each chunk's logits in backward instead of keeping them.
-            total = total + checkpoint(_ce_chunk, h[part], lm_head.weight, lab[part], w[part], use_reentrant=False)
+            total = total + checkpoint(_ce_chunk, h[part], weight, lab[part], w[part], use_reentrant=False)
         else:
-            total = total + _ce_chunk(h[part], lm_head.weight, lab[part], w[part])
+            total = total + _ce_chunk(h[part], weight, lab[part], w[part])
     return total
 
 
-def forward_loss(model: Any, batch: Batch, document_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss sum, weight sum) of one micro-batch."""
-    labels, weights = targets(batch)
-    kwargs = {"lf_doc_ids": batch.doc_ids} if document_mask else {}
-    out = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
-    loss_sum = chunked_lm_loss(out.last_hidden_state, model.get_output_embeddings(), labels, weights)
-    return loss_sum, weights.sum()
+class LossModel(torch.nn.Module):
+    """A causal LM whose forward returns the summed weighted loss (so FSDP gathers the LM head once per step)."""
+
+    def __init__(self, lm: Any):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                **attention_kwargs: Any) -> torch.Tensor:
+        """Summed weighted next-token loss of the given tokens."""
+        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attention_kwargs)
+        return chunked_lm_loss(out.last_hidden_state, self.lm.get_output_embeddings(), labels, weights)
+
+
+@dataclass
+class Engine:
+    """A model made ready for one training layout: attention back-end, memory savers, sharding."""
+
+    net: LossModel
+    layout: Layout
+    spec: StageSpec
+    backend: str
+    seq_len: int
+    autocast: bool = False
+
+    def attention_kwargs(self, doc_ids: torch.Tensor) -> dict[str, Any]:
+        """What the attention function needs: full-sequence document ids and the sequence-parallel group."""
+        kw: dict[str, Any] = {"lf_backend": self.backend}
+        if self.spec.document_mask:
+            kw["lf_doc_ids"] = doc_ids
+        if self.layout.sp > 1:
+            kw["lf_sp"] = SequenceParallel(self.layout.sp_group, self.layout.sp)
+        return kw
+
+    def micro_loss(self, batch: Batch, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Summed loss of this process's slice of one micro-batch."""
+        ids, pos = batch.input_ids, batch.position_ids
+        if self.layout.sp > 1:
+            # Every rank of a sequence-parallel group holds the same rows; each keeps its slice of the sequence.
+            n = ids.shape[1] // self.layout.sp
+            cut = slice(self.layout.sp_rank * n, (self.layout.sp_rank + 1) * n)
+            ids, pos, labels, weights = ids[:, cut], pos[:, cut], labels[:, cut], weights[:, cut]
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+        with offload_saved_activations(self.spec.offload_activations, self.layout.device), amp:
+            return self.net(ids, pos, labels, weights, **self.attention_kwargs(batch.doc_ids))
+
+
+def resolve_precision(spec: StageSpec, device: torch.device) -> str:
+    """fp32 on CPU, bf16 with fp32 master weights on CUDA, unless the spec says otherwise."""
+    if spec.precision != "auto":
+        return spec.precision
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
+
+
+def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine:
+    """Attention back-end, precision, checkpointing, tiled MLP and FSDP2 sharding, in that order."""
+    check_layout(model.config, seq_len, spec.sp)
+    use_longforge_attention(model)
+    precision = resolve_precision(spec, layout.device)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    checkpointing = spec.activation_checkpointing == "on" or (
+        spec.activation_checkpointing == "auto" and layout.device.type == "cuda")
+    if checkpointing:
+        apply_checkpointing(model)
+    if spec.mlp_tile:
+        apply_tiled_mlp(model, spec.mlp_tile)
+    model.to(layout.device)
+    net = LossModel(model)
+    if layout.distributed:
+        apply_fsdp(net, model.model.layers, layout, torch.bfloat16 if precision == "bf16-mixed" else None)
+    net.train()
+    backend = resolve_backend(spec.attention, layout.device, spec.document_mask)
+    # Without FSDP's mixed-precision policy, bf16-mixed means fp32 weights under bf16 autocast.
+    autocast = precision == "bf16-mixed" and not layout.distributed and layout.device.type == "cuda"
+    return Engine(net, layout, spec, backend, seq_len, autocast)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -82,109 +171,201 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
 
 
-def save_checkpoint(folder: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
-    """Write model, optimizer and RNG state atomically (temp folder, then rename); keep the last few."""
+def _barrier(layout: Layout) -> None:
+    if layout.distributed:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
+                    extra: dict[str, Any]) -> Path:
+    """Save model, optimizer and RNG state with torch.distributed.checkpoint into a temp folder, then rename (atomic)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     final = folder / f"step-{step:07d}"
     tmp = folder / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, tmp / "rng.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _checkpoints(folder)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    if layout.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(layout)
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng-{layout.rank}.pt")
+    _barrier(layout)
+    if layout.is_main:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world": layout.world, "sp": layout.sp, **extra}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in _checkpoints(folder)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(layout)
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG state; returns the checkpoint's meta."""
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    return json.loads((path / "meta.json").read_text())
+def load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout) -> dict[str, Any]:
+    """Restore model, optimizer and RNG state saved by save_checkpoint; returns its meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    meta = json.loads((path / "meta.json").read_text())
+    # DCP reshards model and optimizer state to the current layout; RNG streams are per process.
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = path / f"rng-{layout.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return meta
 
 
-def make_optimizer(model: Any, spec: StageSpec) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms, biases or 1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=1e-8)
+def export_final(engine: Engine, out: Path, tokenizer_from: Path | None, dtype: torch.dtype) -> Path:
+    """Write the trained model as a plain HF safetensors checkpoint (gathered on the main process)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = engine.net.lm
+    if not engine.layout.distributed:
+        lm.eval()
+        lm.set_attn_implementation("sdpa")
+        if dtype != next(lm.parameters()).dtype:
+            lm.to(dtype)
+        return save_model(lm, out, tokenizer_from=tokenizer_from)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(engine.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if engine.layout.is_main:
+        config = lm.config
+        config._attn_implementation = "sdpa"
+        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        fresh.load_state_dict({k[len("lm."):]: v for k, v in full.items()})
+        save_model(fresh, out, tokenizer_from=tokenizer_from)
+    _barrier(engine.layout)
+    return out
+
+
+def _export_dtype(model: Any) -> torch.dtype:
+    """The dtype of the checkpoint the model was loaded from (bf16 checkpoints stay bf16), else the parameters' dtype."""
+    declared = getattr(model, "_lf_source_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    if isinstance(declared, str) and hasattr(torch, declared):
+        return getattr(torch, declared)
+    return next(model.parameters()).dtype
+
+
+def forward_loss(model: Any, batch: Batch, document_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted loss sum, weight sum) of one micro-batch on a single process (a reference for tests)."""
+    labels, weights = targets(batch)
+    kwargs = {"lf_doc_ids": batch.doc_ids} if document_mask else {}
+    out = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
+    return chunked_lm_loss(out.last_hidden_state, model.get_output_embeddings(), labels, weights), weights.sum()
 
 
 def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, device: torch.device,
-                tokenizer_from: Path | None = None, label: str = "train") -> TrainResult:
-    """Train `model` for spec.steps, resuming from the newest checkpoint in out/checkpoints; export out/final."""
+                tokenizer_from: Path | None = None, label: str = "train", layout: Layout | None = None) -> TrainResult:
+    """Train for spec.steps, resuming from the newest checkpoint in out/checkpoints; export out/final."""
+    layout = layout or Layout(1, 0, 1, 1, device)
     out = Path(out)
     ck_dir = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    use_longforge_attention(model)
-    model.train()
-    optimizer = make_optimizer(model, spec)
+    if layout.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(layout)
+    export_dtype = _export_dtype(model)
+    probe = source.batch(0, 0)
+    engine = prepare(model, spec, layout, probe.input_ids.shape[1])
+    optimizer = make_optimizer(engine.net, spec.optimizer, spec.lr, spec.betas, spec.weight_decay)
     start = 0
     existing = _checkpoints(ck_dir)
     if existing:
-        meta = load_checkpoint(existing[-1], model, optimizer)
-        start = int(meta["step"])
+        start = int(load_checkpoint(existing[-1], engine.net, optimizer, layout)["step"])
     log_path = out / "log.jsonl"
-    _truncate_log(log_path, start)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if layout.is_main:
+        _truncate_log(log_path, start)
+    peak = peak_flops(layout.device)
     t_start = time.time()
     tokens_done = 0
     last_loss = float("nan")
     last_good = existing[-1] if existing else None
-    with progress_bar() as bar, log_path.open("a") as log:
-        task = bar.add_task(f"{label}: step", total=spec.steps, completed=start)
-        for step in range(start, spec.steps):
-            t0 = time.time()
-            lr = lr_at(step, spec)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            micro = [source.batch(step, m).to(device) for m in range(spec.grad_accum)]
-            total_w = sum(targets(b)[1].sum() for b in micro)
-            if float(total_w) == 0:
-                raise LongforgeError(f"step {step} has no target tokens (every token is masked); check the data and its separators.")
-            loss_total = 0.0
-            for b in micro:
-                with autocast:
-                    loss_sum, _ = forward_loss(model, b, spec.document_mask)
-                # Normalise by the whole global batch's target count, so accumulation and layout never change the loss.
-                (loss_sum / total_w).backward()
-                loss_total += float(loss_sum.detach()) / float(total_w)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip_grad))
-            if not math.isfinite(loss_total) or not math.isfinite(grad_norm):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise LongforgeError(
-                    f"{label}: loss became {loss_total} (grad norm {grad_norm}) at step {step}; {where}. Lower the learning rate or check the data."
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_tok = sum(b.num_tokens for b in micro)
-            tokens_done += n_tok
-            dt = time.time() - t0
-            last_loss = loss_total
-            rec = {"step": step + 1, "loss": round(loss_total, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens": n_tok, "tokens_per_s": round(n_tok / max(dt, 1e-9), 1), "seconds": round(dt, 4)}
-            if device.type == "cuda":
-                rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.update(task, advance=1, description=f"{label}: loss {loss_total:.3f}")
-            if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
-                last_good = save_checkpoint(ck_dir, step + 1, model, optimizer, {"loss": loss_total})
-    model.eval()
-    model.set_attn_implementation("sdpa")
-    final = save_model(model, out / "final", tokenizer_from=tokenizer_from)
+    log = log_path.open("a") if layout.is_main else None
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"{label}: step", total=spec.steps, completed=start, visible=layout.is_main)
+            for step in range(start, spec.steps):
+                rec = _train_step(engine, optimizer, source, step, peak)
+                if not math.isfinite(rec["loss"]) or not math.isfinite(rec["grad_norm"]):
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise LongforgeError(
+                        f"{label}: loss became {rec['loss']} (grad norm {rec['grad_norm']}) at step {step}; {where}. "
+                        "Lower the learning rate or check the data.")
+                tokens_done += rec["tokens"]
+                last_loss = rec["loss"]
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                bar.update(task, advance=1, description=f"{label}: loss {last_loss:.3f}")
+                if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
+                    last_good = save_checkpoint(ck_dir, step + 1, engine.net, optimizer, layout, {"loss": last_loss})
+    finally:
+        if log is not None:
+            log.close()
+    final = export_final(engine, out / "final", tokenizer_from, export_dtype)
     return TrainResult(final, spec.steps, last_loss, tokens_done, time.time() - t_start)
+
+
+def _train_step(engine: Engine, optimizer: torch.optim.Optimizer, source: BatchSource, step: int,
+                peak: float | None) -> dict[str, Any]:
+    """One optimizer step over spec.grad_accum micro-batches; returns the step's log record."""
+    spec, layout = engine.spec, engine.layout
+    t0 = time.time()
+    lr = lr_at(step, spec)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    micro = [source.batch(step, m).to(layout.device) for m in range(spec.grad_accum)]
+    prepared = [(b, *targets(b)) for b in micro]
+    # Normalise by every target token of the global batch (all micro-batches, all data-parallel replicas),
+    # so accumulation and parallel layout never change the loss. Sequence-parallel ranks share rows: count once.
+    local_w = sum(w.sum() for _, _, w in prepared)
+    total_w = all_reduce_sum(local_w.float() / layout.sp, layout)
+    if float(total_w) == 0:
+        raise LongforgeError(f"step {step} has no target tokens (every token is masked); check the data and its separators.")
+    loss_sum = torch.zeros((), device=layout.device)
+    for b, labels, weights in prepared:
+        part = engine.micro_loss(b, labels, weights)
+        # FSDP averages gradients over processes; scaling by their number turns that into the sum we want.
+        (part * layout.world / total_w).backward()
+        loss_sum += part.detach()
+    loss = float(all_reduce_sum(loss_sum, layout) / total_w)
+    grad_norm = torch.nn.utils.clip_grad_norm_(engine.net.parameters(), spec.clip_grad)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if layout.device.type == "cuda":
+        torch.cuda.synchronize(layout.device)
+    dt = time.time() - t0
+    n_tok = sum(b.num_tokens for b in micro) * layout.dp
+    rec: dict[str, Any] = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                           "tokens": n_tok, "tokens_per_s": round(n_tok / max(dt, 1e-9), 1), "seconds": round(dt, 4)}
+    if peak:
+        docs = _doc_lengths(micro) if spec.document_mask else [b.input_ids.shape[1] for b in micro for _ in b.input_ids]
+        rec["mfu"] = round(flops_per_token(engine.net.lm.config, attention_context(docs)) * n_tok / dt / (peak * layout.world), 4)
+        rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(layout.device) / 2**30, 2)
+    return rec
+
+
+def _doc_lengths(micro: list[Batch]) -> list[int]:
+    """Lengths of the packed documents of some micro-batches (for attention FLOPs under document masks)."""
+    out: list[int] = []
+    for b in micro:
+        d = b.doc_ids.cpu()
+        for row in d:
+            _, counts = torch.unique_consecutive(row, return_counts=True)
+            out.extend(counts.tolist())
+    return out
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -1,0 +1,76 @@
+"""Optimizers: AdamW, and a memory-frugal AdamW for bf16 parameters with stochastic rounding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round fp32 to bf16 up or down at random, with probability proportional to the distance (unbiased)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    # Adding noise below the kept 16 bits and truncating rounds up with the right probability.
+    rounded = (bits + noise) & -65536
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (sharing storage), or the tensor itself."""
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW whose parameters and moments are bf16 (8 bytes/parameter instead of 16); updates computed in fp32."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """One AdamW step; parameters are written back with stochastic rounding."""
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    # States shaped (and, under FSDP2, sharded) like the parameter, so checkpoints can save them.
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                local, grad, m_buf, v_buf = (_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+                state["step"] += 1
+                t = float(state["step"])
+                g = grad.float()
+                m = m_buf.float().mul_(b1).add_(g, alpha=1 - b1)
+                v = v_buf.float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_buf.copy_(m)
+                v_buf.copy_(v)
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                w = local.float()
+                w.mul_(1 - group["lr"] * group["weight_decay"])
+                w.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**t))
+                local.copy_(stochastic_round_bf16(w) if local.dtype == torch.bfloat16 else w)
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms, biases or other 1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: Any, name: str, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (fp32 states; fused on CUDA) or BF16AdamW (bf16 states, stochastic rounding)."""
+    groups = param_groups(model, weight_decay)
+    if name == "adamw_bf16":
+        return BF16AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    first = next(model.parameters())
+    # The fused kernel for plain CUDA tensors; FSDP2's sharded DTensors use the default (foreach) path.
+    fused = first.device.type == "cuda" and not hasattr(first, "to_local")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused or None)

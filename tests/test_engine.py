@@ -1,0 +1,114 @@
+"""Engine pieces: tiled MLP, activation checkpointing, bf16 AdamW with stochastic rounding, FLOP counting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from longforge.config import StageSpec
+from longforge.model.attention import cu_seqlens, use_longforge_attention
+from longforge.model.memory import apply_checkpointing, apply_tiled_mlp
+from longforge.train.flops import attention_context, flops_per_token, matmul_params
+from longforge.train.optim import BF16AdamW, stochastic_round_bf16
+from test_train import _packed
+
+
+def _loss_and_grads(model, ids, docs, pos):  # noqa: ANN001, ANN202
+    out = model(input_ids=ids, position_ids=pos, lf_doc_ids=docs, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("saver", ["tiled_mlp", "checkpointing"])
+def test_memory_savers_change_nothing_numerically(saver: str) -> None:
+    ids, docs, pos = _packed([30, 50], 50, seed=1)
+    ref_model = make_tiny_model(50, window=128)
+    use_longforge_attention(ref_model)
+    ref_model.train()
+    ref_loss, ref_grads = _loss_and_grads(ref_model, ids, docs, pos)
+    model = make_tiny_model(50, window=128)
+    use_longforge_attention(model)
+    model.train()
+    if saver == "tiled_mlp":
+        apply_tiled_mlp(model, tile=16)
+        assert sorted(model.state_dict()) == sorted(ref_model.state_dict())  # parameter names unchanged
+    else:
+        apply_checkpointing(model)
+    loss, grads = _loss_and_grads(model, ids, docs, pos)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours() -> None:
+    x = torch.full((200_000,), 1.0 + 2**-10)  # between the bf16 neighbours 1.0 and 1.0078125
+    r = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0078125}
+    assert r.mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)
+    exact = torch.tensor([1.0, -2.5, 0.15625])
+    assert torch.equal(stochastic_round_bf16(exact).float(), exact)  # representable values stay put
+
+
+def test_bf16_adamw_tracks_fp32_adamw() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    ref = torch.nn.Parameter(w.clone())
+    low = torch.nn.Parameter(w.clone().to(torch.bfloat16))
+    opt_ref = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    opt_low = BF16AdamW([low], lr=1e-2, weight_decay=0.1)
+    target = torch.randn(64, 32)
+    losses = {}
+    for _ in range(100):
+        for name, p, o in (("fp32", ref, opt_ref), ("bf16", low, opt_low)):
+            o.zero_grad()
+            loss = ((p.float() - target) ** 2).mean()
+            loss.backward()
+            o.step()
+            losses[name] = loss.item()
+    assert low.dtype == torch.bfloat16 and opt_low.state[low]["exp_avg"].dtype == torch.bfloat16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)  # same optimisation path
+    assert (low.float() - ref).abs().mean().item() < 0.01  # no drift beyond bf16 rounding noise
+
+
+def test_flops_match_the_reference_numbers() -> None:
+    from transformers import LlamaConfig
+
+    llama8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256)
+    assert matmul_params(llama8b) / 1e9 == pytest.approx(7.5, abs=0.01)
+    for seq, gflop in ((65536, 96.6), (131072, 148), (1 << 20, 870)):
+        assert flops_per_token(llama8b, seq) / 1e9 == pytest.approx(gflop, rel=0.01)
+    assert attention_context([100]) == 100 and attention_context([50, 50]) == 50
+
+
+def test_cu_seqlens_over_a_packed_batch() -> None:
+    docs = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])
+    cu, longest = cu_seqlens(docs)
+    assert cu.tolist() == [0, 2, 5, 6, 8, 10] and longest == 3
+
+
+def test_bf16_training_with_the_bf16_optimizer(tmp_path: Path) -> None:
+    from longforge.train.loop import train_model
+    from test_train import _Source
+
+    spec = StageSpec(steps=6, batch_size=2, grad_accum=2, lr=3e-3, precision="bf16", optimizer="adamw_bf16", save_every=3)
+    from longforge.model.parallel import Layout
+    from longforge.train.loop import prepare
+
+    engine = prepare(make_tiny_model(50), spec, Layout(1, 0, 1, 1, torch.device("cpu")), 24)
+    assert {p.dtype for p in engine.net.parameters()} == {torch.bfloat16}
+    model = make_tiny_model(50)
+    res = train_model(model, _Source(50, 2), spec, tmp_path / "bf16", torch.device("cpu"))
+    assert res.last_loss < 3.9  # learning (ln 50 = 3.91 is chance)
+    # Exported in the dtype the model came in.
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_bf16_optimizer_needs_bf16_weights() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set precision: bf16"):
+        StageSpec(steps=1, optimizer="adamw_bf16")
