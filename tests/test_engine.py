@@ -112,3 +112,18 @@ def test_bf16_optimizer_needs_bf16_weights() -> None:
 
     with pytest.raises(ValidationError, match="set precision: bf16"):
         StageSpec(steps=1, optimizer="adamw_bf16")
+
+
+def test_selective_checkpointing_changes_nothing_numerically() -> None:
+    ids, docs, pos = _packed([30, 50], 50, seed=2)
+    results = []
+    for policy in (None, "save_attention"):
+        model = make_tiny_model(50, window=128)
+        use_longforge_attention(model)
+        model.train()
+        if policy:
+            apply_checkpointing(model, policy)
+        results.append(_loss_and_grads(model, ids, docs, pos))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][k], g, rtol=1e-5, atol=1e-6)

@@ -34,3 +34,26 @@ def test_training_on_cuda_follows_the_cpu_loss_curve(tmp_path: Path) -> None:
     gpu = train_model(make_tiny_model(50), _Source(50, 2), spec, tmp_path / "gpu", torch.device("cuda"))
     # bf16 autocast on the GPU against fp32 on the CPU: close, not equal.
     assert gpu.last_loss == pytest.approx(cpu.last_loss, rel=0.05)
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flex", "sdpa"])
+def test_cuda_backends_match_the_dense_reference(backend: str) -> None:
+    from longforge.model.attention import attend
+
+    torch.manual_seed(0)
+    b, h, kv, s, d = 2, 8, 2, 512, 64
+    q, k, v = (torch.randn(b, n, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n in (h, kv, kv))
+    docs = None
+    if backend != "sdpa":
+        docs = torch.zeros(b, s, dtype=torch.long, device="cuda")
+        docs[0, 100:] = 1
+        docs[0, 300:] = 2
+        docs[1, 7:] = 1
+    out = attend(q, k, v, docs, backend, None)
+    ref = attend(q.float(), k.float(), v.float(), docs, "dense", None)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.float())
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), r.float(), rtol=5e-2, atol=5e-2)

@@ -117,6 +117,8 @@ class StageSpec(Strict):
         default="adamw", description="adamw_bf16: bf16 moments and stochastic rounding (needs precision bf16).")
     activation_checkpointing: Literal["auto", "on", "off"] = Field(
         default="auto", description="Recompute each layer in backward; auto = on for CUDA.")
+    checkpoint_policy: Literal["full", "save_attention"] = Field(
+        default="full", description="save_attention keeps attention outputs (faster backward, more memory).")
     offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
     mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
 

@@ -80,7 +80,6 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Te
 
     b, h, s, d = q.shape
     cu, longest = _cached("varlen", doc_ids, lambda: cu_seqlens(doc_ids))
-    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
     kwargs: dict[str, Any] = {"scale": scale}
     params = inspect.signature(varlen_attn).parameters
     if "is_causal" in params:
@@ -88,7 +87,11 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Te
     else:
         kwargs["window_size"] = (-1, 0)
     if q.shape[1] != k.shape[1]:
-        kwargs["enable_gqa"] = True
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # older PyTorch: give every query head its own copy of its KV head
+            k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
     out = varlen_attn(*flat, cu, cu, longest, longest, **kwargs)
     return out.reshape(b, s, h, d).transpose(1, 2)
 

@@ -10,9 +10,31 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def apply_checkpointing(model: Any) -> None:
-    """Recompute each decoder layer in backward instead of keeping its activations (transformers' own hook)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective checkpointing policy: keep attention kernels' outputs, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = str(op)
+    if "attention" in name or "attn" in name:
+        if "backward" not in name:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_checkpointing(model: Any, policy: str = "full") -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations (transformers' own hook).
+
+    `save_attention` keeps the attention kernel's outputs, so backward does not run attention forward again:
+    at long sequences attention is most of the work, so this buys speed for S x (q, k, v, out) memory per layer.
+    """
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if policy == "save_attention":
+        from functools import partial
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
     checkpointing = spec.activation_checkpointing == "on" or (
         spec.activation_checkpointing == "auto" and layout.device.type == "cuda")
     if checkpointing:
-        apply_checkpointing(model)
+        apply_checkpointing(model, spec.checkpoint_policy)
     if spec.mlp_tile:
         apply_tiled_mlp(model, spec.mlp_tile)
     model.to(layout.device)
