@@ -110,7 +110,7 @@ class StageSpec(Strict):
     data: Path | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
     sp: int = Field(default=1, gt=0, description="Sequence-parallel degree (Ulysses); processes come from torchrun.")
     attention: Literal["auto", "dense", "sdpa", "varlen", "flex"] = Field(
-        default="auto", description="Attention kernel: auto = varlen (document masks) or sdpa on CUDA, dense on CPU.")
+        default="auto", description="Attention kernel: auto = flex (document masks) or sdpa on CUDA, dense on CPU.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
         default="auto", description="auto = fp32 on CPU, bf16-mixed (fp32 master weights) on CUDA; bf16 = bf16 weights.")
     optimizer: Literal["adamw", "adamw_bf16"] = Field(

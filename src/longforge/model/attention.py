@@ -31,11 +31,12 @@ def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> to
 
 
 def resolve_backend(backend: str, device: torch.device, document_mask: bool) -> str:
-    """The back-end `auto` means on this device: varlen/sdpa on CUDA, dense on CPU."""
+    """The back-end `auto` means on this device: flex (document masks) or sdpa on CUDA, dense on CPU."""
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "varlen" if document_mask else "sdpa"
+        # FlexAttention is verified on the GPU machine's PyTorch; varlen is opt-in until it is (see benchmarks/RESULTS.md).
+        return "flex" if document_mask else "sdpa"
     return "dense"
 
 
