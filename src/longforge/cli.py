@@ -119,6 +119,10 @@ def rope(
     factor: Annotated[Optional[float], typer.Option(help="Scale factor (default: target / original length).")] = None,
     alpha: Annotated[float, typer.Option(help="YaRN alpha (beta_slow).")] = 1.0,
     beta: Annotated[float, typer.Option(help="YaRN beta (beta_fast).")] = 32.0,
+    attention_factor: Annotated[Optional[float], typer.Option(help="YaRN attention temperature (default 0.1 ln(factor) + 1).")] = None,
+    truncate: Annotated[bool, typer.Option(help="YaRN: round the ramp ends to whole frequency indices.")] = True,
+    low_freq_factor: Annotated[float, typer.Option(help="llama3 low_freq_factor.")] = 1.0,
+    high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
     theta: Annotated[Optional[float], typer.Option(help="New RoPE base for --method theta.")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="The model's pretraining window, if its config does not say.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the frequency table; write nothing.")] = False,
@@ -130,16 +134,17 @@ def rope(
     from longforge.hf import check_checkpoint
     from longforge.positions.rope import apply_rope, freq_table, plan_rope
 
-    spec = _validated(PositionSpec, {"method": method, "factor": factor, "beta_fast": beta, "beta_slow": alpha, "theta": theta}, "rope")
+    spec = _validated(PositionSpec, {
+        "method": method, "factor": factor, "beta_fast": beta, "beta_slow": alpha, "theta": theta,
+        "attention_factor": attention_factor, "truncate": truncate,
+        "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+    }, "rope")
+    if original_length is not None and original_length <= 0:
+        raise LongforgeError(f"--original-length {original_length} must be a positive number of tokens.")
     if dry_run:
         plan = plan_rope(AutoConfig.from_pretrained(check_checkpoint(model_dir)), spec, target_length, original_length)
-        t = Table(title=f"{method}: factor {plan.factor:g}, original {plan.info.original_length} -> {target_length}")
-        for col in ("i", "wavelength", "inv_freq", "new inv_freq", "ratio"):
-            t.add_column(col, justify="right")
-        for r in freq_table(plan):
-            t.add_row(str(r["index"]), f"{r['wavelength']:.1f}", f"{r['inv_freq']:.6g}", f"{r['new_inv_freq']:.6g}", f"{r['ratio']:.4f}")
-        console.print(t)
-        console.print(json.dumps(plan.rope_parameters))
+        _print_freq_table(plan, freq_table(plan))
+        console.print(json.dumps(plan.rope_parameters), soft_wrap=True)
         for n in plan.notes:
             say(n)
         return
@@ -149,6 +154,22 @@ def rope(
     for n in plan.notes:
         say(n)
     say(f"wrote {out} with rope_parameters {json.dumps(plan.rope_parameters)}")
+
+
+def _print_freq_table(plan, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    """The dry-run table: per frequency index, wavelength and original (unscaled), current and new inverse frequency."""
+    t = Table(title=f"{plan.method}: factor {plan.factor:g}, original {plan.info.original_length} -> {plan.target_length}")
+    cols = ["i", "wavelength", "inv_freq", "new inv_freq", "new/original"]
+    if plan.info.scaled:
+        cols.insert(3, f"current ({plan.info.current['rope_type']})")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in rows:
+        cells = [str(r["index"]), f"{r['wavelength']:.1f}", f"{r['inv_freq']:.6g}", f"{r['new_inv_freq']:.6g}", f"{r['ratio']:.4f}"]
+        if plan.info.scaled:
+            cells.insert(3, f"{r['current_inv_freq']:.6g}")
+        t.add_row(*cells)
+    console.print(t)
 
 
 @app.command()
