@@ -20,7 +20,16 @@ from transformers.models.llama import modeling_llama
 
 from longforge.config import PositionSpec
 from longforge.errors import LongforgeError
-from longforge.positions.rope import ROPE_METHODS, apply_rope, freq_table, inv_freq, plan_rope, rope_info, target_factor
+from longforge.positions.rope import (
+    ROPE_METHODS,
+    apply_rope,
+    dynamic_ntk_theta,
+    freq_table,
+    inv_freq,
+    plan_rope,
+    rope_info,
+    target_factor,
+)
 
 
 def _config(head_dim: int, base: float, window: int, scaling: dict | None = None) -> LlamaConfig:
@@ -130,6 +139,16 @@ def test_theta_method_sets_the_base() -> None:
 def test_ntk_base_formula() -> None:
     plan = plan_rope(_config(128, 10000.0, 4096), PositionSpec(method="ntk"), 4096 * 8)
     assert plan.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 8 ** (128 / 126))
+
+
+def test_longrecipe_theta_is_the_dynamic_ntk_base_at_the_target() -> None:
+    # LongRecipe's published Llama-3 values: 48.9M for factor 10, 131.5M for factor 16.
+    assert dynamic_ntk_theta(500000.0, 10, 128) == pytest.approx(48.9e6, rel=1e-3)
+    assert dynamic_ntk_theta(500000.0, 16, 128) == pytest.approx(131.5e6, rel=1e-3)
+    # ... which is what transformers' dynamic NTK computes at factor x the original window.
+    plan = plan_rope(_config(128, 500000.0, 8192), PositionSpec(method="dynamic"), 8192 * 16)
+    ours, _ = inv_freq(plan.rope_parameters, 128, plan.max_position_embeddings, seq_len=8192 * 16)
+    np.testing.assert_allclose(ours, inv_freq({"rope_theta": dynamic_ntk_theta(500000.0, 16, 128)}, 128, 8192)[0], rtol=1e-12)
 
 
 LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}

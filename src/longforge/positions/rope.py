@@ -113,6 +113,12 @@ def target_factor(target_length: int, original_length: int) -> float:
     return target_length / original_length
 
 
+def dynamic_ntk_theta(theta: float, factor: float, rotary_dim: int) -> float:
+    """The base dynamic NTK uses at factor x the original window: LongRecipe's theta (Llama-3, factor 10 -> 48.9M)."""
+    d = rotary_dim
+    return theta * (factor * factor - (factor - 1)) ** (d / (d - 2))
+
+
 def _base(info: RopeInfo) -> dict[str, Any]:
     extra = {}
     if "partial_rotary_factor" in info.current:
