@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from longforge.errors import LongforgeError
 from longforge.progress import console, err_console, say
+
+if TYPE_CHECKING:
+    from longforge.positions.rope import RopePlan
 
 app = typer.Typer(
     help="Extend the context window of a pretrained causal LM: data, RoPE scaling, long-sequence training, evaluation, report.",
@@ -156,7 +159,7 @@ def rope(
     say(f"wrote {out} with rope_parameters {json.dumps(plan.rope_parameters)}")
 
 
-def _print_freq_table(plan, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+def _print_freq_table(plan: RopePlan, rows: list[dict[str, Any]]) -> None:
     """The dry-run table: per frequency index, wavelength and original (unscaled), current and new inverse frequency."""
     t = Table(title=f"{plan.method}: factor {plan.factor:g}, original {plan.info.original_length} -> {plan.target_length}")
     cols = ["i", "wavelength", "inv_freq", "new inv_freq", "new/original"]
