@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from longforge.errors import LongforgeError
 from longforge.progress import console, err_console, say
+
+if TYPE_CHECKING:
+    from longforge.positions.rope import RopePlan
 
 app = typer.Typer(
     help="Extend the context window of a pretrained causal LM: data, RoPE scaling, long-sequence training, evaluation, report.",
@@ -119,6 +122,10 @@ def rope(
     factor: Annotated[Optional[float], typer.Option(help="Scale factor (default: target / original length).")] = None,
     alpha: Annotated[float, typer.Option(help="YaRN alpha (beta_slow).")] = 1.0,
     beta: Annotated[float, typer.Option(help="YaRN beta (beta_fast).")] = 32.0,
+    attention_factor: Annotated[Optional[float], typer.Option(help="YaRN attention temperature (default 0.1 ln(factor) + 1).")] = None,
+    truncate: Annotated[bool, typer.Option(help="YaRN: round the ramp ends to whole frequency indices.")] = True,
+    low_freq_factor: Annotated[float, typer.Option(help="llama3 low_freq_factor.")] = 1.0,
+    high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
     theta: Annotated[Optional[float], typer.Option(help="New RoPE base for --method theta.")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="The model's pretraining window, if its config does not say.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the frequency table; write nothing.")] = False,
@@ -130,16 +137,17 @@ def rope(
     from longforge.hf import check_checkpoint
     from longforge.positions.rope import apply_rope, freq_table, plan_rope
 
-    spec = _validated(PositionSpec, {"method": method, "factor": factor, "beta_fast": beta, "beta_slow": alpha, "theta": theta}, "rope")
+    spec = _validated(PositionSpec, {
+        "method": method, "factor": factor, "beta_fast": beta, "beta_slow": alpha, "theta": theta,
+        "attention_factor": attention_factor, "truncate": truncate,
+        "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+    }, "rope")
+    if original_length is not None and original_length <= 0:
+        raise LongforgeError(f"--original-length {original_length} must be a positive number of tokens.")
     if dry_run:
         plan = plan_rope(AutoConfig.from_pretrained(check_checkpoint(model_dir)), spec, target_length, original_length)
-        t = Table(title=f"{method}: factor {plan.factor:g}, original {plan.info.original_length} -> {target_length}")
-        for col in ("i", "wavelength", "inv_freq", "new inv_freq", "ratio"):
-            t.add_column(col, justify="right")
-        for r in freq_table(plan):
-            t.add_row(str(r["index"]), f"{r['wavelength']:.1f}", f"{r['inv_freq']:.6g}", f"{r['new_inv_freq']:.6g}", f"{r['ratio']:.4f}")
-        console.print(t)
-        console.print(json.dumps(plan.rope_parameters))
+        _print_freq_table(plan, freq_table(plan))
+        console.print(json.dumps(plan.rope_parameters), soft_wrap=True)
         for n in plan.notes:
             say(n)
         return
@@ -149,6 +157,22 @@ def rope(
     for n in plan.notes:
         say(n)
     say(f"wrote {out} with rope_parameters {json.dumps(plan.rope_parameters)}")
+
+
+def _print_freq_table(plan: RopePlan, rows: list[dict[str, Any]]) -> None:
+    """The dry-run table: per frequency index, wavelength and original (unscaled), current and new inverse frequency."""
+    t = Table(title=f"{plan.method}: factor {plan.factor:g}, original {plan.info.original_length} -> {plan.target_length}")
+    cols = ["i", "wavelength", "inv_freq", "new inv_freq", "new/original"]
+    if plan.info.scaled:
+        cols.insert(3, f"current ({plan.info.current['rope_type']})")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in rows:
+        cells = [str(r["index"]), f"{r['wavelength']:.1f}", f"{r['inv_freq']:.6g}", f"{r['new_inv_freq']:.6g}", f"{r['ratio']:.4f}"]
+        if plan.info.scaled:
+            cells.insert(3, f"{r['current_inv_freq']:.6g}")
+        t.add_row(*cells)
+    console.print(t)
 
 
 @app.command()
@@ -163,8 +187,8 @@ def train(
     warmup_steps: Annotated[int, typer.Option()] = 0,
     schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
     document_mask: Annotated[bool, typer.Option(help="Forbid attention across packed documents.")] = True,
-    transform: Annotated[str, typer.Option(help="Position ids: contiguous or pose.")] = "contiguous",
-    target_length: Annotated[Optional[int], typer.Option(help="Target length for --transform pose.")] = None,
+    transform: Annotated[str, typer.Option(help="Position ids: contiguous, pose or pit.")] = "contiguous",
+    target_length: Annotated[Optional[int], typer.Option(help="Target length for --transform pose/pit.")] = None,
     sp: Annotated[int, typer.Option(help="Sequence-parallel degree (launch with torchrun; processes / sp = data-parallel replicas).")] = 1,
     attention: Annotated[str, typer.Option(help="auto, dense, sdpa, varlen or flex.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16-mixed or bf16.")] = "auto",
@@ -189,15 +213,21 @@ def train(
                                   "save_every": save_every, "sp": sp, "attention": attention, "precision": precision,
                                   "optimizer": optimizer, "activation_checkpointing": activation_checkpointing,
                                   "offload_activations": offload_activations, "mlp_tile": mlp_tile}, "train")
-    if transform not in ("contiguous", "pose"):
-        raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose.")
+    if transform not in ("contiguous", "pose", "pit"):
+        raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose, pit.")
     ds = PackedDataset(data)
-    if transform == "pose" and not target_length:
-        raise LongforgeError("--transform pose needs --target-length (the length the skipped positions should reach).")
+    if transform in ("pose", "pit") and not target_length:
+        raise LongforgeError(f"--transform {transform} needs --target-length (the length the skipped positions should reach).")
     layout = init_layout(sp, device)
     model = load_model(model_dir, "cpu")
+    ends = None
+    if transform == "pit":
+        from longforge.hf import load_tokenizer
+        from longforge.positions.segments import sentence_end_mask
+
+        ends = sentence_end_mask(load_tokenizer(Path(ds.index.get("tokenizer") or model_dir)))
     source = PackedBatches(ds, batch_size, grad_accum, seed, transform, target_length or ds.seq_len, document_mask,
-                           rank=layout.dp_rank, world=layout.dp)
+                           rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
     res = train_model(model, source, spec, out, layout.device, tokenizer_from=model_dir, layout=layout)
     say(f"final loss {res.last_loss:.4f}; checkpoint {res.final}")
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from longforge.errors import LongforgeError
 
 RopeMethod = Literal["none", "pi", "ntk", "theta", "dynamic", "yarn", "llama3"]
-PositionTransform = Literal["contiguous", "pose"]
+PositionTransform = Literal["contiguous", "pose", "pit"]
 SamplingPlan = Literal["none", "upsample_long", "length_thresholds"]
 
 
@@ -76,10 +76,15 @@ class PositionSpec(Strict):
     beta_fast: float = Field(default=32.0, gt=0, description="YaRN beta_fast (the paper's beta).")
     beta_slow: float = Field(default=1.0, gt=0, description="YaRN beta_slow (the paper's alpha).")
     attention_factor: float | None = Field(default=None, gt=0, description="YaRN attention temperature; 0.1 ln(s) + 1 when absent.")
-    truncate: bool = True
-    low_freq_factor: float = Field(default=1.0, gt=0)
-    high_freq_factor: float = Field(default=4.0, gt=0)
-    transform: PositionTransform = "contiguous"
+    mscale: float | None = Field(default=None, gt=0, description="YaRN mscale (DeepSeek style); used with mscale_all_dim when attention_factor is absent.")
+    mscale_all_dim: float | None = Field(default=None, gt=0, description="YaRN mscale_all_dim; attention factor = m(s, mscale) / m(s, mscale_all_dim).")
+    truncate: bool = Field(default=True, description="YaRN: round the ramp's ends to whole frequency indices (transformers' default).")
+    low_freq_factor: float = Field(default=1.0, gt=0, description="llama3: wavelengths above original/low_freq_factor are divided by the factor.")
+    high_freq_factor: float = Field(default=4.0, gt=0, description="llama3: wavelengths below original/high_freq_factor are kept.")
+    transform: PositionTransform = Field(
+        default="contiguous",
+        description="Training position ids: contiguous, pose (Zhu et al.: one skip) or pit (LongRecipe: a skip at sentence starts).",
+    )
 
     @model_validator(mode="after")
     def _theta_needs_value(self) -> "PositionSpec":
@@ -87,6 +92,8 @@ class PositionSpec(Strict):
             raise ValueError("method 'theta' needs `theta` (the new RoPE base, e.g. 8000000)")
         if self.beta_fast <= self.beta_slow:
             raise ValueError(f"beta_fast ({self.beta_fast}) must be larger than beta_slow ({self.beta_slow})")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"high_freq_factor ({self.high_freq_factor}) must be larger than low_freq_factor ({self.low_freq_factor})")
         return self
 
 

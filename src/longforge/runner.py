@@ -99,6 +99,12 @@ def preflight(recipe: Recipe) -> int:
         check_source(s)
     if recipe.eval.ppl is not None and not Path(recipe.eval.ppl.source).exists():
         raise LongforgeError(f"`eval.ppl.source` {recipe.eval.ppl.source} does not exist; point it at held-out long documents.")
+    seq_len = recipe.data.seq_len or recipe.target_length
+    if recipe.positions.transform != "contiguous" and seq_len > recipe.target_length:
+        raise LongforgeError(
+            f"`data.seq_len` {seq_len} is longer than `target_length` {recipe.target_length}, so transform "
+            f"{recipe.positions.transform!r} has nothing to skip; pack shorter sequences (e.g. 30% of the target)."
+        )
     for st in recipe.stages:
         if st.data is not None and not (Path(st.data) / "index.json").is_file():
             raise LongforgeError(f"stage {st.name!r}: `data` {st.data} is not a longforge data folder; remove the key or run `longforge data build`.")
@@ -111,9 +117,10 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     from longforge.data.build import build_data
     from longforge.data.store import PackedDataset
     from longforge.eval.run import evaluate
-    from longforge.hf import load_model
+    from longforge.hf import load_model, load_tokenizer
     from longforge.model.parallel import init_layout
     from longforge.positions.rope import apply_rope
+    from longforge.positions.segments import sentence_end_mask
     from longforge.report.build import build_report, collect, rich_tables
     from longforge.train.batches import PackedBatches
     from longforge.train.loop import train_model
@@ -159,9 +166,11 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         def do_train(st=st, st_dir=st_dir, st_data=st_data, model_in=model_in) -> dict[str, Any]:
             layout = init_layout(st.sp, recipe.device)
             model = load_model(model_in, "cpu")
+            # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.
+            ends = sentence_end_mask(load_tokenizer(tok_dir)) if recipe.positions.transform == "pit" else None
             source = PackedBatches(PackedDataset(st_data), st.batch_size, st.grad_accum, recipe.seed,
                                    recipe.positions.transform, recipe.target_length, st.document_mask,
-                                   rank=layout.dp_rank, world=layout.dp)
+                                   rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
             res = train_model(model, source, st, st_dir, layout.device, tokenizer_from=model_in,
                               label=f"train/{st.name}", layout=layout)
             return {"final": str(res.final), "steps": res.steps, "last_loss": res.last_loss, "tokens": res.tokens}

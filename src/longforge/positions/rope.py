@@ -26,6 +26,7 @@ class RopeInfo:
     original_length: int
     max_position_embeddings: int
     current: dict[str, Any]
+    original_from: str = "max_position_embeddings"
 
     @property
     def scaled(self) -> bool:
@@ -58,20 +59,48 @@ class RopePlan:
         }
 
 
-def rope_info(config: Any, original_length: int | None = None) -> RopeInfo:
-    """Read head dim, base, original window and current scaling from a transformers config."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if "rope_theta" not in params:
+def _rope_params(config: Any) -> dict[str, Any]:
+    """The config's RoPE parameters as one flat dict, from `rope_parameters` (v5) or `rope_scaling` + `rope_theta` (4.x)."""
+    raw = getattr(config, "rope_parameters", None)
+    if raw is None:
+        raw = getattr(config, "rope_scaling", None)
+    params = dict(raw or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise LongforgeError(
+            f"{type(config).__name__} has per-layer-type RoPE parameters ({', '.join(params)}); "
+            "longforge only rewrites models with one rotary embedding for all layers."
+        )
+    if params.get("rope_theta") is None:
         legacy = getattr(config, "rope_theta", None)
         if legacy is None:
             raise LongforgeError(f"{type(config).__name__} has no rope_theta; longforge only handles RoPE models.")
         params["rope_theta"] = legacy
-    params.setdefault("rope_type", params.pop("type", "default"))
+    kind = params.pop("type", None)
+    params["rope_type"] = params.get("rope_type") or kind or "default"
+    partial = getattr(config, "partial_rotary_factor", None)
+    if partial is not None and "partial_rotary_factor" not in params:
+        params["partial_rotary_factor"] = partial
+    return params
+
+
+def rope_info(config: Any, original_length: int | None = None) -> RopeInfo:
+    """Read head dim, base, original window and current scaling from a transformers config (v5 or 4.x shape)."""
+    params = _rope_params(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rotary_dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
+    rotary_dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0) or 1.0))
     max_pos = int(config.max_position_embeddings)
-    orig = original_length or params.get("original_max_position_embeddings") or max_pos
-    return RopeInfo(head_dim, rotary_dim, float(params["rope_theta"]), int(orig), max_pos, params)
+    # Where the pretraining window comes from, most explicit first: Llama-3.1 says 131072 at the
+    # top level but 8192 inside its llama3 scaling, and 8192 is the window the factor is relative to.
+    candidates = (
+        ("given", original_length),
+        ("rope_parameters", params.get("original_max_position_embeddings")),
+        ("config", getattr(config, "original_max_position_embeddings", None)),
+        ("max_position_embeddings", max_pos),
+    )
+    source, orig = next((k, v) for k, v in candidates if v)
+    if params["rope_type"] in ("yarn", "llama3", "longrope") and source == "config":
+        params["original_max_position_embeddings"] = int(orig)  # transformers gives the top-level value priority
+    return RopeInfo(int(head_dim), rotary_dim, float(params["rope_theta"]), int(orig), max_pos, params, source)
 
 
 def target_factor(target_length: int, original_length: int) -> float:
@@ -82,6 +111,12 @@ def target_factor(target_length: int, original_length: int) -> float:
             "choose a longer target_length."
         )
     return target_length / original_length
+
+
+def dynamic_ntk_theta(theta: float, factor: float, rotary_dim: int) -> float:
+    """The base dynamic NTK uses at factor x the original window: LongRecipe's theta (Llama-3, factor 10 -> 48.9M)."""
+    d = rotary_dim
+    return theta * (factor * factor - (factor - 1)) ** (d / (d - 2))
 
 
 def _base(info: RopeInfo) -> dict[str, Any]:
@@ -123,8 +158,10 @@ def _yarn(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
         "beta_slow": spec.beta_slow,
         "truncate": spec.truncate,
     }
-    if spec.attention_factor is not None:
-        p["attention_factor"] = spec.attention_factor
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        value = getattr(spec, key)
+        if value is not None:
+            p[key] = float(value)
     return p
 
 
@@ -150,22 +187,43 @@ ROPE_METHODS: dict[str, Callable[[RopeInfo, PositionSpec, float], dict[str, Any]
 }
 
 
+def _plan_notes(info: RopeInfo, spec: PositionSpec, factor: float, target_length: int) -> list[str]:
+    """What the user should know about a plan: replaced scaling, guessed windows, factors that miss the target."""
+    notes: list[str] = []
+    old = info.current
+    if info.scaled and spec.method == "none":
+        notes.append(f"kept the checkpoint's existing {old['rope_type']} scaling (factor {old.get('factor')}) unchanged")
+    elif info.scaled:
+        notes.append(
+            f"replaced the checkpoint's existing {old['rope_type']} scaling "
+            f"(factor {old.get('factor')}) with {spec.method}, relative to the original window {info.original_length}"
+        )
+        if info.original_from == "max_position_embeddings":
+            notes.append(
+                f"the config does not state its original window; assumed max_position_embeddings "
+                f"{info.original_length} (pass --original-length / model.original_length if that is wrong)"
+            )
+    if spec.method in ("pi", "dynamic", "yarn", "llama3") and factor * info.original_length < target_length:
+        notes.append(
+            f"factor {factor:g} covers {factor * info.original_length:.0f} tokens, less than the target {target_length}"
+        )
+    if spec.method == "dynamic":
+        notes.append("dynamic NTK changes the frequencies with the longest position of each forward (inference-time scaling)")
+    return notes
+
+
 def plan_rope(config: Any, spec: PositionSpec, target_length: int, original_length: int | None = None) -> RopePlan:
     """Compute the new rope_parameters for a config, a method and a target length."""
     if spec.method not in ROPE_METHODS:
         raise LongforgeError(f"unknown RoPE method {spec.method!r}; use one of {', '.join(ROPE_METHODS)}.")
     info = rope_info(config, original_length)
+    if spec.factor is not None and spec.factor < 1:
+        raise LongforgeError(f"RoPE factor {spec.factor:g} is below 1 and would shrink the window; use a factor >= 1.")
     factor = spec.factor if spec.factor is not None else target_factor(target_length, info.original_length)
     params = ROPE_METHODS[spec.method](info, spec, float(factor))
-    notes: list[str] = []
-    if info.scaled and spec.method != "none":
-        old = info.current
-        notes.append(
-            f"replaced the checkpoint's existing {old.get('rope_type')} scaling "
-            f"(factor {old.get('factor')}) with {spec.method}, relative to the original window {info.original_length}"
-        )
+    notes = _plan_notes(info, spec, float(factor), target_length)
     # HF's dynamic NTK treats max_position_embeddings as the original window.
-    max_pos = info.original_length if spec.method == "dynamic" else target_length
+    max_pos = info.original_length if params["rope_type"] == "dynamic" else target_length
     return RopePlan(spec.method, float(factor), params, int(max_pos), int(target_length), info, notes)
 
 
@@ -178,7 +236,10 @@ def inv_freq(params: dict[str, Any], rotary_dim: int, max_position_embeddings: i
     kind = params.get("rope_type", "default")
     if kind == "default":
         return default, 1.0
-    factor = float(params["factor"])
+    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+        raise LongforgeError(f"rope_type {kind!r} is not supported by longforge; use one of {', '.join(ROPE_METHODS)}.")
+    # Like transformers, a YaRN config without a factor means max_position_embeddings / original window.
+    factor = float(params.get("factor") or max_position_embeddings / params["original_max_position_embeddings"])
     if kind == "linear":
         return default / factor, 1.0
     if kind == "dynamic":
@@ -187,9 +248,7 @@ def inv_freq(params: dict[str, Any], rotary_dim: int, max_position_embeddings: i
         return 1.0 / b ** (idx / d), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(params, d, default, factor)
-    if kind == "llama3":
-        return _llama3_inv_freq(params, default, factor), 1.0
-    raise LongforgeError(f"rope_type {kind!r} is not supported by longforge; use one of {', '.join(ROPE_METHODS)}.")
+    return _llama3_inv_freq(params, default, factor), 1.0
 
 
 def _yarn_inv_freq(params: dict[str, Any], d: int, default: np.ndarray, factor: float) -> tuple[np.ndarray, float]:
@@ -235,13 +294,17 @@ def _llama3_inv_freq(params: dict[str, Any], default: np.ndarray, factor: float)
 
 
 def freq_table(plan: RopePlan) -> list[dict[str, float]]:
-    """Per frequency index: wavelength, original and new inverse frequency, and their ratio."""
+    """Per frequency index: wavelength, original (unscaled), current and new inverse frequency, and new / original."""
     info = plan.info
-    old, _ = inv_freq(info.current, info.rotary_dim, info.max_position_embeddings)
+    original, _ = inv_freq({"rope_theta": info.theta}, info.rotary_dim, info.max_position_embeddings)
+    try:
+        current, _ = inv_freq(info.current, info.rotary_dim, info.max_position_embeddings)
+    except LongforgeError:  # a scaling longforge does not model (e.g. longrope) is replaced; show no current column
+        current = np.full_like(original, np.nan)
     new, _ = inv_freq(plan.rope_parameters, info.rotary_dim, plan.max_position_embeddings, seq_len=plan.target_length)
     return [
-        {"index": i, "wavelength": 2 * math.pi / o, "inv_freq": o, "new_inv_freq": n, "ratio": n / o}
-        for i, (o, n) in enumerate(zip(old.tolist(), new.tolist()))
+        {"index": i, "wavelength": 2 * math.pi / o, "inv_freq": o, "current_inv_freq": c, "new_inv_freq": n, "ratio": n / o}
+        for i, (o, c, n) in enumerate(zip(original.tolist(), current.tolist(), new.tolist()))
     ]
 
 

@@ -27,15 +27,53 @@ def contiguous(doc_ids: np.ndarray, restart: bool) -> np.ndarray:
     return pos - start_of
 
 
-def pose(seq_len: int, target_length: int, rng: np.random.Generator) -> np.ndarray:
-    """PoSE (Zhu et al.): two chunks, the second shifted by one bias uniform over the target range."""
+def _check_target(name: str, seq_len: int, target_length: int) -> None:
+    """Skip transforms spread a short sequence over the target range, so the target must not be shorter."""
     if target_length < seq_len:
-        raise LongforgeError(f"PoSE needs target_length ({target_length}) >= the training length ({seq_len}).")
+        raise LongforgeError(
+            f"{name} needs target_length ({target_length}) >= the packed training length ({seq_len}); "
+            "raise target_length or shorten data.seq_len."
+        )
+
+
+def pose(seq_len: int, target_length: int, rng: np.random.Generator) -> np.ndarray:
+    """PoSE (Zhu et al.): chunk 1 = first r1 ~ U{1..(S+1)//2} tokens at 0..r1-1; chunk 2 shifted by one bias b ~ U{0..T-S}."""
+    _check_target("PoSE", seq_len, target_length)
     r1 = int(rng.integers(1, (seq_len + 1) // 2 + 1))
     bias = int(rng.integers(0, target_length - seq_len + 1))
     pos = np.arange(seq_len, dtype=np.int64)
     pos[r1:] += bias
     return pos
+
+
+def random_composition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """`parts` non-negative integers summing to `total`, uniform over all such splits (stars and bars)."""
+    assert parts >= 1 and total >= 0
+    slots = total + parts - 1
+    bars = np.sort(rng.choice(slots, size=parts - 1, replace=False)) if parts > 1 else np.empty(0, dtype=np.int64)
+    return np.diff(np.concatenate([[-1], bars, [slots]])).astype(np.int64) - 1
+
+
+def pit(segment_starts: np.ndarray, seq_len: int, target_length: int, rng: np.random.Generator) -> np.ndarray:
+    """LongRecipe PIT: contiguous inside each segment; the T - S skipped positions fall into the gaps between segments."""
+    _check_target("PIT", seq_len, target_length)
+    starts = np.asarray(segment_starts, dtype=np.int64)
+    starts = np.unique(np.concatenate([[0], starts[(starts > 0) & (starts < seq_len)]]))
+    skip = target_length - seq_len
+    if len(starts) == 1 and skip > 0 and seq_len > 1:
+        # No sentence boundary at all: cut once at a random token (as PoSE does) so the target is still reached.
+        starts = np.array([0, int(rng.integers(1, seq_len))], dtype=np.int64)
+    pos = np.arange(seq_len, dtype=np.int64)
+    if len(starts) > 1:
+        # Uniform over all placements of the skipped positions into the N-1 gaps, re-drawn per call, so the
+        # last token lands exactly at T-1 and every gap can be anything from 0 to T-S.
+        jump = np.zeros(seq_len, dtype=np.int64)
+        jump[starts[1:]] = random_composition(skip, len(starts) - 1, rng)
+        pos += np.cumsum(jump)
+    return pos
+
+
+TRANSFORMS = ("contiguous", "pose", "pit")
 
 
 def position_ids(
@@ -44,10 +82,18 @@ def position_ids(
     target_length: int,
     rng: np.random.Generator,
     restart_per_document: bool,
+    segment_starts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Position ids for one packed sequence by transform name."""
+    """Position ids for one packed sequence by transform name (`pit` needs `segment_starts`, document starts included)."""
+    # `contiguous` restarts at every document when asked; `pose` and `pit` number the whole packed sequence
+    # (strictly increasing, hence also within each document) and never restart: document masks come from
+    # doc_ids, and RoPE attention inside a masked document only sees position differences anyway.
     if method == "contiguous":
         return contiguous(doc_ids, restart_per_document)
     if method == "pose":
         return pose(len(doc_ids), target_length, rng)
-    raise LongforgeError(f"unknown position transform {method!r}; use 'contiguous' or 'pose'.")
+    if method == "pit":
+        if segment_starts is None:
+            raise LongforgeError("the 'pit' transform needs sentence boundaries; pass segment_starts (see positions.segments).")
+        return pit(segment_starts, len(doc_ids), target_length, rng)
+    raise LongforgeError(f"unknown position transform {method!r}; use one of {', '.join(TRANSFORMS)}.")

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from longforge.data.store import LoaderPlan, PackedDataset
-from longforge.positions.transforms import doc_ids_from_starts, position_ids
+from longforge.errors import LongforgeError
+from longforge.positions.segments import sentence_starts
+from longforge.positions.transforms import TRANSFORMS, doc_ids_from_starts, position_ids
 
 IGNORE = -100
 
@@ -69,8 +71,18 @@ class PackedBatches:
     document_mask: bool = True
     rank: int = 0
     world: int = 1
+    sentence_ends: np.ndarray | None = None  # vocabulary mask of sentence-ending tokens, for 'pit'
 
     def __post_init__(self) -> None:
+        if self.transform not in TRANSFORMS:
+            raise LongforgeError(f"unknown position transform {self.transform!r}; use one of {', '.join(TRANSFORMS)}.")
+        if self.transform == "pit" and self.sentence_ends is None:
+            raise LongforgeError("the 'pit' transform needs the tokenizer's sentence ends; pass sentence_ends=sentence_end_mask(tokenizer).")
+        if self.transform != "contiguous" and self.target_length and self.target_length < self.dataset.seq_len:
+            raise LongforgeError(
+                f"transform {self.transform!r} spreads {self.dataset.seq_len}-token sequences over target_length "
+                f"{self.target_length}, which is shorter; raise target_length or pack shorter sequences."
+            )
         self.plan = LoaderPlan(len(self.dataset), self.micro_batch * self.grad_accum * self.world, self.seed)
 
     def batch(self, step: int, micro: int) -> Batch:
@@ -82,7 +94,9 @@ class PackedBatches:
             tokens, starts = self.dataset.get(int(r))
             d = doc_ids_from_starts(starts, len(tokens))
             rng = np.random.default_rng([self.seed, step, int(r)])
-            p = position_ids(self.transform, d, self.target_length or len(tokens), rng, self.document_mask)
+            # Sentence boundaries come from the tokens at batch time, so one data build serves every transform.
+            seg = sentence_starts(tokens, self.sentence_ends, starts) if self.transform == "pit" else None
+            p = position_ids(self.transform, d, self.target_length or len(tokens), rng, self.document_mask, seg)
             ids.append(tokens)
             docs.append(d)
             pos.append(p)
