@@ -90,3 +90,41 @@ def test_train_command_under_torchrun(model_dir: Path, corpus_dir: Path, tokeniz
     log = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and log[0]["tokens"] == 2 * 64
     assert (tmp_path / "t" / "final" / "model.safetensors").is_file()
+
+
+def test_kill_9_then_rerun_reproduces_the_uninterrupted_run(model_dir: Path, corpus_dir: Path, tokenizer_dir: Path,
+                                                             tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from longforge.config import DataSpec, SourceSpec
+    from longforge.data.build import build_data
+
+    build_data(DataSpec(sources=[SourceSpec(name="long", path=corpus_dir / "long.jsonl")], plan="none", token_budget=4000),
+               tokenizer_dir, 64, tmp_path / "data")
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "longforge", "train", str(model_dir), "--data", str(tmp_path / "data"),
+                "--out", str(out), "--steps", "40", "--batch-size", "2", "--lr", "1e-3", "--save-every", "5",
+                "--device", "cpu"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cmd(tmp_path / "straight"), env=env, capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ck.is_dir() and any(p.name.startswith("step-0000010") for p in ck.iterdir())):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: maybe mid-step, maybe mid-checkpoint
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    assert subprocess.run(cmd(tmp_path / "killed"), env=env, capture_output=True, timeout=300).returncode == 0
+    a = [json.loads(x)["loss"] for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert a == b and len(a) == 40
+    wa = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

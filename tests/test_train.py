@@ -155,3 +155,15 @@ def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
         model.model.embed_tokens.weight[:] = float("nan")
     with pytest.raises(LongforgeError, match=r"loss became nan .* at step 0; no checkpoint was written yet"):
         train_model(model, _Source(50, 2), _spec(), tmp_path / "n", torch.device("cpu"))
+
+
+def test_tensorboard_scalars_mirror_the_log(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = StageSpec(steps=3, batch_size=2, lr=1e-3, save_every=3, tensorboard=True)
+    train_model(make_tiny_model(50), _Source(50, 2), spec, tmp_path / "tb", torch.device("cpu"))
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    log = [json.loads(x)["loss"] for x in (tmp_path / "tb" / "log.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(log, rel=1e-6)

@@ -128,6 +128,7 @@ class StageSpec(Strict):
         default="full", description="save_attention keeps attention outputs (faster backward, more memory).")
     offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
     mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
+    tensorboard: bool = Field(default=False, description="Also write the step log as TensorBoard scalars (tb/).")
 
     @model_validator(mode="after")
     def _bf16_optimizer(self) -> "StageSpec":

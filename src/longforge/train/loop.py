@@ -291,6 +291,7 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     last_loss = float("nan")
     last_good = existing[-1] if existing else None
     log = log_path.open("a") if layout.is_main else None
+    board = _tensorboard(out / "tb") if spec.tensorboard and layout.is_main else None
     try:
         with progress_bar() as bar:
             task = bar.add_task(f"{label}: step", total=spec.steps, completed=start, visible=layout.is_main)
@@ -306,12 +307,18 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
+                if board is not None:
+                    for key, value in rec.items():
+                        if key != "step" and isinstance(value, (int, float)):
+                            board.add_scalar(f"train/{key}", value, rec["step"])
                 bar.update(task, advance=1, description=f"{label}: loss {last_loss:.3f}")
                 if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
                     last_good = save_checkpoint(ck_dir, step + 1, engine.net, optimizer, layout, {"loss": last_loss})
     finally:
         if log is not None:
             log.close()
+        if board is not None:
+            board.close()
     final = export_final(engine, out / "final", tokenizer_from, export_dtype)
     return TrainResult(final, spec.steps, last_loss, tokens_done, time.time() - t_start)
 
@@ -355,6 +362,15 @@ def _train_step(engine: Engine, optimizer: torch.optim.Optimizer, source: BatchS
         rec["mfu"] = round(flops_per_token(engine.net.lm.config, attention_context(docs)) * n_tok / dt / (peak * layout.world), 4)
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(layout.device) / 2**30, 2)
     return rec
+
+
+def _tensorboard(folder: Path) -> Any:
+    """A TensorBoard writer, or a clear error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LongforgeError("`tensorboard: true` needs the tensorboard package; pip install 'longforge[tensorboard]'.") from None
+    return SummaryWriter(str(folder))
 
 
 def _doc_lengths(micro: list[Batch]) -> list[int]:
