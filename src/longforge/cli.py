@@ -238,16 +238,17 @@ def merge(
     model_b: Annotated[Path, typer.Argument(help="Second checkpoint (e.g. the extended model).")],
     out: Annotated[Path, typer.Option(help="Output checkpoint folder.")],
     weights: Annotated[str, typer.Option(help="Comma-separated weights, one per model.")] = "0.5,0.5",
+    method: Annotated[str, typer.Option(help="linear (weighted mean) or slerp.")] = "linear",
 ) -> None:
-    """Average two checkpoints tensor by tensor (LongRecipe's merge); keeps the longer-context model's config."""
-    from longforge.merge import merge_linear
+    """Merge two checkpoints tensor by tensor (LongRecipe's merge); keeps the longer-context model's config."""
+    from longforge.merge import merge as merge_models
 
     try:
         w = [float(x) for x in weights.split(",")]
     except ValueError:
         raise LongforgeError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.5,0.5).") from None
-    info = merge_linear([model_a, model_b], w, out)
-    say(f"wrote {out} (config from {info['config_from']})")
+    info = merge_models([model_a, model_b], w, out, method)
+    say(f"wrote {out} ({method}; config from {info['config_from']})")
 
 
 @app.command("eval")
