@@ -194,7 +194,9 @@ def train(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16-mixed or bf16.")] = "auto",
     optimizer: Annotated[str, typer.Option(help="adamw or adamw_bf16 (with --precision bf16).")] = "adamw",
     activation_checkpointing: Annotated[str, typer.Option(help="auto, on or off.")] = "auto",
+    checkpoint_policy: Annotated[str, typer.Option(help="full, or save_attention (faster backward, more memory).")] = "full",
     offload_activations: Annotated[bool, typer.Option(help="Keep checkpointed activations in CPU memory.")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars under OUT/tb.")] = False,
     mlp_tile: Annotated[int, typer.Option(help="Run MLPs in tiles of this many tokens (0 = off).")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -212,7 +214,8 @@ def train(
                                   "warmup_steps": warmup_steps, "schedule": schedule, "document_mask": document_mask,
                                   "save_every": save_every, "sp": sp, "attention": attention, "precision": precision,
                                   "optimizer": optimizer, "activation_checkpointing": activation_checkpointing,
-                                  "offload_activations": offload_activations, "mlp_tile": mlp_tile}, "train")
+                                  "checkpoint_policy": checkpoint_policy, "offload_activations": offload_activations,
+                                  "mlp_tile": mlp_tile, "tensorboard": tensorboard}, "train")
     if transform not in ("contiguous", "pose", "pit"):
         raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose, pit.")
     ds = PackedDataset(data)
