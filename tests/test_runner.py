@@ -73,3 +73,38 @@ def test_recipe_file_through_the_cli(micro_recipe: dict, tmp_path: Path) -> None
     res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "report" / "report.html").is_file()
+
+
+def test_multi_stage_recipe_extend_merge_sft(micro_recipe: dict, tmp_path: Path) -> None:
+    from test_sft import TEMPLATE, _conv
+
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": _conv(f"question {i}", f"answer {i}")}) + "\n"
+                                                for i in range(20)) + "{oops\n")
+    micro_recipe["stages"] = [
+        {"name": "extend", "steps": 2, "batch_size": 2, "lr": 1e-3},
+        {"name": "merge", "kind": "merge", "merge": {"other": "base", "weights": [0.5, 0.5]}},
+        {"name": "sft", "kind": "sft", "steps": 2, "batch_size": 2, "lr": 1e-4,
+         "sft": {"data": str(tmp_path / "sft.jsonl"), "seq_len": 64, "chat_template": str(tmp_path / "chat.jinja")}},
+    ]
+    micro_recipe["eval"] = {"passkey": {"lengths": [64], "depths": 1, "trials": 1}, "models": ["final"]}
+    run = tmp_path / "run"
+    out = run_recipe(parse_recipe(micro_recipe), run)
+    assert Path(out["final"]) == run / "train" / "sft" / "final"
+    merged = json.loads((run / "train" / "merge" / "final" / "longforge_merge.json").read_text())
+    assert merged["weights"] == [0.5, 0.5] and merged["models"][1].endswith("extend/final")
+    cfg = json.loads((run / "train" / "merge" / "final" / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 256  # the extended model's RoPE config survives the merge
+    assert len((run / "train" / "sft" / "rejects.jsonl").read_text().splitlines()) == 1
+    assert len((run / "train" / "sft" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_stage_kinds_validate(micro_recipe: dict) -> None:
+    from longforge.errors import LongforgeError
+
+    micro_recipe["stages"] = [{"name": "s", "kind": "sft", "steps": 2}]
+    with pytest.raises(LongforgeError, match="an sft stage needs an `sft:` section"):
+        parse_recipe(micro_recipe)
+    micro_recipe["stages"] = [{"name": "e", "lr": 1e-3}]
+    with pytest.raises(LongforgeError, match="a pretrain stage needs `steps`"):
+        parse_recipe(micro_recipe)

@@ -97,12 +97,31 @@ class PositionSpec(Strict):
         return self
 
 
+class SFTSpec(Strict):
+    """Short-instruction SFT data: chat conversations, loss on the assistant's tokens only."""
+
+    data: Path = Field(description="JSONL file, one conversation per line.")
+    field: str = Field(default="messages", description="Key holding the list of {role, content} messages.")
+    seq_len: int = Field(default=8192, gt=1, description="Packed row length; longer conversations are kept aside.")
+    chat_template: Path | None = Field(default=None, description="Jinja template file; the tokenizer's own when absent.")
+
+
+class MergeSpec(Strict):
+    """Merge the model so far with another checkpoint (LongRecipe: 0.5 original + 0.5 extended)."""
+
+    other: str = Field(default="base", description="'base' (the recipe's model) or a checkpoint folder.")
+    weights: tuple[float, float] = Field(default=(0.5, 0.5), description="(other, current) weights.")
+    method: Literal["linear", "slerp"] = "linear"
+
+
 class StageSpec(Strict):
-    """One training stage (continual pretraining at long length)."""
+    """One stage after the RoPE change: continual pretraining (extend, replay), SFT, or a merge."""
 
     name: str = "extend"
-    kind: Literal["pretrain"] = "pretrain"
-    steps: int = Field(gt=0)
+    kind: Literal["pretrain", "sft", "merge"] = "pretrain"
+    steps: int = Field(default=1, gt=0)
+    sft: SFTSpec | None = None
+    merge: MergeSpec | None = None
     batch_size: int = Field(default=1, gt=0, description="Sequences per micro-batch.")
     grad_accum: int = Field(default=1, gt=0)
     lr: float = Field(default=2e-5, gt=0)
@@ -129,6 +148,22 @@ class StageSpec(Strict):
     offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
     mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
     tensorboard: bool = Field(default=False, description="Also write the step log as TensorBoard scalars (tb/).")
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> "StageSpec":
+        if self.kind != "merge" and "steps" not in self.model_fields_set:
+            raise ValueError(f"a {self.kind} stage needs `steps` (optimizer steps)")
+        if self.kind == "sft" and self.sft is None:
+            raise ValueError("an sft stage needs an `sft:` section with at least `data:`")
+        if self.kind != "sft" and self.sft is not None:
+            raise ValueError(f"`sft:` settings belong to stages of kind sft, not {self.kind}")
+        if self.kind == "merge" and self.merge is None:
+            self.merge = MergeSpec()
+        if self.kind != "merge" and self.merge is not None:
+            raise ValueError(f"`merge:` settings belong to stages of kind merge, not {self.kind}")
+        if self.merge is not None and abs(sum(self.merge.weights) - 1) > 1e-6:
+            raise ValueError(f"merge weights {list(self.merge.weights)} must sum to 1")
+        return self
 
     @model_validator(mode="after")
     def _bf16_optimizer(self) -> "StageSpec":
@@ -275,6 +310,11 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         s.path = fix(s.path)
     for st in recipe.stages:
         st.data = fix(st.data)
+        if st.sft is not None:
+            st.sft.data = fix(st.sft.data)
+            st.sft.chat_template = fix(st.sft.chat_template)
+        if st.merge is not None and st.merge.other != "base":
+            st.merge.other = str(fix(Path(st.merge.other)))
     if recipe.eval.ppl is not None:
         recipe.eval.ppl.source = fix(recipe.eval.ppl.source)
     return recipe

@@ -106,10 +106,38 @@ def preflight(recipe: Recipe) -> int:
             f"{recipe.positions.transform!r} has nothing to skip; pack shorter sequences (e.g. 30% of the target)."
         )
     for st in recipe.stages:
+        if st.sft is not None and not Path(st.sft.data).is_file():
+            raise LongforgeError(f"stage {st.name!r}: `sft.data` {st.sft.data} does not exist; point it at a JSONL of chat conversations.")
+        if st.sft is not None and st.sft.chat_template is not None and not Path(st.sft.chat_template).is_file():
+            raise LongforgeError(f"stage {st.name!r}: `sft.chat_template` {st.sft.chat_template} does not exist; give a Jinja file or remove the key.")
+        if st.merge is not None and st.merge.other != "base" and not (Path(st.merge.other) / "config.json").is_file():
+            raise LongforgeError(f"stage {st.name!r}: `merge.other` {st.merge.other} is not a checkpoint folder; use 'base' or a folder with config.json.")
         if st.data is not None and not (Path(st.data) / "index.json").is_file():
             raise LongforgeError(f"stage {st.name!r}: `data` {st.data} is not a longforge data folder; remove the key or run `longforge data build`.")
     resolve_device(recipe.device)
     return orig
+
+
+def _file_stamp(st: Any) -> list[Any]:
+    """Size and modification time of a stage's own input files, so editing them re-runs the stage."""
+    files = [st.sft.data] + ([st.sft.chat_template] if st.sft.chat_template else []) if st.sft is not None else []
+    return [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files if Path(f).is_file()]
+
+
+def sft_source(st: Any, model_dir: Path, st_dir: Path, seed: int, layout: Any) -> Any:
+    """Packed, assistant-masked conversations for an SFT stage (bad records go to the stage's rejects.jsonl)."""
+    from longforge.hf import load_tokenizer
+    from longforge.train.sft import SFTBatches, load_conversations, pack_conversations
+
+    spec = st.sft
+    tok = load_tokenizer(model_dir)
+    template = Path(spec.chat_template).read_text() if spec.chat_template else None
+    data = load_conversations(spec.data, tok, spec.field, spec.seq_len, template, st_dir / "rejects.jsonl")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    rows = pack_conversations(data.examples, spec.seq_len, pad, seed)
+    if data.rejects:
+        say(f"  sft: kept {len(data.examples)} conversations; set aside " + ", ".join(f"{n} {r}" for r, n in data.rejects.items()))
+    return SFTBatches(rows, st.batch_size, st.grad_accum, seed, rank=layout.dp_rank, world=layout.dp)
 
 
 def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -118,6 +146,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     from longforge.data.store import PackedDataset
     from longforge.eval.run import evaluate
     from longforge.hf import load_model, load_tokenizer
+    from longforge.merge import merge
     from longforge.model.parallel import init_layout
     from longforge.positions.rope import apply_rope
     from longforge.positions.segments import sentence_end_mask
@@ -161,20 +190,34 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         st_dir = run_dir / "train" / st.name
         st_data = st.data or data_dir
         st_fp = fingerprint([st.model_dump(mode="json"), model_fp, data_fp if st.data is None else str(st.data),
-                             recipe.positions.transform, recipe.target_length, recipe.seed])
+                             recipe.positions.transform, recipe.target_length, recipe.seed, _file_stamp(st)])
 
         def do_train(st=st, st_dir=st_dir, st_data=st_data, model_in=model_in) -> dict[str, Any]:
             layout = init_layout(st.sp, recipe.device)
             model = load_model(model_in, "cpu")
-            # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.
-            ends = sentence_end_mask(load_tokenizer(tok_dir)) if recipe.positions.transform == "pit" else None
-            source = PackedBatches(PackedDataset(st_data), st.batch_size, st.grad_accum, recipe.seed,
-                                   recipe.positions.transform, recipe.target_length, st.document_mask,
-                                   rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
+            if st.kind == "sft":
+                source = sft_source(st, model_in, st_dir, recipe.seed, layout)
+            else:
+                # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.
+                ends = sentence_end_mask(load_tokenizer(tok_dir)) if recipe.positions.transform == "pit" else None
+                source = PackedBatches(PackedDataset(st_data), st.batch_size, st.grad_accum, recipe.seed,
+                                       recipe.positions.transform, recipe.target_length, st.document_mask,
+                                       rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
             res = train_model(model, source, st, st_dir, layout.device, tokenizer_from=model_in,
                               label=f"train/{st.name}", layout=layout)
             return {"final": str(res.final), "steps": res.steps, "last_loss": res.last_loss, "tokens": res.tokens}
 
+        def do_merge(st=st, st_dir=st_dir, model_in=model_in) -> dict[str, Any]:
+            assert st.merge is not None
+            other = recipe.model.path if st.merge.other == "base" else Path(st.merge.other)
+            info = merge([other, model_in], list(st.merge.weights), st_dir / "final", st.merge.method,
+                         config_from=1)
+            return {"final": str(st_dir / "final"), **info}
+
+        if st.kind == "merge":
+            run_stage(f"merge/{st.name}", st_dir, st_fp, do_merge)
+            model_in, model_fp = st_dir / "final", st_fp
+            continue
         run_stage(f"train/{st.name}", st_dir, st_fp, do_train, resumable=True, all_ranks=True)
         model_in, model_fp = st_dir / "final", st_fp
 
