@@ -24,6 +24,56 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build packed training data from corpus files, or inspect a built data folder.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+analyze_app = typer.Typer(help="Analyses that inform data selection.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("impactful")
+def analyze_impactful(
+    base: Annotated[Path, typer.Option(help="The model before extension.")],
+    extended: Annotated[Path, typer.Option(help="The same model after long-context training.")],
+    data: Annotated[Path, typer.Option(help="JSONL or text of long documents.")],
+    out: Annotated[Path, typer.Option(help="Folder for profile.json and profile.png.")],
+    num_texts: Annotated[int, typer.Option(help="Texts to analyse.")] = 16,
+    length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: the extended model's window).")] = None,
+    top: Annotated[float, typer.Option(help="Fraction of tokens per text kept as impactful.")] = 0.2,
+    tagger: Annotated[str, typer.Option(help="builtin (no download) or spacy (a locally installed model).")] = "builtin",
+    spacy_model: Annotated[str, typer.Option(help="spaCy model name for --tagger spacy.")] = "en_core_web_sm",
+    text_field: Annotated[str, typer.Option(help="JSON field holding the text.")] = "text",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """LongRecipe's impactful-token analysis: which token types the extended model predicts better than the base."""
+    import torch
+
+    from longforge.analyze.impactful import analyze, spacy_type_fn, write_profile
+    from longforge.config import SourceSpec
+    from longforge.data.sources import Rejects, iter_documents
+    from longforge.hf import load_model, load_tokenizer, read_config, resolve_device
+
+    if not 0 < top < 1:
+        raise LongforgeError(f"--top {top} must be between 0 and 1 (LongRecipe keeps 0.2).")
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tok = load_tokenizer(extended)
+    n = length or int(read_config(extended).get("max_position_embeddings", 4096))
+    texts = []
+    for doc in iter_documents(SourceSpec(name="analysis", path=data, text_field=text_field), Rejects()):
+        texts.append(doc.text)
+        if len(texts) >= num_texts:
+            break
+    type_fn = spacy_type_fn(tok, spacy_model) if tagger == "spacy" else None
+    if tagger not in ("builtin", "spacy"):
+        raise LongforgeError(f"--tagger {tagger!r} is not one of builtin, spacy.")
+    profile = analyze(load_model(base, dev, dtype), load_model(extended, dev, dtype), tok, texts, n, top, type_fn)
+    paths = write_profile(profile, out)
+    t = Table(title=f"impactful token types ({profile.meta['texts']} texts of {n} tokens, top {top:.0%})")
+    for col in ("type", "impactful share", "overall share", "lift"):
+        t.add_column(col, justify="left" if col == "type" else "right")
+    for r in profile.rows:
+        t.add_row(r["type"] + (" *" if r["type"] in profile.selected else ""), f"{r['impactful_share']:.3f}",
+                  f"{r['overall_share']:.3f}", f"{r['lift']:.2f}")
+    console.print(t)
+    say(f"selected for sentence filtering: {', '.join(profile.selected) or '(none)'}; wrote {paths['json']} and {paths['png']}")
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""Analyses that inform data selection (LongRecipe impactful tokens)."""
