@@ -33,7 +33,7 @@ def niah_answer(prompt: str, needle: Needle = Needle()) -> str:
 
 def ruler_answer(prompt: str, qa: dict[str, list[str]] | None = None) -> str:
     """The references of any RULER task, worked out from the prompt alone (QA: looked up by question)."""
-    m = re.search(r"special magic \w+ for (.+) mentioned in the provided text (?:is|are)$", prompt)
+    m = re.search(r"special magic \w+ for (.+) mentioned in the provided text (?:is|are)$", prompt[prompt.rfind("The special magic"):])
     if m:
         keys = re.split(r", and |, ", m.group(1))
         context = _after_last(prompt, "hidden within the following text.")

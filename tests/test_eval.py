@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +202,38 @@ def test_sliding_window_perplexity_scores_every_token_once_with_bounded_context(
             total += float(nll[-min(new, end - begin - 1):].sum())
     assert rows[32]["nll"] == pytest.approx(total / 119, rel=1e-5)
     assert rows[120]["nll"] != pytest.approx(rows[32]["nll"], rel=1e-6)
+
+
+def test_eval_stage_writes_every_task_and_compare_reads_them(model_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from longforge.cli import app
+
+    base = ["--target-length", "256", "--lengths", "200,256", "--depths", "2", "--ruler-tasks", "niah_single_1,fwe",
+            "--ruler-lengths", "400", "--samples", "2", "--ppl-source", str(corpus_dir / "heldout.jsonl")]
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "a"), "--tasks", "passkey,niah,ruler,ppl", *base])
+    assert res.exit_code == 0, res.output
+    for f in ("passkey.json", "niah.json", "ruler.json", "ppl.json", "summary.json"):
+        assert (tmp_path / "a" / f).is_file(), f
+    ruler = json.loads((tmp_path / "a" / "ruler.json").read_text())
+    assert {s["task"] for s in ruler["samples"]} == {"niah_single_1", "fwe"} and len(ruler["samples"]) == 4
+    assert {"prompt_sha1", "answers", "output", "score"} <= set(ruler["samples"][0])
+    assert "RULER" in res.output and "by prompt length" in res.output
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    res = runner.invoke(app, ["eval", "run", str(model_dir), "--out", str(tmp_path / "c"), "--lengths", "64",
+                              "--depths", "1", "--target-length", "256"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["passkey"]["per_length"].keys() == {"64"}
+    res = runner.invoke(app, ["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    metrics = {r["metric"]: r for r in cmp["rows"]}
+    assert {"passkey accuracy @200", "NIAH ROUGE-1 F1, all", "RULER fwe, mean over lengths", "RULER effective length",
+            "perplexity @256"} <= set(metrics)
+    assert all(r["delta"] == 0 or r["a"] is r["b"] is None for r in cmp["rows"]) and cmp["a"]["label"] == "a" and cmp["b"]["label"] == "b"
+    for png in ("passkey.png", "niah.png", "ruler.png", "ppl.png"):
+        assert (tmp_path / "cmp" / png).is_file()
+    assert "| metric | a | b | change |" in (tmp_path / "cmp" / "compare.md").read_text()
+    res = runner.invoke(app, ["eval", "compare", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "c2")])
+    assert res.exit_code != 0 and "does not exist" in str(res.exception)

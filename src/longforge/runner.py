@@ -76,8 +76,10 @@ def preflight(recipe: Recipe) -> int:
         )
     for s in recipe.data.sources:
         check_source(s)
-    if recipe.eval.ppl is not None and not Path(recipe.eval.ppl.source).exists():
-        raise LongforgeError(f"`eval.ppl.source` {recipe.eval.ppl.source} does not exist; point it at held-out long documents.")
+    if recipe.eval.models:
+        from longforge.eval.run import check_inputs
+
+        check_inputs(recipe.eval)
     for st in recipe.stages:
         if st.data is not None and not (Path(st.data) / "index.json").is_file():
             raise LongforgeError(f"stage {st.name!r}: `data` {st.data} is not a longforge data folder; remove the key or run `longforge data build`.")

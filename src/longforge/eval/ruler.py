@@ -251,8 +251,8 @@ def zeta(alpha: float, terms: int = 10000) -> float:
 
 def fwe_sample(rng: np.random.Generator, n: int, p: dict[str, Any], res: Resources) -> RulerSample:
     """Frequent word extraction: n coded words with Zipf(alpha) counts; the top word is noise ('...'), answers ranks 2-4."""
-    vocab = sorted(set(_distinct(rng, lambda: "".join(rng.choice(list(string.ascii_lowercase), size=p["wordlen"])),
-                                 p["vocab"])))
+    letters = np.array(list(string.ascii_lowercase))[rng.integers(0, 26, size=(2 * p["vocab"], p["wordlen"]))]
+    vocab = sorted(list(dict.fromkeys("".join(row) for row in letters))[: p["vocab"]])
     vocab = [vocab[int(i)] for i in rng.permutation(len(vocab))]
     vocab[0] = "..."
     ranks = np.arange(1, len(vocab) + 1, dtype=np.float64)
