@@ -155,6 +155,36 @@ def test_chunked_prefill_matches_one_shot_greedy_on_both_paths(tokenizer) -> Non
     assert model.config._attn_implementation == "sdpa"  # the engine puts the model's attention back
 
 
+def test_offloaded_kv_logic_matches_device_kv(tokenizer) -> None:
+    """The offload store's slots, prefetch lengths and wrap-around, run without streams on the CPU."""
+    from transformers import LlamaForCausalLM
+
+    for layers in (2, 3):  # an odd layer count makes slot parity wrap differently
+        cfg = make_tiny_model(len(tokenizer), window=256).config
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(layers)
+        model = LlamaForCausalLM(cfg).eval()
+        x = torch.randint(1, len(tokenizer), (2, 90))
+        device_kv = Engine(model, prefill_chunk=17, stop_on_eos=False)
+        offload = Engine(model, prefill_chunk=17, stop_on_eos=False)
+        offload.kv_cache = "cpu"  # the engine only offloads from a GPU; force it to test the logic
+        ref = model.generate(x, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 90:].tolist()
+        assert offload.generate(x, 10) == device_kv.generate(x, 10) == ref
+        assert offload.generate(x[:, :50], 4) == device_kv.generate(x[:, :50], 4)  # pooled host buffers reused
+        assert offload.window_nll(x[:1]) == pytest.approx(device_kv.window_nll(x[:1]), rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_generate(tokenizer) -> None:
+    """Flash attention with lower-right causal chunks, and the offloaded cache's streams, on a real GPU (fp32)."""
+    model = make_tiny_model(len(tokenizer), window=512).to("cuda")
+    x = torch.randint(1, len(tokenizer), (2, 300))
+    ref = model.generate(x.cuda(), max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 300:].tolist()
+    for kv in ("device", "cpu"):
+        got = Engine(model, prefill_chunk=64, kv_cache=kv, stop_on_eos=False).generate(x, 6)
+        assert got == ref, kv
+
+
 def test_engine_stops_each_row_on_its_own(tokenizer) -> None:
     model = make_tiny_model(len(tokenizer), window=256)
     x = torch.randint(1, len(tokenizer), (2, 30))
@@ -237,3 +267,17 @@ def test_eval_stage_writes_every_task_and_compare_reads_them(model_dir: Path, co
     assert "| metric | a | b | change |" in (tmp_path / "cmp" / "compare.md").read_text()
     res = runner.invoke(app, ["eval", "compare", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "c2")])
     assert res.exit_code != 0 and "does not exist" in str(res.exception)
+
+    # A run directory stands for its eval/final; the report shows every task.
+    from longforge.eval.compare import resolve
+    from longforge.report.build import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "a", run / "eval" / "base")
+    shutil.copytree(tmp_path / "b", run / "eval" / "final")
+    assert resolve(run) == run / "eval" / "final"
+    paths = build_report(run)
+    md = paths["md"].read_text()
+    assert "## RULER" in md and "| base | niah_single_1 |" in md and "ruler avg" in md and "niah all" in md
+    for png in ("passkey.png", "niah.png", "ruler.png", "ppl.png"):
+        assert (run / "report" / png).is_file()

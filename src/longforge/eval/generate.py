@@ -10,6 +10,8 @@ transformers' DynamicCache and the model's own attention. Both compute logits fo
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -40,20 +42,35 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq) if 1 < lq != lk else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and lq > 1,
                                               scale=scale, enable_gqa=h != hkv)
+    try:
+        return _grouped_flash(q, k, v, scale)
+    except RuntimeError as e:
+        if "No available kernel" not in str(e):
+            raise
+        # A guard: should the fused kernels refuse a strided key/value layout, retry on contiguous copies.
+        return _grouped_flash(q, k.contiguous(), v.contiguous(), scale)
+
+
+def _grouped_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """CUDA causal attention per query-head group with fused kernels only (the math kernel would need an L x L matrix)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
     rep = h // hkv
     # Query heads g*rep..g*rep+rep-1 share kv head g; attending one group member at a time keeps the flash
     # kernel (lower-right causal, no mask tensor) and never expands the long keys and values to every head.
     groups = q.view(b, hkv, rep, lq, d)
     mask = causal_lower_right(lq, lk) if 1 < lq != lk else None
     outs = []
-    for r in range(rep):
-        qr = groups[:, :, r]
-        if mask is None:
-            outs.append(F.scaled_dot_product_attention(qr, k, v, is_causal=lq > 1, scale=scale))
-        else:
-            outs.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        for r in range(rep):
+            qr = groups[:, :, r]
+            if mask is None:
+                outs.append(F.scaled_dot_product_attention(qr, k, v, is_causal=lq > 1, scale=scale))
+            else:
+                outs.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale))
     return torch.stack(outs, dim=2).view(b, h, lq, d)
 
 
@@ -91,69 +108,81 @@ class OffloadedKV:
     """Keys and values in pinned CPU memory; the GPU holds two layers' caches (the one in use and the next, prefetched).
 
     New keys/values go to the GPU slot and are copied to the host on a side stream; the next layer's past is
-    copied in while this layer computes. Transfers per token of prefill are small; each decoding step moves
-    the whole cache over PCIe, which is what bounds its speed.
+    copied in while this layer computes. Buffers are sequence-major (L, B, Hkv, D) on both sides, so every
+    transfer is one contiguous DMA (a strided pinned copy would silently go through pageable memory and stall
+    the host). Prefill moves little; each decoding step moves the whole cache over PCIe, which bounds its speed.
+    On a CPU device the same logic runs without streams (tests use that).
     """
 
     def __init__(self, capacity: int, n_layers: int, device: torch.device, pool: HostPool):
         self.capacity, self.n_layers, self.device, self.pool = capacity, n_layers, device, pool
+        self.cuda = device.type == "cuda"
         self.length = 0
         self.calls = 0
-        self.stream = torch.cuda.Stream(device)
-        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
-        self.slot_free: list[torch.cuda.Event | None] = [None, None]
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.slot_free: list[Any] = [None, None]
         self.slot_of: dict[int, int] = {}
-        self.ready: dict[int, torch.cuda.Event] = {}
+        self.ready: dict[int, Any] = {}
         self.shape: tuple[int, int, int, torch.dtype] | None = None
+
+    def _side(self) -> Any:
+        """The side stream's context (a no-op on CPU)."""
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def _event(self, stream: Any) -> Any:
+        """An event recorded on `stream` now (None on CPU)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def _wait(self, stream: Any, event: Any) -> None:
+        if self.cuda and event is not None:
+            stream.wait_event(event)
 
     def _host(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.shape is not None
         b, hkv, d, dtype = self.shape
-        return self.pool.get(layer, (b, hkv, self.capacity, d), dtype)
+        return self.pool.get(layer, (self.capacity, b, hkv, d), dtype, pinned=self.cuda)
 
     def _prefetch(self, layer: int, slot: int, past: int) -> None:
         """Copy the first `past` positions of `layer` from the host into GPU slot `slot`, on the side stream."""
-        with torch.cuda.stream(self.stream):
-            if self.slot_free[slot] is not None:
-                self.stream.wait_event(self.slot_free[slot])
+        with self._side():
+            self._wait(self.stream, self.slot_free[slot])
             if past > 0:
                 hk, hv = self._host(layer)
-                sk, sv = self.slots[slot]  # type: ignore[misc]
-                sk[:, :, :past].copy_(hk[:, :, :past], non_blocking=True)
-                sv[:, :, :past].copy_(hv[:, :, :past], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        self.ready[layer] = ev
+                sk, sv = self.slots[slot]
+                sk[:past].copy_(hk[:past], non_blocking=True)
+                sv[:past].copy_(hv[:past], non_blocking=True)
+            self.ready[layer] = self._event(self.stream)
         self.slot_of[layer] = slot
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Append this chunk's k/v for `layer` (GPU slot and host), attend, and prefetch the next layer."""
         self.calls += 1
-        compute = torch.cuda.current_stream(self.device)
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.shape is None:
             b, hkv, _, d = k.shape
             self.shape = (b, hkv, d, k.dtype)
-            self.slots = [(k.new_empty(b, hkv, self.capacity, d), v.new_empty(b, hkv, self.capacity, d)) for _ in range(2)]
+            self.slots = [(k.new_empty(self.capacity, b, hkv, d), v.new_empty(self.capacity, b, hkv, d)) for _ in range(2)]
         if layer not in self.slot_of:  # only the very first call: nothing was prefetched yet
             self._prefetch(layer, 1 - next(iter(self.slot_of.values())) if self.slot_of else 0, self.length)
         slot = self.slot_of.pop(layer)
-        compute.wait_event(self.ready.pop(layer))
-        sk, sv = self.slots[slot]  # type: ignore[misc]
-        n = k.shape[2]
-        end = self.length + n
-        sk[:, :, self.length:end].copy_(k)
-        sv[:, :, self.length:end].copy_(v)
-        written = torch.cuda.Event()
-        written.record(compute)
+        self._wait(compute, self.ready.pop(layer))
+        sk, sv = self.slots[slot]
+        end = self.length + k.shape[2]
+        sk[self.length:end].copy_(k.permute(2, 0, 1, 3))
+        sv[self.length:end].copy_(v.permute(2, 0, 1, 3))
+        written = self._event(compute)
         hk, hv = self._host(layer)
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(written)
-            hk[:, :, self.length:end].copy_(sk[:, :, self.length:end], non_blocking=True)
-            hv[:, :, self.length:end].copy_(sv[:, :, self.length:end], non_blocking=True)
-        out = causal_attention(q, sk[:, :, :end], sv[:, :, :end], scale)
-        done = torch.cuda.Event()
-        done.record(compute)
-        self.slot_free[slot] = done
+        with self._side():
+            self._wait(self.stream, written)
+            hk[self.length:end].copy_(sk[self.length:end], non_blocking=True)
+            hv[self.length:end].copy_(sv[self.length:end], non_blocking=True)
+        out = causal_attention(q, sk[:end].permute(1, 2, 0, 3), sv[:end].permute(1, 2, 0, 3), scale)
+        self.slot_free[slot] = self._event(compute)
         nxt = (layer + 1) % self.n_layers
         # The next layer of this forward sees the past; layer 0 of the next forward also sees this chunk.
         self._prefetch(nxt, 1 - slot, self.length if nxt > layer else end)
@@ -165,7 +194,8 @@ class OffloadedKV:
 
     def finish(self) -> None:
         """Wait for the side stream, so host buffers can be reused."""
-        self.stream.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
 
 
 class HostPool:
@@ -174,14 +204,14 @@ class HostPool:
     def __init__(self) -> None:
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of this layer's pinned key and value buffers with the given shape."""
+    def get(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of this layer's (pinned) key and value buffers with the given shape."""
         n = 1
         for s in shape:
             n *= s
         have = self.buffers.get(layer)
         if have is None or have[0].numel() < n or have[0].dtype != dtype:
-            have = (torch.empty(n, dtype=dtype, pin_memory=True), torch.empty(n, dtype=dtype, pin_memory=True))
+            have = (torch.empty(n, dtype=dtype, pin_memory=pinned), torch.empty(n, dtype=dtype, pin_memory=pinned))
             self.buffers[layer] = have
         return have[0][:n].view(shape), have[1][:n].view(shape)
 
@@ -256,6 +286,13 @@ class Engine:
         self.path: AttentionPath = attention
         self.stop_ids = eos_ids(model) if stop_on_eos else set()
         self.pool = HostPool()
+        self.last: dict[str, float] = {}  # timings of the last generate call (benchmarks read them)
+
+    def _sync(self) -> float:
+        """Wall time after the device finished its queued work (timings must not stop at a kernel launch)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def describe(self) -> dict[str, Any]:
         """The settings a result file records."""
@@ -317,20 +354,26 @@ class Engine:
         store = self._store(n + max_new_tokens)
         head = model.get_output_embeddings()
         try:
+            t0 = self._sync()
             h = None
             for start in range(0, n, self.prefill_chunk):
                 h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
             assert h is not None
             nxt = head(h[:, -1]).argmax(-1)
             del h
+            t1 = self._sync()
             rows: list[list[int]] = [[] for _ in range(b)]
             done = [False] * b
+            steps = 0
             for i in range(max_new_tokens):
                 done = self._finished(rows, nxt, done, stop)
                 if all(done) or i + 1 == max_new_tokens:
                     break
                 h = self._run_decoder(nxt[:, None], n + i, store)
                 nxt = head(h[:, -1]).argmax(-1)
+                steps += 1
+            t2 = self._sync()
+            self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps, "prompt_tokens": b * n}
             return rows
         finally:
             store.finish()
