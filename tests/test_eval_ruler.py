@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_tiny_model
 from longforge.config import RulerSpec
@@ -15,6 +16,15 @@ from longforge.eval.prompts import PromptFormat, TextHaystack
 from longforge.eval.ruler import (SYNTHETIC, TASKS, Resources, build_task, check_tasks, effective_length, load_hotpotqa,
                                   load_squad, make_sample, ruler_lengths, run_ruler, summarize, zeta)
 from oracles import Oracle, ruler_answer
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # noqa: ANN202
+    """Tiny models are all per-op overhead: intra-op threads only add synchronisation (10x slower on shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 FMT = PromptFormat()
 

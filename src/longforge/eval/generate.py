@@ -3,7 +3,7 @@
 Two paths. The longforge path (standard full-attention decoders such as Llama, Mistral without a sliding
 window, Qwen) runs the model's own layers but keeps keys and values in buffers sized once for the whole
 sequence (no concatenation per chunk), optionally in pinned CPU memory with a two-slot prefetch so the GPU
-holds one layer's cache at a time, and computes causal attention of a chunk against its past with
+holds two layers' caches at a time, and computes causal attention of a chunk against its past with
 `causal_lower_right` (flash attention on CUDA, no materialised mask). The HF path (any other model) uses
 transformers' DynamicCache and the model's own attention. Both compute logits for the last position only.
 """
@@ -261,6 +261,17 @@ def supports_longforge_path(model: Any) -> bool:
     return all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers)
 
 
+def _accepts_attention(model: Any) -> bool:
+    """True when transformers lets this model switch to the inference attention (some architectures refuse)."""
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(register_attention())
+    except (ValueError, NotImplementedError, AttributeError):
+        return False
+    model.set_attn_implementation(previous)
+    return True
+
+
 def eos_ids(model: Any) -> set[int]:
     """End-of-sequence token ids from the model's generation config (or config)."""
     gen = getattr(model, "generation_config", None)
@@ -282,7 +293,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.kv_cache = kv_cache if self.device.type == "cuda" else "device"  # offloading only means something on a GPU
         if attention == "auto":
-            attention = "longforge" if supports_longforge_path(model) else "hf"
+            attention = "longforge" if supports_longforge_path(model) and _accepts_attention(model) else "hf"
         self.path: AttentionPath = attention
         self.stop_ids = eos_ids(model) if stop_on_eos else set()
         self.pool = HostPool()
@@ -296,7 +307,8 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """The settings a result file records."""
-        return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": self.kv_cache,
+        kv = self.kv_cache if self.path == "longforge" else "device (transformers DynamicCache)"
+        return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
 
     def _store(self, capacity: int) -> DeviceKV | OffloadedKV:

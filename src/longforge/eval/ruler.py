@@ -263,10 +263,11 @@ def fwe_sample(rng: np.random.Generator, n: int, p: dict[str, Any], res: Resourc
     return RulerSample(FWE_TEMPLATE.format(context=ctx), FWE_PREFIX, vocab[1:4], {"counts": [int(c) for c in counts[:5]]})
 
 
-def qa_sample(rng: np.random.Generator, n: int, p: dict[str, Any], res: Resources, index: int) -> RulerSample:
+def qa_sample(rng: np.random.Generator, n: int, p: dict[str, Any], res: Resources, index: int, seed: int) -> RulerSample:
     """QA: the question's gold paragraphs among n distractor paragraphs, shuffled, as numbered documents."""
     data = res.qa[p["dataset"]]
-    order = np.random.default_rng(0).permutation(len(data.questions))  # a fixed order: sample i asks question order[i]
+    # Sample i asks question order[i] at every length, so lengths compare the same questions.
+    order = np.random.default_rng(seed).permutation(len(data.questions))
     question, answers, gold = data.questions[int(order[index % len(order)])]
     others = [i for i in range(len(data.docs)) if i not in set(gold)]
     if n > len(others):
@@ -289,7 +290,7 @@ def make_sample(task: str, n: int, seed: int, length: int, index: int, res: Reso
         return cwe_sample(rng, n, d.params, res, length)
     if d.family == "fwe":
         return fwe_sample(rng, n, d.params, res)
-    return qa_sample(rng, n, d.params, res, index)
+    return qa_sample(rng, n, d.params, res, index, seed)
 
 
 def score(task: str, prediction: str, answers: list[str]) -> float:
