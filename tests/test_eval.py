@@ -290,3 +290,24 @@ def test_eval_stage_writes_every_task_and_compare_reads_them(model_dir: Path, co
     assert "## RULER" in md and "| base | niah_single_1 |" in md and "ruler avg" in md and "niah all" in md
     for png in ("passkey.png", "niah.png", "ruler.png", "ppl.png"):
         assert (run / "report" / png).is_file()
+
+
+def test_eval_spec_file_and_bad_input_are_clear(model_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from longforge.cli import app
+
+    shutil.copy(corpus_dir / "heldout.jsonl", tmp_path / "held.jsonl")
+    spec = {"eval": {"passkey": {"lengths": [64], "depths": 1}, "ppl": {"source": "held.jsonl", "lengths": [64]}}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "o"), "--spec", str(tmp_path / "eval.yaml")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert set(summary["passkey"]["per_length"]) == {"64"} and set(summary["ppl"]) == {"64"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"eval": {"ruler": {"tasks": ["niah_single_2"]}, "passkey": None}}))
+    res = runner.invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "p"), "--spec", str(tmp_path / "bad.yaml")])
+    assert res.exit_code != 0 and "need essays" in str(res.exception)
+    res = runner.invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "p"), "--tasks", "passkey,rulr"])
+    assert res.exit_code != 0 and "unknown task 'rulr'" in str(res.exception)
