@@ -66,6 +66,17 @@ def test_fit_count_finds_the_largest_fitting_size() -> None:
     assert fit_count(lambda n: n, 100, "x", guess=5, upper=50) == 50
 
 
+def test_passkey_in_a_user_corpus(tokenizer, tmp_path: Path) -> None:
+    (tmp_path / "doc.txt").write_text(" ".join(f"Stone {i} rolled down the hill." for i in range(300)))
+    hay = TextHaystack.load(tmp_path / "doc.txt", 5000)
+    grid = build_grid(tokenizer, [150, 400], [0.0, 0.5, 1.0], 1, seed=0, haystack=hay)
+    for p in grid:
+        assert p.length - 12 <= len(p.ids) <= p.length and "Stone 0 rolled" in p.text
+        assert p.text.count(PK_NEEDLE.format(key=p.key)) == 1 and p.text.endswith("What is the pass key? The pass key is")
+    res = run_passkey(Oracle(tokenizer, passkey_answer), tokenizer, [150, 400], 3, 1, seed=0, haystack=tmp_path / "doc.txt")
+    assert res["summary"]["accuracy"] == 1.0 and res["haystack"].endswith("doc.txt")
+
+
 def test_grid_is_deterministic(tokenizer) -> None:
     a = build_grid(tokenizer, [64, 128], [0.5], 3, seed=5)
     b = build_grid(tokenizer, [64, 128], [0.5], 3, seed=5)

@@ -241,7 +241,7 @@ def _eval_spec_from_flags(tasks: list[str], f: dict[str, object]) -> dict[str, o
     grid = {"lengths": f["lengths"], "num_lengths": f["num_lengths"], "depths": f["depths"], "trials": f["trials"]}
     spec: dict[str, object] = {"seed": f["seed"], "passkey": None}
     if "passkey" in tasks:
-        spec["passkey"] = {k: v for k, v in grid.items() if v is not None}
+        spec["passkey"] = {k: v for k, v in {**grid, "haystack": f["passkey_haystack"]}.items() if v is not None}
     if "niah" in tasks:
         spec["niah"] = {k: v for k, v in {**grid, "haystack": f["haystack"]}.items() if v is not None}
     if "ruler" in tasks:
@@ -270,6 +270,7 @@ def eval_cmd(
     depths: Annotated[Optional[int], typer.Option(help="Needle depths per length (default 10).")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Prompts per cell (default 1).")] = None,
     haystack: Annotated[Optional[Path], typer.Option(help="NIAH haystack: text file/folder or JSONL (default: noise filler).")] = None,
+    passkey_haystack: Annotated[Optional[Path], typer.Option(help="Passkey haystack: text file/folder or JSONL (default: the Landmark filler).")] = None,
     ruler_tasks: Annotated[Optional[str], typer.Option(help="Comma-separated RULER tasks (default: all that the given files allow).")] = None,
     ruler_lengths: Annotated[Optional[str], typer.Option(help="Comma-separated RULER lengths (default: 4K doubling to the target).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="RULER samples per task and length (default 25; RULER uses 500).")] = None,
@@ -309,6 +310,7 @@ def eval_cmd(
                 raise LongforgeError(f"--tasks: unknown task {t!r}; choose from passkey, niah, ruler, ppl.")
         flags = {"lengths": _ints(lengths, "--lengths"), "num_lengths": num_lengths, "depths": depths, "trials": trials,
                  "haystack": str(haystack) if haystack else None, "seed": seed,
+                 "passkey_haystack": str(passkey_haystack) if passkey_haystack else None,
                  "ruler_tasks": [t.strip() for t in ruler_tasks.split(",")] if ruler_tasks else None,
                  "ruler_lengths": _ints(ruler_lengths, "--ruler-lengths"), "samples": samples,
                  "essays": str(essays) if essays else None, "squad": str(squad) if squad else None,

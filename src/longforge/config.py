@@ -125,6 +125,8 @@ class PasskeySpec(Strict):
     spacing: LengthSpacing = Field(default="log", description="How the lengths are spread between min and max.")
     depths: int = Field(default=10, gt=0, description="Needle depths from 0% to 100% (Fu et al./UltraLong: 10).")
     trials: int = Field(default=1, gt=0, description="Prompts per cell (each with its own key).")
+    haystack: Path | None = Field(default=None, description="Text file/folder or JSONL to hide the key in; the Landmark/YaRN filler when absent.")
+    text_field: str = "text"
     batch_size: int = Field(default=8, gt=0)
 
 
@@ -205,6 +207,8 @@ class EvalSpec(Strict):
         """Apply `fix` (relative -> absolute) to every path of the evaluation."""
         if self.ppl is not None:
             self.ppl.source = fix(self.ppl.source)
+        if self.passkey is not None:
+            self.passkey.haystack = fix(self.passkey.haystack)
         if self.niah is not None:
             self.niah.haystack = fix(self.niah.haystack)
         if self.ruler is not None:
@@ -214,7 +218,8 @@ class EvalSpec(Strict):
 
     def input_paths(self) -> dict[str, Path]:
         """Every file the evaluation reads, by recipe key (to check they exist before any work)."""
-        out: dict[str, Path | None] = {"eval.ppl.source": self.ppl.source if self.ppl else None}
+        out: dict[str, Path | None] = {"eval.ppl.source": self.ppl.source if self.ppl else None,
+                                       "eval.passkey.haystack": self.passkey.haystack if self.passkey else None}
         if self.niah is not None:
             out["eval.niah.haystack"] = self.niah.haystack
         if self.ruler is not None:

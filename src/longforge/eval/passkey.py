@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from longforge.errors import LongforgeError
 from longforge.eval.generate import as_engine
 from longforge.eval.grid import Prompt, depth_values, generate_all, spread_lengths, summarize_grid
 from longforge.eval.metrics import answer_complete_integer, first_integer
-from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, fit_count, prompt_hash
+from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, fit_count, prompt_hash
 
 FILLER = NOISE_SENTENCES
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -46,47 +47,52 @@ def haystack_text(sentences: int, needle: str | None, needle_at: int) -> str:
     return " " + " ".join(parts) + " " + QUESTION
 
 
-def passkey_parts(sentences: int, depth: float, key: int) -> tuple[str, str, int]:
-    """(user text, answer prefix, needle sentence index); user + prefix is exactly the plain passkey prompt."""
-    at = int(round(depth * sentences))
-    parts = [FILLER[i % len(FILLER)] for i in range(sentences)]
+def passkey_parts(units: int, depth: float, key: int, haystack: TextHaystack | None = None) -> tuple[str, str, int]:
+    """(user text, answer prefix, needle sentence index) with `units` filler sentences (or corpus words).
+
+    With the noise filler, user + prefix is exactly the Landmark/YaRN passkey prompt.
+    """
+    parts = [FILLER[i % len(FILLER)] for i in range(units)] if haystack is None else haystack.sentences(units)
+    at = int(round(depth * len(parts)))
     parts.insert(at, NEEDLE.format(key=key))
     return " " + " ".join(parts) + " " + _ASK, " " + _PREFIX, at
 
 
-def passkey_text(sentences: int, depth: float, key: int, fmt: PromptFormat = PLAIN, tokenizer: Any = None) -> tuple[str, int]:
-    """The prompt text with `sentences` filler sentences and the needle at `depth` (0 = start, 1 = end)."""
-    user, prefix, at = passkey_parts(sentences, depth, key)
+def passkey_text(sentences: int, depth: float, key: int, fmt: PromptFormat = PLAIN, tokenizer: Any = None,
+                 haystack: TextHaystack | None = None) -> tuple[str, int]:
+    """The prompt text with `sentences` filler sentences (or corpus words) and the needle at `depth` (0 = start, 1 = end)."""
+    user, prefix, at = passkey_parts(sentences, depth, key, haystack)
     return (user + prefix if not fmt.chat_template else fmt.render(tokenizer, user, prefix)), at
 
 
-def fit_sentences(tokenizer: Any, length: int, key: int, fmt: PromptFormat = PLAIN, guess: int | None = None) -> int:
-    """Most filler sentences whose prompt stays within `length` tokens (the model's own tokenizer)."""
+def fit_sentences(tokenizer: Any, length: int, key: int, fmt: PromptFormat = PLAIN, guess: int | None = None,
+                  haystack: TextHaystack | None = None) -> int:
+    """Most filler sentences (or corpus words) whose prompt stays within `length` tokens (the model's own tokenizer)."""
 
     def n_tokens(s: int) -> int:
-        return len(fmt.encode(tokenizer, passkey_text(s, 0.5, key, fmt, tokenizer)[0]))
+        return len(fmt.encode(tokenizer, passkey_text(s, 0.5, key, fmt, tokenizer, haystack)[0]))
 
     return fit_count(n_tokens, length, "passkey prompt", guess=guess or max(1, length // 6))
 
 
 def build_grid(tokenizer: Any, lengths: list[int], depths: list[float], trials: int, seed: int,
-               fmt: PromptFormat = PLAIN) -> list[PasskeyPrompt]:
+               fmt: PromptFormat = PLAIN, haystack: TextHaystack | None = None) -> list[PasskeyPrompt]:
     """Every prompt of the grid, deterministic given the seed; each at most its length in tokens."""
     rng = np.random.default_rng(seed)
     prompts = []
     per_token = 1 / 6  # sentences per token, refined from each fitted length to guess the next
     for length in sorted(lengths):
-        s = fit_sentences(tokenizer, length, 55555, fmt, guess=max(1, int(per_token * length)))
+        s = fit_sentences(tokenizer, length, 55555, fmt, guess=max(1, int(per_token * length)), haystack=haystack)
         per_token = max(s, 1) / length
         for depth in depths:
             for t in range(trials):
                 key = int(rng.integers(10000, 100000))
                 s_cell = s
-                text, at = passkey_text(s_cell, depth, key, fmt, tokenizer)
+                text, at = passkey_text(s_cell, depth, key, fmt, tokenizer, haystack)
                 ids = fmt.encode(tokenizer, text)
                 while len(ids) > length and s_cell > 0:  # this key tokenizes longer than the probe: drop filler, never truncate
                     s_cell -= 1
-                    text, at = passkey_text(s_cell, depth, key, fmt, tokenizer)
+                    text, at = passkey_text(s_cell, depth, key, fmt, tokenizer, haystack)
                     ids = fmt.encode(tokenizer, text)
                 if len(ids) > length:
                     raise LongforgeError(f"a passkey prompt needs {len(ids)} tokens with this tokenizer; raise the shortest length above {length}.")
@@ -102,12 +108,13 @@ def summarize(samples: list[dict[str, Any]], lengths: list[int], depths: list[fl
 @torch.no_grad()
 def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials: int, seed: int,
                 batch_size: int = 8, label: str = "passkey", fmt: PromptFormat = PLAIN,
-                batch_tokens: int = 131072) -> dict[str, Any]:
+                batch_tokens: int = 131072, haystack: Path | None = None) -> dict[str, Any]:
     """Generate and score the whole grid; returns every sample and the summary."""
     engine = as_engine(model)
     depth_list = depth_values(depths)
     lengths = sorted(lengths)
-    grid = build_grid(tokenizer, lengths, depth_list, trials, seed, fmt)
+    hay = TextHaystack.load(haystack, max_words=4 * max(lengths) + 1000) if haystack is not None else None
+    grid = build_grid(tokenizer, lengths, depth_list, trials, seed, fmt, hay)
     prompts = [Prompt(p.length, p.ids, p.text, {"depth": p.depth, "trial": p.trial, "key": p.key,
                                                 "needle_sentence": p.needle_sentence,
                                                 "prompt_sha1": prompt_hash(p.text)}) for p in grid]
@@ -119,6 +126,7 @@ def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, tri
     samples = generate_all(engine, tokenizer, prompts, MAX_NEW_TOKENS, score, label, batch_size, batch_tokens,
                            stop=lambda p, text: answer_complete_integer(text))
     return {"task": "passkey", "lengths": lengths, "depths": depth_list, "trials": trials, "seed": seed,
+            "haystack": "noise" if hay is None else hay.describe(),
             "format": {"chat_template": fmt.chat_template}, "engine": _describe(engine),
             "samples": samples, "summary": summarize(samples, lengths, depth_list)}
 

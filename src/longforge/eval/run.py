@@ -98,7 +98,8 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
         t = time.time()
         pk = spec.passkey
         res = run_passkey(engine, tok, passkey_lengths(spec, original_length, target_length), pk.depths, pk.trials,
-                          spec.seed, pk.batch_size, label=f"{label} passkey", fmt=fmt, batch_tokens=inf.batch_tokens)
+                          spec.seed, pk.batch_size, label=f"{label} passkey", fmt=fmt, batch_tokens=inf.batch_tokens,
+                          haystack=pk.haystack)
         _write(out / "passkey.json", res)
         summary["passkey"] = res["summary"]
         seconds["passkey"] = round(time.time() - t, 2)
