@@ -64,7 +64,7 @@ def _grouped_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     groups = q.view(b, hkv, rep, lq, d)
     mask = causal_lower_right(lq, lk) if 1 < lq != lk else None
     outs = []
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         for r in range(rep):
             qr = groups[:, :, r]
             if mask is None:
