@@ -28,7 +28,7 @@ def grid_lengths(spec: Any, original_length: int, target_length: int) -> list[in
     """A grid's lengths: given, or spread from a quarter of the original window to the target."""
     if spec.lengths:
         return sorted(spec.lengths)
-    lo = spec.min_length or max(original_length // 4, 16)
+    lo = spec.min_length or max(original_length // 4, 64)  # below ~64 tokens no task prompt fits
     hi = spec.max_length or target_length
     return spread_lengths(lo, hi, spec.num_lengths, spec.spacing)
 
