@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
+import click
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from longforge.errors import LongforgeError
 from longforge.progress import console, err_console, say
@@ -304,20 +306,82 @@ def merge(
     say(f"wrote {out} ({method}; config from {info['config_from']})")
 
 
-@app.command("eval")
+class _EvalGroup(TyperGroup):
+    """`longforge eval MODEL ...` is `longforge eval run MODEL ...`; `compare` is the other sub-command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True,
+                       help="Evaluate a checkpoint (passkey, NIAH, RULER, perplexity): `longforge eval MODEL --out DIR`; "
+                            "or compare two results: `longforge eval compare A B`.")
+app.add_typer(eval_app, name="eval")
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    """A comma-separated list of integers, or None."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise LongforgeError(f"{flag} {text!r} is not a comma-separated list of integers.") from None
+
+
+def _eval_spec_from_flags(tasks: list[str], f: dict[str, object]) -> dict[str, object]:
+    """An EvalSpec mapping from the `eval run` flags."""
+    grid = {"lengths": f["lengths"], "num_lengths": f["num_lengths"], "depths": f["depths"], "trials": f["trials"]}
+    spec: dict[str, object] = {"seed": f["seed"], "passkey": None}
+    if "passkey" in tasks:
+        spec["passkey"] = {k: v for k, v in {**grid, "haystack": f["passkey_haystack"]}.items() if v is not None}
+    if "niah" in tasks:
+        spec["niah"] = {k: v for k, v in {**grid, "haystack": f["haystack"]}.items() if v is not None}
+    if "ruler" in tasks:
+        r = {"tasks": f["ruler_tasks"], "lengths": f["ruler_lengths"], "samples": f["samples"], "essays": f["essays"],
+             "squad": f["squad"], "hotpotqa": f["hotpotqa"]}
+        spec["ruler"] = {k: v for k, v in r.items() if v is not None}
+    if "ppl" in tasks:
+        if f["ppl_source"] is None:
+            raise LongforgeError("task ppl needs --ppl-source (a JSONL or text file/folder of long documents).")
+        spec["ppl"] = {k: v for k, v in {"source": f["ppl_source"], "stride": f["ppl_stride"]}.items() if v is not None}
+    inf = {"chat_template": f["chat_template"], "kv_cache": f["kv_cache"], "prefill_chunk": f["prefill_chunk"]}
+    spec["inference"] = {k: v for k, v in inf.items() if v is not None}
+    return spec
+
+
+@eval_app.command("run")
 def eval_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint to evaluate.")],
-    out: Annotated[Path, typer.Option(help="Folder for passkey.json, ppl.json, summary.json.")],
+    out: Annotated[Path, typer.Option(help="Folder for <task>.json and summary.json.")],
     target_length: Annotated[Optional[int], typer.Option(help="Longest prompt (default: the model's max_position_embeddings).")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="Window before extension (for the report's bands).")] = None,
-    lengths: Annotated[Optional[str], typer.Option(help="Comma-separated passkey lengths.")] = None,
-    depths: Annotated[int, typer.Option(help="Needle depths per length.")] = 5,
-    trials: Annotated[int, typer.Option(help="Prompts per cell.")] = 4,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: passkey, niah, ruler, ppl (default: passkey, plus ppl with --ppl-source).")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="YAML file with the recipe's `eval` section; replaces the task flags.")] = None,
+    lengths: Annotated[Optional[str], typer.Option(help="Comma-separated grid lengths (passkey, niah).")] = None,
+    num_lengths: Annotated[Optional[int], typer.Option(help="Grid lengths when --lengths is absent (default 40).")] = None,
+    depths: Annotated[Optional[int], typer.Option(help="Needle depths per length (default 10).")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Prompts per cell (default 1).")] = None,
+    haystack: Annotated[Optional[Path], typer.Option(help="NIAH haystack: text file/folder or JSONL (default: noise filler).")] = None,
+    passkey_haystack: Annotated[Optional[Path], typer.Option(help="Passkey haystack: text file/folder or JSONL (default: the Landmark filler).")] = None,
+    ruler_tasks: Annotated[Optional[str], typer.Option(help="Comma-separated RULER tasks (default: all that the given files allow).")] = None,
+    ruler_lengths: Annotated[Optional[str], typer.Option(help="Comma-separated RULER lengths (default: 4K doubling to the target).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="RULER samples per task and length (default 25; RULER uses 500).")] = None,
+    essays: Annotated[Optional[Path], typer.Option(help="Essay haystack for RULER's essay tasks (text file/folder or JSONL).")] = None,
+    squad: Annotated[Optional[Path], typer.Option(help="SQuAD dev JSON (RULER qa_1).")] = None,
+    hotpotqa: Annotated[Optional[Path], typer.Option(help="HotpotQA distractor dev JSON (RULER qa_2).")] = None,
     ppl_source: Annotated[Optional[Path], typer.Option(help="JSONL/text of long documents for perplexity.")] = None,
+    ppl_stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride for perplexity (default: one window per document).")] = None,
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap prompts in the tokenizer's chat template.")] = False,
+    kv_cache: Annotated[Optional[str], typer.Option(help="device (default) or cpu (pinned host memory: less GPU memory).")] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per forward pass (default 8192).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option()] = 1234,
 ) -> None:
-    """Passkey grid and perplexity against length for one checkpoint."""
+    """Evaluate one checkpoint: passkey/NIAH grids, RULER, perplexity against length."""
+    import yaml
     from transformers import AutoConfig
 
     from longforge.config import EvalSpec
@@ -327,24 +391,85 @@ def eval_cmd(
 
     info = rope_info(AutoConfig.from_pretrained(check_checkpoint(model_dir)), original_length)
     target = target_length or info.max_position_embeddings
-    try:
-        lens = [int(x) for x in lengths.split(",")] if lengths else None
-    except ValueError:
-        raise LongforgeError(f"--lengths {lengths!r} is not a comma-separated list of integers.") from None
-    spec = _validated(EvalSpec, {"passkey": {"lengths": lens, "depths": depths, "trials": trials},
-                                 "ppl": {"source": str(ppl_source)} if ppl_source else None, "seed": seed}, "eval")
-    summary = evaluate(model_dir, spec, out, info.original_length, target, resolve_device(device), model_dir.name)
-    t = Table(title=f"{model_dir.name}: passkey accuracy and perplexity by length")
-    for col in ("length", "passkey", "ppl"):
-        t.add_column(col, justify="right")
-    per = summary.get("passkey", {}).get("per_length", {})
+    if spec is not None:
+        if not spec.is_file():
+            raise LongforgeError(f"--spec {spec} does not exist; pass a YAML file holding the recipe's `eval` section.")
+        data = yaml.safe_load(spec.read_text()) or {}
+        data = data.get("eval", data) if isinstance(data, dict) else data
+        ev = _validated(EvalSpec, data if isinstance(data, dict) else {"_": data}, str(spec))
+        ev.resolve_paths(lambda p: None if p is None else (p if Path(p).is_absolute() else (spec.parent / p).resolve()))
+    else:
+        names = [t.strip() for t in tasks.split(",")] if tasks else ["passkey"] + (["ppl"] if ppl_source else [])
+        for t in names:
+            if t not in ("passkey", "niah", "ruler", "ppl"):
+                raise LongforgeError(f"--tasks: unknown task {t!r}; choose from passkey, niah, ruler, ppl.")
+        flags = {"lengths": _ints(lengths, "--lengths"), "num_lengths": num_lengths, "depths": depths, "trials": trials,
+                 "haystack": str(haystack) if haystack else None, "seed": seed,
+                 "passkey_haystack": str(passkey_haystack) if passkey_haystack else None,
+                 "ruler_tasks": [t.strip() for t in ruler_tasks.split(",")] if ruler_tasks else None,
+                 "ruler_lengths": _ints(ruler_lengths, "--ruler-lengths"), "samples": samples,
+                 "essays": str(essays) if essays else None, "squad": str(squad) if squad else None,
+                 "hotpotqa": str(hotpotqa) if hotpotqa else None, "ppl_source": str(ppl_source) if ppl_source else None,
+                 "ppl_stride": ppl_stride, "chat_template": chat_template or None, "kv_cache": kv_cache,
+                 "prefill_chunk": prefill_chunk}
+        ev = _validated(EvalSpec, _eval_spec_from_flags(names, flags), "eval")
+    summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), model_dir.name)
+    for table in _eval_tables(model_dir.name, summary):
+        console.print(table)
+    written = [f"{out}/{t}.json" for t in ("passkey", "niah", "ruler", "ppl") if t in summary] + [f"{out}/summary.json"]
+    say("results: " + ", ".join(written))
+
+
+def _eval_tables(name: str, summary: dict) -> list[Table]:
+    """Per-length scores of the grid tasks and perplexity, and RULER per task and length."""
+    tables = []
+    per = {t: summary.get(t, {}).get("per_length", {}) for t in ("passkey", "niah")}
     ppl = summary.get("ppl", {})
-    for length in sorted({*per, *ppl}, key=int):
-        acc = per.get(length)
-        p = ppl.get(length)
-        t.add_row(length, "-" if acc is None else f"{acc:.0%}", "-" if p is None else f"{p:.2f}")
+    cols = [c for c, d in (("passkey", per["passkey"]), ("niah", per["niah"]), ("ppl", ppl)) if d]
+    if cols:
+        t = Table(title=f"{name}: by prompt length" + (" (niah: ROUGE-1 F1)" if per["niah"] else ""))
+        t.add_column("length", justify="right")
+        for c in cols:
+            t.add_column(c, justify="right")
+        for length in sorted({*per["passkey"], *per["niah"], *ppl}, key=int):
+            row = [length]
+            for c in cols:
+                v = ppl.get(length) if c == "ppl" else per[c].get(length)
+                row.append("-" if v is None else (f"{v:.2f}" if c == "ppl" else f"{v:.0%}"))
+            t.add_row(*row)
+        tables.append(t)
+    ruler = summary.get("ruler")
+    if ruler:
+        lengths = sorted({int(L) for L in ruler["average"]})
+        t = Table(title=f"{name}: RULER (effective length {ruler.get('effective_length') or '-'}, threshold {ruler['threshold']})")
+        t.add_column("task")
+        for L in lengths:
+            t.add_column(str(L), justify="right")
+        for task, scores in ruler["per_task"].items():
+            t.add_row(task, *[f"{scores[str(L)]:.1f}" if str(L) in scores else "-" for L in lengths])
+        t.add_row("average", *[f"{ruler['average'][str(L)]:.1f}" if str(L) in ruler["average"] else "-" for L in lengths])
+        tables.append(t)
+    return tables
+
+
+@eval_app.command("compare")
+def eval_compare(
+    a: Annotated[Path, typer.Argument(help="Before: an eval output folder, or a run directory (its eval/final).")],
+    b: Annotated[Path, typer.Argument(help="After: an eval output folder, or a run directory (its eval/final).")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.md, compare.json and the plots.")] = Path("eval-compare"),
+) -> None:
+    """Before/after table of every metric the two results share, and side-by-side plots."""
+    from longforge.eval.compare import _delta, compare, fmt
+
+    res = compare(a, b, out)
+    la, lb = res["a"]["label"], res["b"]["label"]
+    t = Table(title=f"longforge eval compare: {la} -> {lb}")
+    for col in ("metric", la, lb, "change"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for r in res["rows"]:
+        t.add_row(r["metric"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]), _delta(r))
     console.print(t)
-    say(f"results: {out}/passkey.json, {out}/summary.json" + (f", {out}/ppl.json" if ppl else ""))
+    say(f"comparison: {out}/compare.md, {out}/compare.json" + "".join(f", {p}" for p in res["plots"].values()))
 
 
 @app.command()

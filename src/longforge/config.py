@@ -172,16 +172,64 @@ class StageSpec(Strict):
         return self
 
 
+LengthSpacing = Literal["log", "linear"]
+RulerTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+                    "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+
+
 class PasskeySpec(Strict):
-    """The passkey retrieval grid."""
+    """The passkey retrieval grid (lengths x depths x trials), exact match of the first integer."""
 
     lengths: list[int] | None = Field(default=None, description="Prompt lengths in tokens; spread over [min_length, max_length] when absent.")
-    num_lengths: int = Field(default=8, gt=0)
+    num_lengths: int = Field(default=40, gt=0, description="Lengths in the grid (Fu et al./UltraLong: 40).")
     min_length: int | None = Field(default=None, gt=0, description="Shortest prompt; a quarter of the original window when absent.")
     max_length: int | None = Field(default=None, gt=0, description="Longest prompt; target_length when absent.")
-    depths: int = Field(default=5, gt=0)
-    trials: int = Field(default=4, gt=0)
+    spacing: LengthSpacing = Field(default="log", description="How the lengths are spread between min and max.")
+    depths: int = Field(default=10, gt=0, description="Needle depths from 0% to 100% (Fu et al./UltraLong: 10).")
+    trials: int = Field(default=1, gt=0, description="Prompts per cell (each with its own key).")
+    haystack: Path | None = Field(default=None, description="Text file/folder or JSONL to hide the key in; the Landmark/YaRN filler when absent.")
+    text_field: str = "text"
     batch_size: int = Field(default=8, gt=0)
+
+
+class NiahSpec(Strict):
+    """Needle in a haystack (Fu et al./UltraLong): a sentence needle, lengths x depths, ROUGE-1 F1."""
+
+    lengths: list[int] | None = Field(default=None, description="Prompt lengths; spread over [min_length, max_length] when absent.")
+    num_lengths: int = Field(default=40, gt=0)
+    min_length: int | None = Field(default=None, gt=0, description="Shortest prompt; a quarter of the original window when absent.")
+    max_length: int | None = Field(default=None, gt=0, description="Longest prompt; target_length when absent.")
+    spacing: LengthSpacing = Field(default="linear", description="Fu et al. spread lengths linearly.")
+    depths: int = Field(default=10, gt=0)
+    trials: int = Field(default=1, gt=0, description="Prompts per cell; trials after the first start the haystack at seeded offsets.")
+    haystack: Path | None = Field(default=None, description="Text file/folder or JSONL of long prose (e.g. essays); the built-in noise filler when absent.")
+    text_field: str = "text"
+    needle: str = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    question: str = "What is the best thing to do in San Francisco?"
+    answer_prefix: str = "The best thing to do in San Francisco is"
+    max_new_tokens: int = Field(default=50, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
+class RulerSpec(Strict):
+    """RULER's tasks at several lengths, with per-task scores, their average and the effective length."""
+
+    tasks: list[RulerTask] | None = Field(default=None, description="Tasks to run; the 11 synthetic ones (+ qa_1/qa_2 when their files are given) when absent.")
+    lengths: list[int] | None = Field(default=None, description="Prompt lengths; 4K, 8K, ... up to target_length when absent.")
+    samples: int = Field(default=25, gt=0, description="Samples per task and length (RULER uses 500).")
+    essays: Path | None = Field(default=None, description="Essay haystack (text file/folder or JSONL) for niah_single_2/3, multikey_1, multivalue, multiquery.")
+    squad: Path | None = Field(default=None, description="SQuAD dev JSON for qa_1.")
+    hotpotqa: Path | None = Field(default=None, description="HotpotQA distractor dev JSON for qa_2.")
+    threshold: float = Field(default=85.6, gt=0, le=100, description="Average score a length must beat to count as effective.")
+    batch_size: int = Field(default=8, gt=0)
+
+    def task_list(self) -> list[str]:
+        """The tasks to run: the given ones, or every synthetic task plus the QA tasks whose files are given."""
+        if self.tasks:
+            return list(dict.fromkeys(self.tasks))
+        synthetic = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+                     "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+        return synthetic + (["qa_1"] if self.squad else []) + (["qa_2"] if self.hotpotqa else [])
 
 
 class PplSpec(Strict):
@@ -191,15 +239,55 @@ class PplSpec(Strict):
     text_field: str = "text"
     lengths: list[int] | None = None
     num_docs: int = Field(default=8, gt=0)
+    stride: int | None = Field(default=None, gt=0, description="Sliding-window stride; one window per document when absent.")
+
+
+class InferenceSpec(Strict):
+    """How evaluation prompts reach the model, and the generation engine's memory/speed settings."""
+
+    chat_template: bool = Field(default=False, description="Wrap prompts in the tokenizer's chat template (instruct models).")
+    system_prompt: str | None = None
+    prefill_chunk: int = Field(default=8192, gt=0, description="Prompt tokens per forward pass while filling the KV cache.")
+    kv_cache: Literal["device", "cpu"] = Field(
+        default="device", description="'cpu' keeps the KV cache in pinned host memory (GPU holds two layers' worth): less GPU memory, slower decoding.")
+    attention: Literal["auto", "longforge", "hf"] = Field(default="auto", description="'hf' uses transformers' cache and attention (any model).")
+    batch_tokens: int = Field(default=131072, gt=0, description="At most this many prompt tokens in one batch.")
 
 
 class EvalSpec(Strict):
     """What to evaluate, on which models."""
 
     passkey: PasskeySpec | None = Field(default_factory=PasskeySpec)
+    niah: NiahSpec | None = None
+    ruler: RulerSpec | None = None
     ppl: PplSpec | None = None
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
     models: list[Literal["base", "final"]] = ["base", "final"]
     seed: int = 1234
+
+    def resolve_paths(self, fix: Any) -> None:
+        """Apply `fix` (relative -> absolute) to every path of the evaluation."""
+        if self.ppl is not None:
+            self.ppl.source = fix(self.ppl.source)
+        if self.passkey is not None:
+            self.passkey.haystack = fix(self.passkey.haystack)
+        if self.niah is not None:
+            self.niah.haystack = fix(self.niah.haystack)
+        if self.ruler is not None:
+            self.ruler.essays = fix(self.ruler.essays)
+            self.ruler.squad = fix(self.ruler.squad)
+            self.ruler.hotpotqa = fix(self.ruler.hotpotqa)
+
+    def input_paths(self) -> dict[str, Path]:
+        """Every file the evaluation reads, by recipe key (to check they exist before any work)."""
+        out: dict[str, Path | None] = {"eval.ppl.source": self.ppl.source if self.ppl else None,
+                                       "eval.passkey.haystack": self.passkey.haystack if self.passkey else None}
+        if self.niah is not None:
+            out["eval.niah.haystack"] = self.niah.haystack
+        if self.ruler is not None:
+            out.update({"eval.ruler.essays": self.ruler.essays, "eval.ruler.squad": self.ruler.squad,
+                        "eval.ruler.hotpotqa": self.ruler.hotpotqa})
+        return {k: Path(v) for k, v in out.items() if v is not None}
 
 
 class Recipe(Strict):
@@ -315,8 +403,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             st.sft.chat_template = fix(st.sft.chat_template)
         if st.merge is not None and st.merge.other != "base":
             st.merge.other = str(fix(Path(st.merge.other)))
-    if recipe.eval.ppl is not None:
-        recipe.eval.ppl.source = fix(recipe.eval.ppl.source)
+    recipe.eval.resolve_paths(fix)
     return recipe
 
 

@@ -97,8 +97,10 @@ def preflight(recipe: Recipe) -> int:
         )
     for s in recipe.data.sources:
         check_source(s)
-    if recipe.eval.ppl is not None and not Path(recipe.eval.ppl.source).exists():
-        raise LongforgeError(f"`eval.ppl.source` {recipe.eval.ppl.source} does not exist; point it at held-out long documents.")
+    if recipe.eval.models:
+        from longforge.eval.run import check_inputs
+
+        check_inputs(recipe.eval)
     seq_len = recipe.data.seq_len or recipe.target_length
     if recipe.positions.transform != "contiguous" and seq_len > recipe.target_length:
         raise LongforgeError(

@@ -1,40 +1,487 @@
-"""Greedy generation for long prompts: chunked prefill into a KV cache, logits only where needed."""
+"""Greedy generation for long prompts: chunked prefill into a KV cache, logits only at the last position.
+
+Two paths. The longforge path (standard full-attention decoders such as Llama, Mistral without a sliding
+window, Qwen) runs the model's own layers but keeps keys and values in buffers sized once for the whole
+sequence (no concatenation per chunk), optionally in pinned CPU memory with a two-slot prefetch so the GPU
+holds two layers' caches at a time, and computes causal attention of a chunk against its past with
+`causal_lower_right` (flash attention on CUDA, no materialised mask). The HF path (any other model) uses
+transformers' DynamicCache and the model's own attention. Both compute logits for the last position only.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 
 PREFILL_CHUNK = 8192
+ATTN_NAME = "longforge_infer"
+STORE_KW = "lf_kv_store"
+KVPlace = Literal["device", "cpu"]
+AttentionPath = Literal["auto", "longforge", "hf"]
+_registered = False
+
+
+class TextGenerator(Protocol):
+    """Anything that continues equal-length prompts greedily (the engine, or a test oracle)."""
+
+    def generate(self, prompts: torch.Tensor, max_new_tokens: int,
+                 stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]: ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of the last q positions against k/v (B, H, Lq, D) x (B, Hkv, Lk, D), GQA by head groups."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if not q.is_cuda:
+        # CPU (tests, the demo): one call; the math kernel handles grouped heads and an explicit mask.
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq) if 1 < lq != lk else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and lq > 1,
+                                              scale=scale, enable_gqa=h != hkv)
+    try:
+        return _grouped_flash(q, k, v, scale)
+    except RuntimeError as e:
+        if "No available kernel" not in str(e):
+            raise
+        # A guard: should the fused kernels refuse a strided key/value layout, retry on contiguous copies.
+        return _grouped_flash(q, k.contiguous(), v.contiguous(), scale)
+
+
+def _grouped_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """CUDA causal attention per query-head group with fused kernels only (the math kernel would need an L x L matrix)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    rep = h // hkv
+    # Query heads g*rep..g*rep+rep-1 share kv head g; attending one group member at a time keeps the flash
+    # kernel (lower-right causal, no mask tensor) and never expands the long keys and values to every head.
+    groups = q.view(b, hkv, rep, lq, d)
+    mask = causal_lower_right(lq, lk) if 1 < lq != lk else None
+    outs = []
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        for r in range(rep):
+            qr = groups[:, :, r]
+            if mask is None:
+                outs.append(F.scaled_dot_product_attention(qr, k, v, is_causal=lq > 1, scale=scale))
+            else:
+                outs.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale))
+    return torch.stack(outs, dim=2).view(b, h, lq, d)
+
+
+class DeviceKV:
+    """Keys and values of every layer in buffers on the compute device, allocated once per sequence."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.calls = 0
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Append this chunk's k/v for `layer` and attend the chunk's queries to everything so far."""
+        self.calls += 1
+        if layer not in self.k:
+            b, hkv, _, d = k.shape
+            self.k[layer] = k.new_empty(b, hkv, self.capacity, d)
+            self.v[layer] = v.new_empty(b, hkv, self.capacity, d)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end].copy_(k)
+        self.v[layer][:, :, self.length:end].copy_(v)
+        return causal_attention(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], scale)
+
+    def commit(self, n: int) -> None:
+        """Advance past a chunk once every layer has seen it."""
+        self.length += n
+
+    def finish(self) -> None:
+        """Nothing is in flight for device buffers."""
+
+
+class OffloadedKV:
+    """Keys and values in pinned CPU memory; the GPU holds two layers' caches (the one in use and the next, prefetched).
+
+    New keys/values go to the GPU slot and are copied to the host on a side stream; the next layer's past is
+    copied in while this layer computes. Buffers are sequence-major (L, B, Hkv, D) on both sides, so every
+    transfer is one contiguous DMA (a strided pinned copy would silently go through pageable memory and stall
+    the host). Prefill moves little; each decoding step moves the whole cache over PCIe, which bounds its speed.
+    On a CPU device the same logic runs without streams (tests use that).
+    """
+
+    def __init__(self, capacity: int, n_layers: int, device: torch.device, pool: HostPool):
+        self.capacity, self.n_layers, self.device, self.pool = capacity, n_layers, device, pool
+        self.cuda = device.type == "cuda"
+        self.length = 0
+        self.calls = 0
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.slot_free: list[Any] = [None, None]
+        self.slot_of: dict[int, int] = {}
+        self.ready: dict[int, Any] = {}
+        self.shape: tuple[int, int, int, torch.dtype] | None = None
+
+    def _side(self) -> Any:
+        """The side stream's context (a no-op on CPU)."""
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def _event(self, stream: Any) -> Any:
+        """An event recorded on `stream` now (None on CPU)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def _wait(self, stream: Any, event: Any) -> None:
+        if self.cuda and event is not None:
+            stream.wait_event(event)
+
+    def _host(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.shape is not None
+        b, hkv, d, dtype = self.shape
+        return self.pool.get(layer, (self.capacity, b, hkv, d), dtype, pinned=self.cuda)
+
+    def _prefetch(self, layer: int, slot: int, past: int) -> None:
+        """Copy the first `past` positions of `layer` from the host into GPU slot `slot`, on the side stream."""
+        with self._side():
+            self._wait(self.stream, self.slot_free[slot])
+            if past > 0:
+                hk, hv = self._host(layer)
+                sk, sv = self.slots[slot]
+                sk[:past].copy_(hk[:past], non_blocking=True)
+                sv[:past].copy_(hv[:past], non_blocking=True)
+            self.ready[layer] = self._event(self.stream)
+        self.slot_of[layer] = slot
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Append this chunk's k/v for `layer` (GPU slot and host), attend, and prefetch the next layer."""
+        self.calls += 1
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
+        if self.shape is None:
+            b, hkv, _, d = k.shape
+            self.shape = (b, hkv, d, k.dtype)
+            self.slots = [(k.new_empty(self.capacity, b, hkv, d), v.new_empty(self.capacity, b, hkv, d)) for _ in range(2)]
+        if layer not in self.slot_of:  # only the very first call: nothing was prefetched yet
+            self._prefetch(layer, 1 - next(iter(self.slot_of.values())) if self.slot_of else 0, self.length)
+        slot = self.slot_of.pop(layer)
+        self._wait(compute, self.ready.pop(layer))
+        sk, sv = self.slots[slot]
+        end = self.length + k.shape[2]
+        sk[self.length:end].copy_(k.permute(2, 0, 1, 3))
+        sv[self.length:end].copy_(v.permute(2, 0, 1, 3))
+        written = self._event(compute)
+        hk, hv = self._host(layer)
+        with self._side():
+            self._wait(self.stream, written)
+            hk[self.length:end].copy_(sk[self.length:end], non_blocking=True)
+            hv[self.length:end].copy_(sv[self.length:end], non_blocking=True)
+        out = causal_attention(q, sk[:end].permute(1, 2, 0, 3), sv[:end].permute(1, 2, 0, 3), scale)
+        self.slot_free[slot] = self._event(compute)
+        nxt = (layer + 1) % self.n_layers
+        # The next layer of this forward sees the past; layer 0 of the next forward also sees this chunk.
+        self._prefetch(nxt, 1 - slot, self.length if nxt > layer else end)
+        return out
+
+    def commit(self, n: int) -> None:
+        """Advance past a chunk once every layer has seen it."""
+        self.length += n
+
+    def finish(self) -> None:
+        """Wait for the side stream, so host buffers can be reused."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+class HostPool:
+    """Pinned CPU buffers kept across prompts (pinning tens of GiB takes seconds), grown when a prompt needs more."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of this layer's (pinned) key and value buffers with the given shape."""
+        n = 1
+        for s in shape:
+            n *= s
+        have = self.buffers.get(layer)
+        if have is None or have[0].numel() < n or have[0].dtype != dtype:
+            have = (torch.empty(n, dtype=dtype, pin_memory=pinned), torch.empty(n, dtype=dtype, pin_memory=pinned))
+            self.buffers[layer] = have
+        return have[0][:n].view(shape), have[1][:n].view(shape)
+
+
+def _inference_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: through the engine's KV store when one is passed, else plain causal."""
+    store = kwargs.get(STORE_KW)
+    if store is None:
+        out = causal_attention(query, key, value, scaling)
+    else:
+        out = store.attend(module.layer_idx, query, key, value, scaling)  # type: ignore[union-attr]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """Mask builder for the inference attention: causality is applied inside, so transformers builds no mask."""
+    return None
+
+
+def register_attention() -> str:
+    """Register the inference attention with transformers (idempotent); returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTN_NAME, _inference_attention)
+        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+        _registered = True
+    return ATTN_NAME
+
+
+def supports_longforge_path(model: Any) -> bool:
+    """True for decoders whose every layer is plain full attention reached through transformers' attention interface."""
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return False
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model, "set_attn_implementation"):
+        return False
+    return all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers)
+
+
+def _accepts_attention(model: Any) -> bool:
+    """True when transformers lets this model switch to the inference attention (some architectures refuse)."""
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(register_attention())
+    except (ValueError, NotImplementedError, AttributeError):
+        return False
+    model.set_attn_implementation(previous)
+    return True
+
+
+def eos_ids(model: Any) -> set[int]:
+    """End-of-sequence token ids from the model's generation config (or config)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+class Engine:
+    """Greedy long-prompt generation and chunked scoring for one loaded causal LM."""
+
+    def __init__(self, model: Any, prefill_chunk: int = PREFILL_CHUNK, kv_cache: KVPlace = "device",
+                 attention: AttentionPath = "auto", stop_on_eos: bool = True):
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        self.kv_cache = kv_cache if self.device.type == "cuda" else "device"  # offloading only means something on a GPU
+        if attention == "auto":
+            attention = "longforge" if supports_longforge_path(model) and _accepts_attention(model) else "hf"
+        self.path: AttentionPath = attention
+        self.stop_ids = eos_ids(model) if stop_on_eos else set()
+        self.pool = HostPool()
+        self.last: dict[str, float] = {}  # timings of the last generate call (benchmarks read them)
+
+    def _sync(self) -> float:
+        """Wall time after the device finished its queued work (timings must not stop at a kernel launch)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def describe(self) -> dict[str, Any]:
+        """The settings a result file records."""
+        kv = self.kv_cache if self.path == "longforge" else "device (transformers DynamicCache)"
+        return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv,
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+
+    def _store(self, capacity: int) -> DeviceKV | OffloadedKV:
+        if self.kv_cache == "cpu":
+            return OffloadedKV(capacity, self.model.config.num_hidden_layers, self.device, self.pool)
+        return DeviceKV(capacity)
+
+    def _run_decoder(self, ids: torch.Tensor, start: int, store: DeviceKV | OffloadedKV) -> torch.Tensor:
+        """Hidden states of positions start..start+n through the decoder, appending their keys/values to `store`."""
+        pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        before = store.calls
+        h = self.model.model(input_ids=ids, position_ids=pos, use_cache=False, **{STORE_KW: store}).last_hidden_state
+        if store.calls - before != self.model.config.num_hidden_layers:
+            raise RuntimeError(f"{type(self.model).__name__} did not route attention through the inference store")
+        store.commit(ids.shape[1])
+        return h
+
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor, max_new_tokens: int,
+                 stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy continuation of equal-length prompts (B, L): new tokens per row, ended by EOS, `stop` or the limit.
+
+        `stop(row, tokens)` says when a row's answer is complete (the task's score can no longer change).
+        """
+        if self.path == "longforge":
+            try:
+                return self._generate_longforge(prompts, max_new_tokens, stop)
+            except RuntimeError as e:
+                if "did not route attention" not in str(e):
+                    raise
+                self.path = "hf"
+        return self._generate_hf(prompts, max_new_tokens, stop)
+
+    def _finished(self, rows: list[list[int]], nxt: torch.Tensor, done: list[bool],
+                  stop: Callable[[int, list[int]], bool] | None) -> list[bool]:
+        """Append each unfinished row's new token and update which rows are done."""
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t in self.stop_ids:
+                done[i] = True
+                continue
+            rows[i].append(t)
+            if stop is not None and stop(i, rows[i]):
+                done[i] = True
+        return done
+
+    def _generate_longforge(self, prompts: torch.Tensor, max_new_tokens: int,
+                            stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+        model = self.model
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(register_attention())
+        prompts = prompts.to(self.device)
+        b, n = prompts.shape
+        store = self._store(n + max_new_tokens)
+        head = model.get_output_embeddings()
+        try:
+            t0 = self._sync()
+            h = None
+            for start in range(0, n, self.prefill_chunk):
+                h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
+            assert h is not None
+            nxt = head(h[:, -1]).argmax(-1)
+            del h
+            t1 = self._sync()
+            rows: list[list[int]] = [[] for _ in range(b)]
+            done = [False] * b
+            steps = 0
+            for i in range(max_new_tokens):
+                done = self._finished(rows, nxt, done, stop)
+                if all(done) or i + 1 == max_new_tokens:
+                    break
+                h = self._run_decoder(nxt[:, None], n + i, store)
+                nxt = head(h[:, -1]).argmax(-1)
+                steps += 1
+            t2 = self._sync()
+            self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps, "prompt_tokens": b * n}
+            return rows
+        finally:
+            store.finish()
+            model.set_attn_implementation(previous)
+
+    def _generate_hf(self, prompts: torch.Tensor, max_new_tokens: int,
+                     stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+        from transformers import DynamicCache
+
+        model = self.model
+        prompts = prompts.to(self.device)
+        b, n = prompts.shape
+        cache = DynamicCache(config=model.config)
+        logits = None
+        for start in range(0, n, self.prefill_chunk):
+            chunk = prompts[:, start:start + self.prefill_chunk]
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        assert logits is not None
+        nxt = logits[:, -1].argmax(-1)
+        rows: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for i in range(max_new_tokens):
+            done = self._finished(rows, nxt, done, stop)
+            if all(done) or i + 1 == max_new_tokens:
+                break
+            logits = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            nxt = logits[:, -1].argmax(-1)
+        return rows
+
+    @torch.no_grad()
+    def window_nll(self, ids: torch.Tensor, score_last: int | None = None) -> tuple[float, int]:
+        """Summed next-token NLL and target count of one window (1, L), scoring only its last `score_last` tokens.
+
+        Prefills in chunks, so activations stay bounded however long the window; the LM head runs on the
+        scored positions only, in blocks (no full logits tensor).
+        """
+        from longforge.train.loop import chunked_lm_loss
+
+        ids = ids.to(self.device)
+        n = ids.shape[1]
+        first_target = 1 if score_last is None else max(1, n - score_last)
+        head = self.model.get_output_embeddings()
+        if self.path != "longforge" or n <= self.prefill_chunk:
+            h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+            return _nll_part(h, ids, 0, first_target, head, chunked_lm_loss)
+        model = self.model
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(register_attention())
+        store = self._store(n)
+        total, count = 0.0, 0
+        try:
+            for start in range(0, n, self.prefill_chunk):
+                h = self._run_decoder(ids[:, start:start + self.prefill_chunk], start, store)
+                s, c = _nll_part(h, ids, start, first_target, head, chunked_lm_loss)
+                total += s
+                count += c
+        finally:
+            store.finish()
+            model.set_attn_implementation(previous)
+        return total, count
+
+
+def _nll_part(h: torch.Tensor, ids: torch.Tensor, start: int, first_target: int, head: torch.nn.Module,
+              loss_fn: Callable[..., torch.Tensor]) -> tuple[float, int]:
+    """NLL of the targets predicted by hidden states of positions start..start+len(h) (target index >= first_target)."""
+    n = ids.shape[1]
+    length = h.shape[1]
+    pos = torch.arange(start, start + length, device=ids.device)
+    labels = torch.full((1, length), -100, dtype=torch.long, device=ids.device)
+    valid = pos + 1 < n
+    labels[0, valid] = ids[0, (pos + 1)[valid]]
+    weights = (valid & (pos + 1 >= first_target)).float()[None]
+    labels = torch.where(weights > 0, labels, torch.zeros_like(labels))
+    total = loss_fn(h, head, labels, weights)
+    return float(total), int(weights.sum())
+
+
+def as_engine(model_or_engine: Any, **settings: Any) -> Any:
+    """An Engine for a model, or the object itself when it already generates (an Engine or a test oracle)."""
+    if hasattr(model_or_engine, "generate") and not isinstance(model_or_engine, torch.nn.Module):
+        return model_or_engine
+    return Engine(model_or_engine, **settings)
 
 
 @torch.no_grad()
 def greedy_generate(model: Any, prompts: torch.Tensor, max_new_tokens: int, prefill_chunk: int = PREFILL_CHUNK,
-                    stop_ids: set[int] | None = None) -> torch.Tensor:
-    """Greedy continuation of equal-length prompts (B, L); returns the new tokens (B, <= max_new_tokens)."""
-    from transformers import DynamicCache
+                    stop_ids: Sequence[int] | set[int] | None = None) -> torch.Tensor:
+    """Greedy continuation of equal-length prompts (B, L); returns exactly max_new_tokens new tokens (B, N).
 
-    device = next(model.parameters()).device
-    prompts = prompts.to(device)
-    cache = DynamicCache(config=model.config)
-    b, n = prompts.shape
-    logits = None
-    for start in range(0, n, prefill_chunk):
-        chunk = prompts[:, start : start + prefill_chunk]
-        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    assert logits is not None
-    out = []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    nxt = logits[:, -1].argmax(-1)
-    for i in range(max_new_tokens):
-        out.append(nxt)
-        if stop_ids:
-            done |= torch.isin(nxt, torch.tensor(sorted(stop_ids), device=device))
-            if bool(done.all()):
-                break
-        if i + 1 == max_new_tokens:
-            break
-        logits = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        nxt = logits[:, -1].argmax(-1)
-    return torch.stack(out, dim=1)
+    Kept for callers that want a tensor; EOS does not stop it unless listed in stop_ids (then rows are cut at
+    the first row-wide stop and padded with the stop token).
+    """
+    engine = Engine(model, prefill_chunk=prefill_chunk, stop_on_eos=False)
+    engine.stop_ids = set(stop_ids or ())
+    rows = engine.generate(prompts, max_new_tokens)
+    pad = min(engine.stop_ids) if engine.stop_ids else 0
+    width = max(len(r) for r in rows) if engine.stop_ids else max_new_tokens
+    out = [r + [pad] * (width - len(r)) for r in rows]
+    return torch.tensor(out, dtype=torch.long)

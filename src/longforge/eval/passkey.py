@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from longforge.errors import LongforgeError
-from longforge.eval.generate import greedy_generate
-from longforge.progress import progress_bar
+from longforge.eval.generate import as_engine
+from longforge.eval.grid import Prompt, depth_values, generate_all, spread_lengths, summarize_grid
+from longforge.eval.metrics import answer_complete_integer, first_integer
+from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, fit_count, prompt_hash
 
-FILLER = (
-    "The grass is green.",
-    "The sky is blue.",
-    "The sun is yellow.",
-    "Here we go.",
-    "There and back again.",
-)
+FILLER = NOISE_SENTENCES
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 MAX_NEW_TOKENS = 8
+_ASK, _PREFIX = "What is the pass key?", "The pass key is"
+PLAIN = PromptFormat()
+
+__all__ = ["FILLER", "NEEDLE", "QUESTION", "PasskeyPrompt", "build_grid", "first_integer", "fit_sentences",
+           "haystack_text", "passkey_text", "run_passkey", "spread_lengths", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -41,107 +40,96 @@ class PasskeyPrompt:
 
 
 def haystack_text(sentences: int, needle: str | None, needle_at: int) -> str:
-    """Filler sentences with the needle inserted before sentence `needle_at`, then the question."""
+    """Filler sentences with the needle inserted before sentence `needle_at`, then the question (plain format)."""
     parts = [FILLER[i % len(FILLER)] for i in range(sentences)]
     if needle is not None:
         parts.insert(needle_at, needle)
     return " " + " ".join(parts) + " " + QUESTION
 
 
-def passkey_text(sentences: int, depth: float, key: int) -> tuple[str, int]:
-    """The prompt text with `sentences` filler sentences and the needle at `depth` (0 = start, 1 = end)."""
-    at = int(round(depth * sentences))
-    return haystack_text(sentences, NEEDLE.format(key=key), at), at
+def passkey_parts(units: int, depth: float, key: int, haystack: TextHaystack | None = None) -> tuple[str, str, int]:
+    """(user text, answer prefix, needle sentence index) with `units` filler sentences (or corpus words).
+
+    With the noise filler, user + prefix is exactly the Landmark/YaRN passkey prompt.
+    """
+    parts = [FILLER[i % len(FILLER)] for i in range(units)] if haystack is None else haystack.sentences(units)
+    at = int(round(depth * len(parts)))
+    parts.insert(at, NEEDLE.format(key=key))
+    return " " + " ".join(parts) + " " + _ASK, " " + _PREFIX, at
 
 
-def fit_sentences(tokenizer: Any, length: int, key: int) -> int:
-    """Most filler sentences whose prompt stays within `length` tokens (binary search, the model's tokenizer)."""
+def passkey_text(sentences: int, depth: float, key: int, fmt: PromptFormat = PLAIN, tokenizer: Any = None,
+                 haystack: TextHaystack | None = None) -> tuple[str, int]:
+    """The prompt text with `sentences` filler sentences (or corpus words) and the needle at `depth` (0 = start, 1 = end)."""
+    user, prefix, at = passkey_parts(sentences, depth, key, haystack)
+    return (user + prefix if not fmt.chat_template else fmt.render(tokenizer, user, prefix)), at
+
+
+def fit_sentences(tokenizer: Any, length: int, key: int, fmt: PromptFormat = PLAIN, guess: int | None = None,
+                  haystack: TextHaystack | None = None) -> int:
+    """Most filler sentences (or corpus words) whose prompt stays within `length` tokens (the model's own tokenizer)."""
 
     def n_tokens(s: int) -> int:
-        return len(tokenizer(passkey_text(s, 0.5, key)[0], add_special_tokens=False)["input_ids"])
+        return len(fmt.encode(tokenizer, passkey_text(s, 0.5, key, fmt, tokenizer, haystack)[0]))
 
-    if n_tokens(0) > length:
-        raise LongforgeError(
-            f"a passkey prompt needs at least {n_tokens(0)} tokens with this tokenizer; raise the shortest length above {length}."
-        )
-    lo, hi = 0, 1
-    while n_tokens(hi) <= length:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if n_tokens(mid) <= length:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return fit_count(n_tokens, length, "passkey prompt", guess=guess or max(1, length // 6))
 
 
-def build_grid(tokenizer: Any, lengths: list[int], depths: list[float], trials: int, seed: int) -> list[PasskeyPrompt]:
-    """Every prompt of the grid, deterministic given the seed."""
+def build_grid(tokenizer: Any, lengths: list[int], depths: list[float], trials: int, seed: int,
+               fmt: PromptFormat = PLAIN, haystack: TextHaystack | None = None) -> list[PasskeyPrompt]:
+    """Every prompt of the grid, deterministic given the seed; each at most its length in tokens."""
     rng = np.random.default_rng(seed)
     prompts = []
-    for length in lengths:
-        s = fit_sentences(tokenizer, length, 55555)
+    per_token = 1 / 6  # sentences per token, refined from each fitted length to guess the next
+    for length in sorted(lengths):
+        s = fit_sentences(tokenizer, length, 55555, fmt, guess=max(1, int(per_token * length)), haystack=haystack)
+        per_token = max(s, 1) / length
         for depth in depths:
             for t in range(trials):
                 key = int(rng.integers(10000, 100000))
-                text, at = passkey_text(s, depth, key)
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                prompts.append(PasskeyPrompt(length, depth, t, key, text, list(ids), at))
+                s_cell = s
+                text, at = passkey_text(s_cell, depth, key, fmt, tokenizer, haystack)
+                ids = fmt.encode(tokenizer, text)
+                while len(ids) > length and s_cell > 0:  # this key tokenizes longer than the probe: drop filler, never truncate
+                    s_cell -= 1
+                    text, at = passkey_text(s_cell, depth, key, fmt, tokenizer, haystack)
+                    ids = fmt.encode(tokenizer, text)
+                if len(ids) > length:
+                    raise LongforgeError(f"a passkey prompt needs {len(ids)} tokens with this tokenizer; raise the shortest length above {length}.")
+                prompts.append(PasskeyPrompt(length, depth, t, key, text, ids, at))
     return prompts
-
-
-def first_integer(text: str) -> int | None:
-    """The first integer in a generated answer, or None."""
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else None
-
-
-def spread_lengths(lo: int, hi: int, n: int) -> list[int]:
-    """n lengths from lo to hi, evenly spaced on a log scale and rounded to multiples of 8 (hi kept exact)."""
-    if n == 1 or lo >= hi:
-        return [hi]
-    raw = np.geomspace(lo, hi, n)
-    out = sorted({max(8, int(round(x / 8)) * 8) for x in raw[:-1]} | {hi})
-    return out
-
-
-@torch.no_grad()
-def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials: int, seed: int,
-                batch_size: int = 8, label: str = "passkey") -> dict[str, Any]:
-    """Generate and score the whole grid; returns every sample and the summary."""
-    depth_values = [float(x) for x in np.linspace(0, 1, depths)] if depths > 1 else [0.5]
-    grid = build_grid(tokenizer, lengths, depth_values, trials, seed)
-    groups: dict[int, list[PasskeyPrompt]] = defaultdict(list)
-    for p in grid:
-        groups[len(p.ids)].append(p)
-    samples = []
-    with progress_bar() as bar:
-        task = bar.add_task(f"{label}: prompts", total=len(grid))
-        for n in sorted(groups):
-            items = groups[n]
-            for i in range(0, len(items), batch_size):
-                chunk = items[i : i + batch_size]
-                x = torch.tensor([p.ids for p in chunk])
-                new = greedy_generate(model, x, MAX_NEW_TOKENS)
-                for p, toks in zip(chunk, new.tolist()):
-                    out = tokenizer.decode(toks, skip_special_tokens=True)
-                    got = first_integer(out)
-                    samples.append({
-                        "length": p.length, "prompt_tokens": len(p.ids), "depth": p.depth, "trial": p.trial,
-                        "key": p.key, "output": out, "answer": got, "correct": got == p.key,
-                        "prompt_sha1": hashlib.sha1(p.text.encode()).hexdigest()[:12],
-                    })
-                bar.update(task, advance=len(chunk))
-    return {"task": "passkey", "lengths": lengths, "depths": depth_values, "trials": trials, "seed": seed,
-            "samples": samples, "summary": summarize(samples, lengths, depth_values)}
 
 
 def summarize(samples: list[dict[str, Any]], lengths: list[int], depths: list[float]) -> dict[str, Any]:
     """Accuracy per cell, per length, and overall."""
-    cell: dict[tuple[int, float], list[bool]] = defaultdict(list)
-    for s in samples:
-        cell[(s["length"], s["depth"])].append(bool(s["correct"]))
-    grid = [[float(np.mean(cell[(L, d)])) if cell[(L, d)] else float("nan") for d in depths] for L in lengths]
-    per_length = {str(L): float(np.nanmean(row)) for L, row in zip(lengths, grid)}
-    return {"grid": grid, "per_length": per_length, "accuracy": float(np.mean([s["correct"] for s in samples]))}
+    return summarize_grid(samples, lengths, depths, "correct")
+
+
+@torch.no_grad()
+def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials: int, seed: int,
+                batch_size: int = 8, label: str = "passkey", fmt: PromptFormat = PLAIN,
+                batch_tokens: int = 131072, haystack: Path | None = None) -> dict[str, Any]:
+    """Generate and score the whole grid; returns every sample and the summary."""
+    engine = as_engine(model)
+    depth_list = depth_values(depths)
+    lengths = sorted(lengths)
+    hay = TextHaystack.load(haystack, max_words=4 * max(lengths) + 1000) if haystack is not None else None
+    grid = build_grid(tokenizer, lengths, depth_list, trials, seed, fmt, hay)
+    prompts = [Prompt(p.length, p.ids, p.text, {"depth": p.depth, "trial": p.trial, "key": p.key,
+                                                "needle_sentence": p.needle_sentence,
+                                                "prompt_sha1": prompt_hash(p.text)}) for p in grid]
+
+    def score(p: Prompt, out: str) -> dict[str, Any]:
+        got = first_integer(out)
+        return {"answer": got, "correct": got == p.meta["key"], "score": float(got == p.meta["key"])}
+
+    samples = generate_all(engine, tokenizer, prompts, MAX_NEW_TOKENS, score, label, batch_size, batch_tokens,
+                           stop=lambda p, text: answer_complete_integer(text))
+    return {"task": "passkey", "lengths": lengths, "depths": depth_list, "trials": trials, "seed": seed,
+            "haystack": "noise" if hay is None else hay.describe(),
+            "format": {"chat_template": fmt.chat_template}, "engine": _describe(engine),
+            "samples": samples, "summary": summarize(samples, lengths, depth_list)}
+
+
+def _describe(engine: Any) -> dict[str, Any]:
+    return engine.describe() if hasattr(engine, "describe") else {"path": type(engine).__name__}

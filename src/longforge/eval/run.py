@@ -1,4 +1,4 @@
-"""The eval stage: run the configured tasks on one checkpoint and write one JSON per task."""
+"""The eval stage: run the configured tasks on one checkpoint and write one JSON per task plus summary.json."""
 
 from __future__ import annotations
 
@@ -9,24 +9,34 @@ from typing import Any
 
 import torch
 
-from longforge.config import EvalSpec
+from longforge.config import EvalSpec, SourceSpec
 from longforge.data.sources import Rejects, iter_documents
-from longforge.config import SourceSpec
 from longforge.errors import LongforgeError
-from longforge.eval.passkey import run_passkey, spread_lengths
+from longforge.eval.generate import Engine
+from longforge.eval.grid import spread_lengths
+from longforge.eval.niah import Needle, run_niah
+from longforge.eval.passkey import run_passkey
 from longforge.eval.ppl import run_ppl
+from longforge.eval.prompts import PromptFormat
+from longforge.eval.ruler import check_tasks, ruler_lengths, run_ruler
 from longforge.hf import load_model, load_tokenizer
+
+TASK_FILES = ("passkey", "niah", "ruler", "ppl")
+
+
+def grid_lengths(spec: Any, original_length: int, target_length: int) -> list[int]:
+    """A grid's lengths: given, or spread from a quarter of the original window to the target."""
+    if spec.lengths:
+        return sorted(spec.lengths)
+    lo = spec.min_length or max(original_length // 4, 64)  # below ~64 tokens no task prompt fits
+    hi = spec.max_length or target_length
+    return spread_lengths(lo, hi, spec.num_lengths, spec.spacing)
 
 
 def passkey_lengths(spec: EvalSpec, original_length: int, target_length: int) -> list[int]:
-    """The grid's lengths: given, or spread from a quarter of the original window to the target."""
-    pk = spec.passkey
-    assert pk is not None
-    if pk.lengths:
-        return sorted(pk.lengths)
-    lo = pk.min_length or max(original_length // 4, 16)
-    hi = pk.max_length or target_length
-    return spread_lengths(lo, hi, pk.num_lengths)
+    """The passkey grid's lengths: given, or spread from a quarter of the original window to the target."""
+    assert spec.passkey is not None
+    return grid_lengths(spec.passkey, original_length, target_length)
 
 
 def ppl_lengths(lengths: list[int] | None, original_length: int, target_length: int) -> list[int]:
@@ -41,7 +51,7 @@ def ppl_lengths(lengths: list[int] | None, original_length: int, target_length: 
 
 
 def load_ppl_docs(spec: EvalSpec, tokenizer: Any) -> list[list[int]]:
-    """Tokenized held-out documents for perplexity."""
+    """Tokenized held-out documents for perplexity, longest first."""
     assert spec.ppl is not None
     src = SourceSpec(name="ppl", path=spec.ppl.source, text_field=spec.ppl.text_field)
     rejects = Rejects()
@@ -52,29 +62,84 @@ def load_ppl_docs(spec: EvalSpec, tokenizer: Any) -> list[list[int]]:
     return sorted((e.ids for e in enc), key=len, reverse=True)
 
 
+def check_inputs(spec: EvalSpec) -> None:
+    """Fail before any work when an input file is missing or a RULER task lacks the data it needs."""
+    for key, path in spec.input_paths().items():
+        if not path.exists():
+            raise LongforgeError(f"`{key}` {path} does not exist; point it at the file or folder, or remove the key.")
+    if spec.ruler is not None:
+        r = spec.ruler
+        check_tasks(r.task_list(), r.essays, r.squad, r.hotpotqa)
+
+
+def make_engine(model: Any, spec: EvalSpec) -> Engine:
+    """The generation engine with the recipe's inference settings."""
+    inf = spec.inference
+    return Engine(model, prefill_chunk=inf.prefill_chunk, kv_cache=inf.kv_cache, attention=inf.attention)
+
+
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
              device: torch.device, label: str) -> dict[str, Any]:
-    """Run passkey and perplexity on one checkpoint; write passkey.json, ppl.json and summary.json."""
+    """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json."""
+    check_inputs(spec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, device, dtype)
     tok = load_tokenizer(model_dir)
+    engine = make_engine(model, spec)
+    inf = spec.inference
+    fmt = PromptFormat(inf.chat_template, inf.system_prompt)
     summary: dict[str, Any] = {"model": str(model_dir), "label": label, "original_length": original_length,
                                "target_length": target_length}
     t0 = time.time()
+    seconds: dict[str, float] = {}
     if spec.passkey is not None:
-        lengths = passkey_lengths(spec, original_length, target_length)
-        res = run_passkey(model, tok, lengths, spec.passkey.depths, spec.passkey.trials, spec.seed,
-                          spec.passkey.batch_size, label=f"{label} passkey")
-        (out / "passkey.json").write_text(json.dumps(res, indent=1))
+        t = time.time()
+        pk = spec.passkey
+        res = run_passkey(engine, tok, passkey_lengths(spec, original_length, target_length), pk.depths, pk.trials,
+                          spec.seed, pk.batch_size, label=f"{label} passkey", fmt=fmt, batch_tokens=inf.batch_tokens,
+                          haystack=pk.haystack)
+        _write(out / "passkey.json", res)
         summary["passkey"] = res["summary"]
+        seconds["passkey"] = round(time.time() - t, 2)
+    if spec.niah is not None:
+        t = time.time()
+        nh = spec.niah
+        res = run_niah(engine, tok, grid_lengths(nh, original_length, target_length), nh.depths, nh.trials, spec.seed,
+                       haystack=nh.haystack, needle=Needle(nh.needle, nh.question, nh.answer_prefix),
+                       batch_size=nh.batch_size, label=f"{label} niah", fmt=fmt, batch_tokens=inf.batch_tokens,
+                       max_new_tokens=nh.max_new_tokens)
+        _write(out / "niah.json", res)
+        summary["niah"] = {k: v for k, v in res["summary"].items() if k != "grid"}
+        seconds["niah"] = round(time.time() - t, 2)
+    if spec.ruler is not None:
+        t = time.time()
+        r = spec.ruler
+        res = run_ruler(engine, tok, r.task_list(), sorted(r.lengths) if r.lengths else ruler_lengths(target_length),
+                        r.samples, spec.seed, essays=r.essays, squad=r.squad, hotpotqa=r.hotpotqa, fmt=fmt,
+                        batch_size=r.batch_size, batch_tokens=inf.batch_tokens, label=f"{label} ruler",
+                        threshold=r.threshold)
+        _write(out / "ruler.json", res)
+        summary["ruler"] = res["summary"]
+        seconds["ruler"] = round(time.time() - t, 2)
     if spec.ppl is not None:
+        t = time.time()
         docs = load_ppl_docs(spec, tok)
         lengths = ppl_lengths(spec.ppl.lengths, original_length, target_length)
-        res = run_ppl(model, docs, lengths, spec.ppl.num_docs, label=f"{label} ppl")
-        (out / "ppl.json").write_text(json.dumps(res, indent=1))
+        res = run_ppl(engine, docs, lengths, spec.ppl.num_docs, label=f"{label} ppl", stride=spec.ppl.stride)
+        _write(out / "ppl.json", res)
         summary["ppl"] = {str(r["length"]): r["ppl"] for r in res["rows"]}
+        seconds["ppl"] = round(time.time() - t, 2)
+    summary["engine"] = engine.describe()
+    summary["task_seconds"] = seconds
     summary["seconds"] = round(time.time() - t0, 2)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write(out / "summary.json", summary)
     return summary
+
+
+def _write(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

@@ -16,7 +16,9 @@ from rich.table import Table
 
 from longforge import __version__
 from longforge.errors import LongforgeError
-from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves
+from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves, ruler_curves
+
+TASKS = ("passkey", "niah", "ruler", "ppl")
 
 
 def _read(path: Path) -> Any:
@@ -44,7 +46,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     for d in sorted((run_dir / "eval").glob("*")):
         if (d / "summary.json").is_file():
             evals[d.name] = {"summary": _read(d / "summary.json")}
-            for task in ("passkey", "ppl"):
+            for task in TASKS:
                 if (d / f"{task}.json").is_file():
                     evals[d.name][task] = _read(d / f"{task}.json")
     if not evals:
@@ -60,7 +62,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
 
 def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the before/after table."""
+    """Header and rows of the before/after table (passkey bands, NIAH, RULER, perplexity: whichever ran)."""
     evals = info["evals"]
     first = next(iter(evals.values()))["summary"]
     original = int(first["original_length"])
@@ -70,19 +72,58 @@ def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             if k not in ppl_lengths:
                 ppl_lengths.append(k)
     ppl_lengths.sort(key=int)
-    header = ["model", f"passkey <= {original}", f"passkey > {original}", "passkey 4x-8x", "passkey all"]
+    has = {t: any(t in e for e in evals.values()) for t in TASKS}
+    header = ["model"]
+    if has["passkey"]:
+        header += [f"passkey <= {original}", f"passkey > {original}", "passkey 4x-8x", "passkey all"]
+    if has["niah"]:
+        header += [f"niah <= {original}", f"niah > {original}", "niah all"]
+    if has["ruler"]:
+        header += ["ruler avg", "ruler effective"]
     header += [f"ppl@{k}" for k in ppl_lengths]
     rows = []
     for label, e in evals.items():
         row = [label]
-        if "passkey" in e:
-            b = passkey_bands(e["passkey"], original)
-            row += [_pct(b["inside"]), _pct(b["beyond"]), _pct(b["4x-8x"]), _pct(b["all"])]
-        else:
-            row += ["-"] * 4
+        if has["passkey"]:
+            if "passkey" in e:
+                b = passkey_bands(e["passkey"], original)
+                row += [_pct(b["inside"]), _pct(b["beyond"]), _pct(b["4x-8x"]), _pct(b["all"])]
+            else:
+                row += ["-"] * 4
+        if has["niah"]:
+            if "niah" in e:
+                b = passkey_bands(e["niah"], original)
+                row += [_pct(b["inside"]), _pct(b["beyond"]), _pct(b["all"])]
+            else:
+                row += ["-"] * 3
+        if has["ruler"]:
+            if "ruler" in e:
+                rs = e["ruler"]["summary"]
+                eff = rs.get("effective_length")
+                row += [f"{rs['overall']:.1f}", "-" if eff is None else str(eff)]
+            else:
+                row += ["-"] * 2
         p = e["summary"].get("ppl") or {}
         row += [f"{p[k]:.2f}" if p.get(k) else "-" for k in ppl_lengths]
         rows.append(row)
+    return header, rows
+
+
+def ruler_table(info: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """RULER scores per task and length, one row per (model, task), plus each model's average row."""
+    evals = {k: v["ruler"] for k, v in info["evals"].items() if "ruler" in v}
+    if not evals:
+        return None
+    lengths = sorted({int(L) for r in evals.values() for L in r["summary"]["average"]})
+    header = ["model", "task", *[str(L) for L in lengths]]
+    rows = []
+    for label, r in evals.items():
+        s = r["summary"]
+        for task, scores in s["per_task"].items():
+            rows.append([label, task, *[f"{scores[str(L)]:.1f}" if str(L) in scores else "-" for L in lengths]])
+        eff = s.get("effective_length")
+        rows.append([label, f"average (effective: {eff or '-'})",
+                     *[f"{s['average'][str(L)]:.1f}" if str(L) in s["average"] else "-" for L in lengths]])
     return header, rows
 
 
@@ -91,19 +132,20 @@ def _pct(x: float | None) -> str:
 
 
 def rich_tables(info: dict[str, Any]) -> list[Table]:
-    """The summary for the terminal: a passkey table and a perplexity table (narrow enough for 80 columns)."""
+    """The summary for the terminal: retrieval (passkey/NIAH/RULER) and perplexity tables, narrow enough for 80 columns."""
     header, rows = summary_rows(info)
-    split = 5
+    groups = {"passkey accuracy": [i for i, h in enumerate(header) if h.startswith("passkey")],
+              "needle in a haystack (ROUGE-1 F1) and RULER": [i for i, h in enumerate(header) if h.startswith(("niah", "ruler"))],
+              "perplexity by context length": [i for i, h in enumerate(header) if h.startswith("ppl@")]}
     tables = []
-    for title, cols in (("passkey accuracy", range(0, split)), ("perplexity by context length", [0, *range(split, len(header))])):
-        cols = list(cols)
-        if len(cols) < 2:
+    for title, cols in groups.items():
+        if not cols:
             continue
         t = Table(title=f"longforge: {title}")
-        for i in cols:
+        for i in [0, *cols]:
             t.add_column(header[i].replace("passkey ", ""), justify="left" if i == 0 else "right")
         for r in rows:
-            t.add_row(*(r[i] for i in cols))
+            t.add_row(*(r[i] for i in [0, *cols]))
         tables.append(t)
     return tables
 
@@ -126,6 +168,13 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     pk = {k: v["passkey"] for k, v in evals.items() if "passkey" in v}
     if pk:
         images["Passkey retrieval"] = passkey_heatmaps(pk, original, out / "passkey.png")
+    nh = {k: v["niah"] for k, v in evals.items() if "niah" in v}
+    if nh:
+        images["Needle in a haystack"] = passkey_heatmaps(nh, original, out / "niah.png", metric="ROUGE-1 F1",
+                                                          title="Needle in a haystack")
+    ru = {k: v["ruler"] for k, v in evals.items() if "ruler" in v}
+    if ru:
+        images["RULER"] = ruler_curves(ru, original, out / "ruler.png")
     pp = {k: v["ppl"] for k, v in evals.items() if "ppl" in v}
     if pp:
         images["Perplexity against length"] = ppl_curves(pp, original, out / "ppl.png")
@@ -152,6 +201,7 @@ def _sections(info: dict[str, Any], header: list[str], rows: list[list[str]], ti
             data_rows.append([name, str(st["documents_seen"]), str(st["documents_kept"]), str(st["documents_dropped"]),
                               str(st["documents_repeated"]), str(st["tokens_seen"]), str(st["tokens_written"])])
     return {
+        "ruler": ruler_table(info),
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine,
         "summary": (header, rows),
@@ -167,6 +217,8 @@ def _markdown(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]
         "## Before / after",
         _md_table(*sec["summary"]),
     ]
+    if sec["ruler"]:
+        parts += ["## RULER", _md_table(*sec["ruler"])]
     for title, p in images.items():
         parts += [f"## {title}", f"![{title}]({p.name})"]
     if sec["data"][1]:
@@ -190,6 +242,8 @@ def _html(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]) ->
              "pre{background:#f7f7f7;padding:1em;overflow:auto}")
     body = [f"<h1>longforge report</h1><p>Generated {html.escape(sec['generated'])} by longforge {__version__} "
             f"on {html.escape(sec['machine'])}.</p>", "<h2>Before / after</h2>", _html_table(*sec["summary"])]
+    if sec["ruler"]:
+        body += ["<h2>RULER</h2>", _html_table(*sec["ruler"])]
     for title, p in images.items():
         b64 = base64.b64encode(p.read_bytes()).decode()
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>")

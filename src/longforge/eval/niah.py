@@ -1,0 +1,129 @@
+"""Needle in a haystack (Fu et al. 2024 / UltraLong): a sentence needle in noise or a user corpus, lengths x depths,
+scored by ROUGE-1 F1 between the needle and the answer (Fu et al.'s score)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longforge.errors import LongforgeError
+from longforge.eval.generate import as_engine
+from longforge.eval.grid import Prompt, depth_values, generate_all, summarize_grid
+from longforge.eval.metrics import rouge1, rouge_tokens
+from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, depth_of, fit_count, insert_at_depths, noise_sentences, prompt_hash
+
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco?"
+ANSWER_PREFIX = "The best thing to do in San Francisco is"
+MAX_NEW_TOKENS = 50  # Fu et al.
+
+
+@dataclass(frozen=True)
+class Needle:
+    """The fact hidden in the haystack, the question that asks for it and the start of the answer."""
+
+    text: str = NEEDLE
+    question: str = QUESTION
+    answer_prefix: str = ANSWER_PREFIX
+
+    def answer_part(self) -> str:
+        """The part of the needle the model must produce after the answer prefix."""
+        if self.text.lower().startswith(self.answer_prefix.lower()):
+            return self.text[len(self.answer_prefix):].strip()
+        return self.text
+
+
+def haystack_sentences(haystack: TextHaystack | None) -> Callable[[int, int], list[str]]:
+    """(n units, offset) -> sentences: noise sentences, or n words of the user's corpus split into sentences."""
+    return noise_sentences if haystack is None else haystack.sentences
+
+
+def niah_parts(sentences: list[str], depth: float, needle: Needle) -> tuple[str, str, int]:
+    """(user text, answer prefix, needle sentence index) for a haystack and a depth."""
+    parts, where = insert_at_depths(sentences, [needle.text], [depth])
+    context = " ".join(parts)
+    return f"{context}\n\nQuestion: {needle.question}", f"\nAnswer: {needle.answer_prefix}", where[0]
+
+
+def build_niah(tokenizer: Any, lengths: list[int], depths: list[float], trials: int, needle: Needle,
+               haystack: TextHaystack | None, fmt: PromptFormat, seed: int) -> list[Prompt]:
+    """Every prompt of the grid, at most its length in tokens, the needle once at each depth.
+
+    Trial 0 starts the haystack at its beginning (Fu et al.'s single trial); later trials start at seeded
+    offsets into the corpus (or the noise cycle), so trials differ.
+    """
+    units = haystack_sentences(haystack)
+    span = len(haystack.words) if haystack is not None else len(NOISE_SENTENCES)
+    rng = np.random.default_rng(seed)
+    offsets = [0] + [int(rng.integers(0, span)) for _ in range(trials - 1)]
+    prompts: list[Prompt] = []
+    per_token = 1.0
+    for length in sorted(lengths):
+        for t, offset in enumerate(offsets):
+
+            def n_tokens(n: int, offset: int = offset) -> int:
+                user, prefix, _ = niah_parts(units(n, offset), 0.5, needle)
+                return len(fmt.encode(tokenizer, fmt.render(tokenizer, user, prefix)))
+
+            n = fit_count(n_tokens, length, "needle-in-a-haystack prompt", guess=max(1, int(per_token * length)))
+            per_token = max(n, 1) / length
+            for depth in depths:
+                m = n
+                while True:  # the depth can change tokenization at the seams by a token or two
+                    user, prefix, at = niah_parts(units(m, offset), depth, needle)
+                    text = fmt.render(tokenizer, user, prefix)
+                    ids = fmt.encode(tokenizer, text)
+                    if len(ids) <= length or m == 0:
+                        break
+                    m -= 1
+                if len(ids) > length:
+                    raise LongforgeError(f"a needle-in-a-haystack prompt needs {len(ids)} tokens; raise the shortest length above {length}.")
+                prompts.append(Prompt(length, ids, text, {
+                    "depth": depth, "trial": t, "haystack_offset": offset, "needle_sentence": at,
+                    "needle_char_depth": round(depth_of(user[: user.rindex("\n\nQuestion:")], needle.text), 4), "prompt_sha1": prompt_hash(text)}))
+    return prompts
+
+
+def score_answer(needle: Needle, output: str) -> dict[str, Any]:
+    """ROUGE-1 of the needle's fact (the needle minus the answer prefix the prompt already gives) against the
+    answer's first line, so an answer that says nothing scores 0; exact = the whole fact is in the answer."""
+    first = output.strip().split("\n")[0]
+    fact = needle.answer_part()
+    r = rouge1(fact, first)
+    words = " ".join(rouge_tokens(fact))
+    exact = bool(words) and words in " ".join(rouge_tokens(first))
+    return {"rouge1_f1": r["f1"], "rouge1_recall": r["recall"], "exact": exact, "score": r["f1"]}
+
+
+def answer_done(text: str) -> bool:
+    """The answer is one line: once a line break follows some text, the score can no longer change."""
+    stripped = text.lstrip()
+    return "\n" in stripped and bool(stripped.split("\n")[0].strip())
+
+
+@torch.no_grad()
+def run_niah(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials: int, seed: int,
+             haystack: Path | None = None, needle: Needle = Needle(), batch_size: int = 8, label: str = "niah",
+             fmt: PromptFormat = PromptFormat(), batch_tokens: int = 131072,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+    """Generate and score the NIAH grid; returns every sample and the summary (mean ROUGE-1 F1 per cell)."""
+    engine = as_engine(model)
+    lengths = sorted(lengths)
+    depth_list = depth_values(depths)
+    hay = TextHaystack.load(haystack, max_words=4 * max(lengths) + 1000) if haystack is not None else None
+    prompts = build_niah(tokenizer, lengths, depth_list, trials, needle, hay, fmt, seed)
+    samples = generate_all(engine, tokenizer, prompts, max_new_tokens, lambda p, out: score_answer(needle, out), label,
+                           batch_size, batch_tokens, stop=lambda p, text: answer_done(text))
+    summary = summarize_grid(samples, lengths, depth_list, "rouge1_f1")
+    summary["exact"] = float(np.mean([s["exact"] for s in samples]))
+    return {"task": "niah", "lengths": lengths, "depths": depth_list, "trials": trials, "seed": seed,
+            "needle": needle.text, "question": needle.question, "answer_prefix": needle.answer_prefix,
+            "haystack": "noise" if hay is None else hay.describe(), "metric": "rouge1_f1",
+            "format": {"chat_template": fmt.chat_template},
+            "engine": engine.describe() if hasattr(engine, "describe") else {"path": type(engine).__name__},
+            "samples": samples, "summary": summary}
