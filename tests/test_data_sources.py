@@ -21,7 +21,7 @@ def _split(items: list) -> tuple[list[Document], list[Reject]]:
 
 
 def test_zstd_jsonl_and_a_folder_of_jsonl_files(tmp_path: Path) -> None:
-    import zstandard
+    zstandard = pytest.importorskip("zstandard")  # the `zstd` extra (in `dev`)
 
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -4,6 +4,7 @@ with a manifest of what was seen, kept, repeated and dropped, per source and len
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -118,6 +119,12 @@ class _Replay:
             self.writer.add(seq)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _choose(sources: list[_Source], rng: np.random.Generator) -> _Source | None:
     """Pick a source with probability proportional to what it still wants."""
     live = [s for s in sources if not s.done and s.wants() > 0]
@@ -198,7 +205,7 @@ def _estimates(spec: DataSpec, seq_len: int, backend: Any, nsep: int) -> dict[st
 
 def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, seed: int = 0) -> dict[str, Any]:
     """Build packed shards (and the replay set) from the recipe's sources; returns (and writes) the manifest."""
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_seconds()
     for s in spec.sources:
         check_source(s)
     tok = load_tokenizer(tokenizer_dir)
@@ -321,7 +328,8 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
         rindex = replay.writer.close()
         replay_info = _replay_manifest(replay, rindex)
     pending = sum(p.pending_tokens for p in packers.values())
-    manifest = _manifest(spec, sources, rejects, pending, index, by_domain, role_sequences, estimates, replay_info, time.time() - t0)
+    manifest = _manifest(spec, sources, rejects, pending, index, by_domain, role_sequences, estimates, replay_info,
+                         time.time() - t0, _cpu_seconds() - c0)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -345,7 +353,7 @@ def _replay_manifest(replay: _Replay, index: dict[str, Any]) -> dict[str, Any]:
 
 def _manifest(spec: DataSpec, sources: list[_Source], rejects: Rejects, pending: int, index: dict[str, Any],
               by_domain: Counter[str], role_sequences: Counter[str], estimates: dict[str, SourceEstimate],
-              replay: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+              replay: dict[str, Any] | None, seconds: float, cpu_seconds: float) -> dict[str, Any]:
     """Everything a user needs to audit what the plan did, per source and length bucket."""
     per_source = {}
     for s in sources:
@@ -367,6 +375,7 @@ def _manifest(spec: DataSpec, sources: list[_Source], rejects: Rejects, pending:
         "tokens_in_sequences": index["num_sequences"] * index["seq_len"],
         "tokens_left_over": pending,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),  # every thread of this process: on a shared machine, the fairer cost
         "tokens_per_second": round(sum(st["tokens_seen"] for st in per_source.values()) / max(seconds, 1e-9)),
     }
     if spec.plan == "long_short_mix":

@@ -19,7 +19,6 @@ import numpy as np
 from longforge.data.sources import Document, Item, Reject
 
 BATCH_BYTES = 2 << 20
-LOOKAHEAD = 3
 _END = object()
 
 
@@ -98,13 +97,13 @@ class SourcePipeline:
     """One source's token batches, read ahead by a thread and tokenized ahead on a shared pool, in file order."""
 
     def __init__(self, items: Iterator[Item], backend: Any, pool: ThreadPoolExecutor, batch_bytes: int = BATCH_BYTES,
-                 lookahead: int = LOOKAHEAD):
+                 lookahead: int | None = None):
         self._items = items
         self._backend = backend
         self._pool = pool
         self._batch_bytes = batch_bytes
-        self._lookahead = lookahead
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=lookahead)
+        self._lookahead = lookahead or encode_workers() + 1
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self._lookahead)
         self._stop = threading.Event()
         self._futures: deque[Future[TokenBatch]] = deque()
         self._read_all = False
@@ -165,6 +164,15 @@ class SourcePipeline:
         self._thread.join(timeout=5)
 
 
+def encode_workers() -> int:
+    """Batches tokenized at once: one per core (at least two, at most eight).
+
+    The tokenizer spreads one batch over every core, but a batch lasts as long as its longest document, so with
+    heavy-tailed lengths several batches in flight keep the cores busy.
+    """
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 def encode_pool() -> ThreadPoolExecutor:
-    """Threads that submit batches to the tokenizer; two keep its own worker pool busy between batches."""
-    return ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="longforge-encode")
+    """The threads that hand batches to the tokenizer."""
+    return ThreadPoolExecutor(max_workers=encode_workers(), thread_name_prefix="longforge-encode")
