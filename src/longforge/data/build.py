@@ -72,6 +72,16 @@ class _Source:
     emitted: int = 0
     done: bool = False
     stats: SourceStats = field(default_factory=SourceStats)
+    bytes_read: int = 0  # text bytes of the batches consumed
+    rate_guess: float = 0.5  # tokens written per text byte, until measured
+
+    def wants_more(self, ahead_bytes: int) -> bool:
+        """Whether to tokenize more ahead: not when the text in flight should already cover the rest of the budget."""
+        if self.budget is None:
+            return True
+        written = self.stats.counts["tokens_written"]
+        rate = written / self.bytes_read if written and self.bytes_read else self.rate_guess
+        return ahead_bytes * rate < 1.5 * (self.budget - self.emitted)
 
     def wants(self) -> float:
         """How much this source still wants, for weighted mixing."""
@@ -300,7 +310,10 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
     by_domain: Counter[str] = Counter()
     with encode_pool() as pool, progress_bar() as bar:
         for src in sources:
-            src.pipeline = SourcePipeline(iter_items(src.spec), backend, pool)
+            est = estimates.get(src.spec.name)
+            if est is not None and est.text_bytes > 0:
+                src.rate_guess = max(est.plan_tokens / est.text_bytes, 1e-3)
+            src.pipeline = SourcePipeline(iter_items(src.spec), backend, pool, wants_more=src.wants_more)
         task = bar.add_task("data: read, tokenize, sample, pack", total=spec.token_budget)
         try:
             while (src := _choose(sources, rng)) is not None:
@@ -311,6 +324,7 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
                     continue
                 for r in tb.rejects:
                     rejects.add_reject(r)
+                src.bytes_read += tb.nbytes
                 bar.update(task, advance=consume(src, tb))
                 if src.budget is not None and src.emitted >= src.budget:
                     src.finish()

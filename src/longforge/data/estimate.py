@@ -15,9 +15,11 @@ from longforge.config import DataSpec, SourceSpec
 from longforge.data.sampling import expected_copies, max_copies
 from longforge.data.sources import Reject, _open_binary, iter_items, source_files, source_format
 
-SAMPLE_BYTES = 1 << 20
-SAMPLE_MIN_DOCS = 8
-SAMPLE_MAX_BYTES = 16 << 20
+# Documents are read up to READ_BYTES of text for their lengths; TOKENIZE_BYTES of it (a prefix of each document,
+# at most PREFIX_BYTES) is tokenized for the tokens-per-byte rate. A source read whole and tokenized whole is exact.
+READ_BYTES = 16 << 20
+TOKENIZE_BYTES = 256 << 10
+PREFIX_BYTES = 32 << 10
 COMPRESSED_PROBE = 4 << 20
 
 # list of texts -> token count of each
@@ -71,7 +73,7 @@ def _jsonl_text_share(path: Path, field: str) -> tuple[float, float]:
                     text += len(t.encode("utf-8", "replace")) if isinstance(t, str) else 0
                 except ValueError:
                     pass
-                if raw >= SAMPLE_BYTES:
+                if raw >= TOKENIZE_BYTES:
                     break
     except Exception:  # noqa: BLE001 - an unreadable head is counted while building, as a reject
         return 1.0, ratio
@@ -104,26 +106,34 @@ def _text_bytes(spec: SourceSpec) -> tuple[float, str]:
 
 def estimate_source(spec: SourceSpec, data: DataSpec, seq_len: int, lengths_of: LengthFn, separator_tokens: int,
                     replay_max_tokens: int | None = None) -> SourceEstimate:
-    """Tokens a source holds and the plan keeps, from its file sizes and a tokenized sample of its first documents."""
-    texts: list[str] = []
-    nbytes = 0
+    """Tokens a source holds and the plan keeps, from its file sizes and its first documents (a sample of them tokenized)."""
+    sizes: list[int] = []
+    sample: list[str] = []
+    sample_bytes = read = 0
     whole = True
     for item in iter_items(spec):
         if isinstance(item, Reject):
             continue
-        if nbytes >= SAMPLE_MAX_BYTES or (nbytes >= SAMPLE_BYTES and len(texts) >= SAMPLE_MIN_DOCS):
+        if read >= READ_BYTES:
             whole = False
             break
-        texts.append(item.text)
-        nbytes += len(item.text.encode("utf-8", "replace"))
-    lengths = np.asarray(lengths_of(texts) if texts else [], dtype=np.int64)
-    sample_tokens = float(lengths.sum())
+        n = len(item.text.encode("utf-8", "replace"))
+        sizes.append(n)
+        read += n
+        if sample_bytes < TOKENIZE_BYTES:
+            piece = item.text[:PREFIX_BYTES]
+            sample.append(piece)
+            sample_bytes += len(piece.encode("utf-8", "replace"))
+    tokenized = np.asarray(lengths_of(sample) if sample else [], dtype=np.int64)
+    rate = float(tokenized.sum()) / max(sample_bytes, 1)
+    exact = whole and len(sample) == len(sizes) and all(len(t.encode("utf-8", "replace")) == n for t, n in zip(sample, sizes))
+    lengths = tokenized if exact else np.round(np.asarray(sizes, dtype=np.float64) * rate).astype(np.int64)
     if whole:
-        text_bytes, how, scale = float(nbytes), "the whole source, tokenized", 1.0
+        text_bytes, how, scale = float(read), "the whole source" + (", tokenized" if exact else f" at {rate:.3f} tokens per byte"), 1.0
     else:
         text_bytes, how = _text_bytes(spec)
-        how += f"; {sample_tokens / max(nbytes, 1):.3f} tokens per byte on its first {len(texts)} documents"
-        scale = text_bytes / max(nbytes, 1)
+        how += f"; {rate:.3f} tokens per byte on its first {len(sample)} documents"
+        scale = text_bytes / max(read, 1)
     written = lengths
     sf = data.sentence_filter
     if sf is not None:  # sentence selection keeps at most budget_fraction of each long-enough document
@@ -133,7 +143,7 @@ def estimate_source(spec: SourceSpec, data: DataSpec, seq_len: int, lengths_of: 
     ex = expected_copies(lengths, spec.role, data, seq_len)
     short = lengths <= (replay_max_tokens or 0)
     return SourceEstimate(
-        name=spec.name, exact=whole, how=how, text_bytes=text_bytes, documents=len(texts) * scale,
-        tokens=sample_tokens * scale, max_tokens=float((mx * per_doc).sum()) * scale,
+        name=spec.name, exact=exact, how=how, text_bytes=text_bytes, documents=len(sizes) * scale,
+        tokens=float(lengths.sum()) * scale, max_tokens=float((mx * per_doc).sum()) * scale,
         plan_tokens=float((ex * per_doc).sum()) * scale, eligible_tokens=float(lengths[short].sum()) * scale,
     )

@@ -9,7 +9,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,8 @@ import numpy as np
 from longforge.data.sources import Document, Item, Reject
 
 BATCH_BYTES = 2 << 20
+# Batches grow from this size to BATCH_BYTES, so a source asked for a few tokens is not read and tokenized by the MB.
+FIRST_BATCH_BYTES = 64 << 10
 _END = object()
 
 
@@ -39,6 +41,7 @@ class TokenBatch:
     ids: np.ndarray
     offsets: np.ndarray
     rejects: list[Reject]
+    nbytes: int = 0  # text size of the batch
 
     @property
     def lengths(self) -> np.ndarray:
@@ -46,18 +49,22 @@ class TokenBatch:
         return np.diff(self.offsets)
 
 
-def text_batches(items: Iterator[Item], max_bytes: int = BATCH_BYTES) -> Iterator[TextBatch]:
-    """Group a source's items into batches of about max_bytes of text (a batch ends after the document that fills it)."""
-    batch = TextBatch()
+def text_batches(items: Iterator[Item], max_bytes: int = BATCH_BYTES, first_bytes: int = FIRST_BATCH_BYTES) -> Iterator[TextBatch]:
+    """Group a source's items into batches of text, the first of first_bytes, each next one twice as big up to max_bytes.
+
+    A batch ends after the document that fills it; the sizes depend on the data only, so the batches (and the
+    random draws made per batch) are the same in every run.
+    """
+    batch, target = TextBatch(), min(first_bytes, max_bytes)
     for item in items:
         if isinstance(item, Reject):
             batch.rejects.append(item)
             continue
         batch.docs.append(item)
         batch.nbytes += len(item.text)
-        if batch.nbytes >= max_bytes:
+        if batch.nbytes >= target:
             yield batch
-            batch = TextBatch()
+            batch, target = TextBatch(), min(2 * target, max_bytes)
     if batch.docs or batch.rejects:
         yield batch
 
@@ -90,15 +97,19 @@ def encode(backend: Any, batch: TextBatch) -> TokenBatch:
                 rejects.append(Reject(d.source, "cannot be tokenized", d.location, str(e)))
     ids, offsets = _ids(encodings)
     slim = [Document("", d.source, d.domain, d.location, d.records, d.piece) for d in docs]
-    return TokenBatch(slim, ids, offsets, rejects)
+    return TokenBatch(slim, ids, offsets, rejects, batch.nbytes)
 
 
 class SourcePipeline:
     """One source's token batches, read ahead by a thread and tokenized ahead on a shared pool, in file order."""
 
     def __init__(self, items: Iterator[Item], backend: Any, pool: ThreadPoolExecutor, batch_bytes: int = BATCH_BYTES,
-                 lookahead: int | None = None):
+                 lookahead: int | None = None, wants_more: Callable[[int], bool] | None = None):
         self._items = items
+        # Asked with the text bytes being tokenized ahead; False stops reading ahead (the budget is nearly met).
+        # It only changes how much is tokenized and thrown away, never what is kept.
+        self._wants_more = wants_more or (lambda ahead: True)
+        self._ahead_bytes = 0
         self._backend = backend
         self._pool = pool
         self._batch_bytes = batch_bytes
@@ -135,6 +146,8 @@ class SourcePipeline:
     def _top_up(self) -> None:
         """Submit read batches for tokenizing, waiting for the reader only when nothing is in flight."""
         while not self._read_all and len(self._futures) < self._lookahead:
+            if self._futures and not self._wants_more(self._ahead_bytes):
+                return
             try:
                 obj = self._queue.get(block=not self._futures)
             except queue.Empty:
@@ -145,6 +158,7 @@ class SourcePipeline:
                 raise obj
             else:
                 self._futures.append(self._pool.submit(encode, self._backend, obj))
+                self._ahead_bytes += obj.nbytes
 
     def next(self) -> TokenBatch | None:
         """The next token batch, or None at the end of the source."""
@@ -152,6 +166,7 @@ class SourcePipeline:
         if not self._futures:
             return None
         out = self._futures.popleft().result()
+        self._ahead_bytes -= out.nbytes
         self._top_up()
         return out
 
