@@ -44,6 +44,32 @@ class SourceStats:
     after: dict[str, np.ndarray] = field(default_factory=lambda: {
         k: np.zeros(len(BUCKET_NAMES), dtype=np.int64) for k in ("documents", "tokens")})
 
+    def see(self, n: int, bucket: int, records: int, piece: bool) -> None:
+        """Count a document read: n tokens, in length bucket `bucket`, joined from `records` records."""
+        self.counts.update(documents_seen=1, tokens_seen=n, records_joined=records if records > 1 else 0,
+                           document_pieces=int(piece))
+        self.before["documents"][bucket] += 1
+        self.before["tokens"][bucket] += n
+
+    def drop(self, bucket: int, reason: str) -> None:
+        """Count a document the plan gave no copy."""
+        self.counts["documents_dropped"] += 1
+        self.before["documents_dropped"][bucket] += 1
+        self.dropped_by_reason[reason] += 1
+
+    def keep(self, bucket: int, copies: int) -> None:
+        """Count a document the plan kept, repeated when copies > 1."""
+        self.counts.update(documents_kept=1, documents_repeated=int(copies > 1))
+        self.before["documents_kept"][bucket] += 1
+        self.before["documents_repeated"][bucket] += int(copies > 1)
+
+    def wrote(self, n: int) -> None:
+        """Count one copy of n tokens written."""
+        self.counts.update(copies_written=1, tokens_written=n)
+        b = int(bucket_index(np.array([n]))[0])
+        self.after["documents"][b] += 1
+        self.after["tokens"][b] += n
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: totals, reasons and the non-empty length buckets before (original length) and after (written)."""
         c = self.counts
@@ -88,6 +114,10 @@ class _Source:
         if self.budget is None:
             return self.spec.weight
         return max(self.budget - self.emitted, 0)
+
+    def full(self) -> bool:
+        """Whether the source's budget is spent."""
+        return self.budget is not None and self.emitted >= self.budget
 
     def finish(self) -> None:
         """Stop reading this source."""
@@ -223,129 +253,144 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
         prefix, suffix = separator_tokens(spec.separator, tok)
     except ValueError as e:
         raise LongforgeError(f"data.separator {spec.separator!r}: {e}.") from None
-    nsep = len(prefix) + len(suffix)
-    backend = tok.backend_tokenizer
     budgets = _budgets(spec)
-    estimates = _estimates(spec, seq_len, backend, nsep)
+    estimates = _estimates(spec, seq_len, tok.backend_tokenizer, len(prefix) + len(suffix))
     _check_budgets(spec, seq_len, budgets, estimates)
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clean(out)
-    vocab = len(tok)
-    dtype = token_dtype(vocab)
-    meta = {"separator": spec.separator, "seed": seed, "tokenizer": str(tokenizer_dir), "batch_order": spec.batch_order,
-            "plan": spec.plan}
-    writer = ShardWriter(out, seq_len, vocab, spec.shard_sequences, meta=meta)
-    roles = ("long", "short") if spec.plan == "long_short_mix" else ("all",)
-    packers = {r: Packer(seq_len, prefix=prefix, suffix=suffix, dtype=dtype) for r in roles}
-    role_sequences: Counter[str] = Counter()
-    replay = None
-    if spec.replay is not None:
-        keep, how = _replay_keep_prob(spec, estimates)
-        rwriter = ShardWriter(out / "replay", spec.replay.seq_len, vocab, spec.shard_sequences, meta={**meta, "plan": "replay"})
-        replay = _Replay(spec.replay, Packer(spec.replay.seq_len, prefix, suffix, dtype), rwriter, keep, how,
-                         np.random.default_rng([seed, 1]), nsep)
-    selection = SentenceSelection(spec.sentence_filter, vocab_tables(tok)) if spec.sentence_filter is not None else None
-    filter_rng = np.random.default_rng([seed, 2])
-    rng = np.random.default_rng(seed)
-    rejects = Rejects(out / "rejects.jsonl")
-    sources = [_Source(s, b) for s, b in zip(spec.sources, budgets)]
+    build = _Build(spec, seq_len, tok, Path(tokenizer_dir), out, seed, budgets, estimates, (prefix, suffix))
+    build.run()
+    manifest = build.finish(t0, c0)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
-    def consume(src: _Source, tb: TokenBatch) -> int:
-        """Plan, filter and pack one token batch of a source; returns tokens written."""
-        st, role = src.stats, src.spec.role
-        packer = packers[role if spec.plan == "long_short_mix" else "all"]
-        lengths = tb.lengths
-        copies, reasons = plan_copies(lengths, role, spec, seq_len, rng)
-        buckets = bucket_index(lengths)
-        offs = tb.offsets
-        written = 0
-        for i, doc in enumerate(tb.docs):
-            if src.budget is not None and src.emitted >= src.budget:
-                src.finish()
-                break
-            n, b, k = int(lengths[i]), int(buckets[i]), int(copies[i])
-            ids = tb.ids[offs[i] : offs[i + 1]]
-            st.counts.update(documents_seen=1, tokens_seen=n, records_joined=doc.records if doc.records > 1 else 0,
-                             document_pieces=int(doc.piece))
-            st.before["documents"][b] += 1
-            st.before["tokens"][b] += n
-            if replay is not None:
-                replay.offer(src.spec.name, ids)
-            if k == 0:
-                st.counts["documents_dropped"] += 1
-                st.before["documents_dropped"][b] += 1
-                st.dropped_by_reason[DROP_REASONS[int(reasons[i])]] += 1
-                continue
-            st.counts.update(documents_kept=1, documents_repeated=int(k > 1))
-            st.before["documents_kept"][b] += 1
-            st.before["documents_repeated"][b] += int(k > 1)
-            for _ in range(k):
-                piece = selection.apply(ids, filter_rng) if selection is not None else ids
-                if len(piece) == 0:
-                    st.counts["documents_filtered_out"] += 1
-                    continue
-                st.counts["tokens_removed_by_filter"] += n - len(piece)
-                if src.budget is not None:
-                    left = src.budget - src.emitted - nsep
-                    if left <= 0:
-                        src.emitted = src.budget
-                        break
-                    if len(piece) > left:
-                        piece = piece[:left]
-                        st.counts["documents_cut_by_budget"] += 1
-                src.emitted += len(piece) + nsep
-                st.counts.update(copies_written=1, tokens_written=len(piece))
-                ba = int(bucket_index(np.array([len(piece)]))[0])
-                st.after["documents"][ba] += 1
-                st.after["tokens"][ba] += len(piece)
-                by_domain[src.spec.domain] += len(piece)
-                written += len(piece) + nsep
-                for seq in packer.add(piece):
-                    writer.add(seq)
-                    role_sequences[role] += 1
-        return written
 
-    by_domain: Counter[str] = Counter()
-    with encode_pool() as pool, progress_bar() as bar:
-        for src in sources:
+class _Build:
+    """One build in progress: the sources, the plan's random draws, the sentence filter, the packers and writers."""
+
+    def __init__(self, spec: DataSpec, seq_len: int, tok: Any, tokenizer_dir: Path, out: Path, seed: int,
+                 budgets: list[int | None], estimates: dict[str, SourceEstimate], separators: tuple[list[int], list[int]]):
+        self.spec, self.seq_len, self.estimates = spec, seq_len, estimates
+        self.backend = tok.backend_tokenizer
+        prefix, suffix = separators
+        self.nsep = len(prefix) + len(suffix)
+        vocab, dtype = len(tok), token_dtype(len(tok))
+        meta = {"separator": spec.separator, "seed": seed, "tokenizer": str(tokenizer_dir), "batch_order": spec.batch_order,
+                "plan": spec.plan}
+        self.writer = ShardWriter(out, seq_len, vocab, spec.shard_sequences, meta=meta)
+        # ProLong packs long and short data apart, so a sequence is either one long document or many short ones.
+        self.mix = spec.plan == "long_short_mix"
+        self.packers = {r: Packer(seq_len, prefix=prefix, suffix=suffix, dtype=dtype)
+                        for r in (("long", "short") if self.mix else ("all",))}
+        self.role_sequences: Counter[str] = Counter()
+        self.by_domain: Counter[str] = Counter()
+        self.replay = None
+        if spec.replay is not None:
+            keep, how = _replay_keep_prob(spec, estimates)
+            rwriter = ShardWriter(out / "replay", spec.replay.seq_len, vocab, spec.shard_sequences, meta={**meta, "plan": "replay"})
+            self.replay = _Replay(spec.replay, Packer(spec.replay.seq_len, prefix, suffix, dtype), rwriter, keep, how,
+                                  np.random.default_rng([seed, 1]), self.nsep)
+        self.selection = SentenceSelection(spec.sentence_filter, vocab_tables(tok)) if spec.sentence_filter is not None else None
+        # Separate streams, so turning the filter or the replay set on does not change what the plan keeps.
+        self.rng = np.random.default_rng(seed)
+        self.filter_rng = np.random.default_rng([seed, 2])
+        self.rejects = Rejects(out / "rejects.jsonl")
+        self.sources = [_Source(s, b) for s, b in zip(spec.sources, budgets)]
+        for src in self.sources:
             est = estimates.get(src.spec.name)
             if est is not None and est.text_bytes > 0:
                 src.rate_guess = max(est.plan_tokens / est.text_bytes, 1e-3)
-            src.pipeline = SourcePipeline(iter_items(src.spec), backend, pool, wants_more=src.wants_more)
-        task = bar.add_task("data: read, tokenize, sample, pack", total=spec.token_budget)
-        try:
-            while (src := _choose(sources, rng)) is not None:
-                assert src.pipeline is not None
-                tb = src.pipeline.next()
-                if tb is None:
+
+    def run(self) -> None:
+        """Read every source until it ends or its budget is spent, mixing them by what each still wants."""
+        with encode_pool() as pool, progress_bar() as bar:
+            for src in self.sources:
+                src.pipeline = SourcePipeline(iter_items(src.spec), self.backend, pool, wants_more=src.wants_more)
+            task = bar.add_task("data: read, tokenize, sample, pack", total=self.spec.token_budget)
+            try:
+                while (src := _choose(self.sources, self.rng)) is not None:
+                    bar.update(task, advance=self._next_batch(src))
+            finally:
+                for src in self.sources:
                     src.finish()
-                    continue
-                for r in tb.rejects:
-                    rejects.add_reject(r)
-                src.bytes_read += tb.nbytes
-                bar.update(task, advance=consume(src, tb))
-                if src.budget is not None and src.emitted >= src.budget:
-                    src.finish()
-        finally:
-            for src in sources:
-                src.finish()
-            rejects.close()
-    index = writer.close()
-    if index["num_sequences"] == 0:
-        raise LongforgeError(
-            f"the sources gave fewer than seq_len={seq_len} tokens after sampling; add text, lower seq_len or raise short_keep_prob."
-        )
-    replay_info = None
-    if replay is not None:
-        rindex = replay.writer.close()
-        replay_info = _replay_manifest(replay, rindex)
-    pending = sum(p.pending_tokens for p in packers.values())
-    manifest = _manifest(spec, sources, rejects, pending, index, by_domain, role_sequences, estimates, replay_info,
-                         time.time() - t0, _cpu_seconds() - c0)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+                self.rejects.close()
+
+    def _next_batch(self, src: _Source) -> int:
+        """Consume the source's next token batch; returns tokens written."""
+        assert src.pipeline is not None
+        tb = src.pipeline.next()
+        if tb is None:
+            src.finish()
+            return 0
+        for r in tb.rejects:
+            self.rejects.add_reject(r)
+        src.bytes_read += tb.nbytes
+        written = self._consume(src, tb)
+        if src.full():
+            src.finish()
+        return written
+
+    def _consume(self, src: _Source, tb: TokenBatch) -> int:
+        """Apply the plan to a batch of documents and write the copies it asks for; returns tokens written."""
+        lengths = tb.lengths
+        copies, reasons = plan_copies(lengths, src.spec.role, self.spec, self.seq_len, self.rng)
+        buckets = bucket_index(lengths)
+        written = 0
+        for i, doc in enumerate(tb.docs):
+            if src.full():
+                break
+            ids = tb.ids[tb.offsets[i] : tb.offsets[i + 1]]
+            b, k = int(buckets[i]), int(copies[i])
+            src.stats.see(len(ids), b, doc.records, doc.piece)
+            if self.replay is not None:
+                self.replay.offer(src.spec.name, ids)
+            if k == 0:
+                src.stats.drop(b, DROP_REASONS[int(reasons[i])])
+                continue
+            src.stats.keep(b, k)
+            for _ in range(k):
+                n = self._write_copy(src, ids)
+                if n is None:
+                    break
+                written += n
+        return written
+
+    def _write_copy(self, src: _Source, ids: np.ndarray) -> int | None:
+        """Filter, cut to the budget and pack one copy of a document; tokens written, or None once the budget is spent."""
+        st = src.stats
+        piece = self.selection.apply(ids, self.filter_rng) if self.selection is not None else ids
+        if len(piece) == 0:
+            st.counts["documents_filtered_out"] += 1
+            return 0
+        st.counts["tokens_removed_by_filter"] += len(ids) - len(piece)
+        if src.budget is not None:
+            left = src.budget - src.emitted - self.nsep
+            if left <= 0:
+                src.emitted = src.budget
+                return None
+            if len(piece) > left:
+                piece = piece[:left]
+                st.counts["documents_cut_by_budget"] += 1
+        src.emitted += len(piece) + self.nsep
+        st.wrote(len(piece))
+        self.by_domain[src.spec.domain] += len(piece)
+        for seq in self.packers[src.spec.role if self.mix else "all"].add(piece):
+            self.writer.add(seq)
+            self.role_sequences[src.spec.role] += 1
+        return len(piece) + self.nsep
+
+    def finish(self, t0: float, c0: float) -> dict[str, Any]:
+        """Close the shards and the replay set; the manifest."""
+        index = self.writer.close()
+        if index["num_sequences"] == 0:
+            raise LongforgeError(
+                f"the sources gave fewer than seq_len={self.seq_len} tokens after sampling; add text, lower seq_len or raise short_keep_prob."
+            )
+        replay = _replay_manifest(self.replay, self.replay.writer.close()) if self.replay is not None else None
+        pending = sum(p.pending_tokens for p in self.packers.values())
+        return _manifest(self.spec, self.sources, self.rejects, pending, index, self.by_domain, self.role_sequences,
+                         self.estimates, replay, time.time() - t0, _cpu_seconds() - c0)
 
 
 def _replay_manifest(replay: _Replay, index: dict[str, Any]) -> dict[str, Any]:
