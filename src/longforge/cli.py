@@ -105,10 +105,11 @@ def run(
 
 
 def _parse_source(text: str, i: int) -> dict[str, object]:
-    """PATH[,name=N][,domain=D][,weight=W][,field=F] -> a SourceSpec mapping."""
+    """PATH[,name=N][,domain=D][,weight=W][,field=F][,format=F][,group_by=G][,role=R] -> a SourceSpec mapping."""
     path, *opts = text.split(",")
     spec: dict[str, object] = {"name": f"source{i}", "path": path}
-    keys = {"name": "name", "domain": "domain", "weight": "weight", "field": "text_field", "format": "format"}
+    keys = {"name": "name", "domain": "domain", "weight": "weight", "field": "text_field", "format": "format",
+            "group_by": "group_by", "role": "role"}
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep or k not in keys:
@@ -119,50 +120,75 @@ def _parse_source(text: str, i: int) -> dict[str, object]:
 
 @data_app.command("build")
 def data_build(
-    source: Annotated[list[str], typer.Option(help="PATH[,name=N][,domain=D][,weight=W][,field=F]; repeat for several sources.")],
+    source: Annotated[list[str], typer.Option(help="PATH[,name=N][,domain=D][,weight=W][,field=F][,format=jsonl|parquet|text|hf_disk]"
+                                                   "[,group_by=FIELD][,role=long|short]; repeat for several sources.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer (or model) folder.")],
     seq_len: Annotated[int, typer.Option(help="Packed sequence length in tokens.")],
     out: Annotated[Path, typer.Option(help="Output data folder.")],
-    plan: Annotated[str, typer.Option(help="none, upsample_long (Fu et al.) or length_thresholds (UltraLong).")] = "upsample_long",
+    plan: Annotated[str, typer.Option(help="none, upsample_long (Fu et al.), length_thresholds (UltraLong) or long_short_mix (ProLong).")] = "upsample_long",
     budget: Annotated[Optional[int], typer.Option(help="Tokens to write (split over sources by weight).")] = None,
     short_threshold: Annotated[int, typer.Option(help="Documents shorter than this many tokens are 'short'.")] = 4096,
     short_keep_prob: Annotated[float, typer.Option(help="Probability of keeping a short document.")] = 0.1,
+    long_threshold: Annotated[int, typer.Option(help="length_thresholds: documents longer than this are repeated.")] = 8192,
+    long_repeat: Annotated[float, typer.Option(help="length_thresholds: expected copies of a long document.")] = 2.0,
+    long_share: Annotated[float, typer.Option(help="long_short_mix: share of long data in the budget.")] = 0.6,
     separator: Annotated[str, typer.Option(help="eos, bos, none, or text:<literal>.")] = "eos",
+    sentence_filter: Annotated[Optional[str], typer.Option(help="LongRecipe sentence selection: 'digits' (keep sentences with digits, others with --filter-keep-prob).")] = None,
+    filter_keep_prob: Annotated[float, typer.Option(help="Sentence filter: probability of keeping a sentence it does not require.")] = 0.5,
+    filter_budget: Annotated[float, typer.Option(help="Sentence filter: keep at most this share of each document.")] = 0.3,
+    replay_budget: Annotated[Optional[int], typer.Option(help="Also write a replay set of this many tokens (short documents) to OUT/replay.")] = None,
+    replay_seq_len: Annotated[Optional[int], typer.Option(help="Sequence length of the replay set (the original window).")] = None,
+    batch_order: Annotated[str, typer.Option(help="shuffle, or ssq: order each global batch by sum of squared document lengths (ProLong).")] = "shuffle",
+    shard_sequences: Annotated[int, typer.Option(help="Sequences per shard file.")] = 4096,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Tokenize, sample (length upsampling) and pack sources into memory-mapped shards with document boundaries."""
+    """Read, tokenize, sample and pack sources into memory-mapped shards with document boundaries (and a replay set)."""
     from longforge.config import DataSpec
     from longforge.data.build import build_data
 
+    if (replay_budget is None) != (replay_seq_len is None):
+        raise LongforgeError("--replay-budget and --replay-seq-len go together; give both or neither.")
     spec = _validated(DataSpec, {
         "sources": [_parse_source(s, i) for i, s in enumerate(source)], "plan": plan, "token_budget": budget,
-        "short_threshold": short_threshold, "short_keep_prob": short_keep_prob, "separator": separator, "seq_len": seq_len,
+        "short_threshold": short_threshold, "short_keep_prob": short_keep_prob, "long_threshold": long_threshold,
+        "long_repeat": long_repeat, "long_share": long_share, "separator": separator, "seq_len": seq_len,
+        "sentence_filter": None if sentence_filter is None else
+        {"method": sentence_filter, "keep_prob": filter_keep_prob, "budget_fraction": filter_budget},
+        "replay": None if replay_budget is None else {"token_budget": replay_budget, "seq_len": replay_seq_len},
+        "batch_order": batch_order, "shard_sequences": shard_sequences,
     }, "data build")
     m = build_data(spec, tokenizer, seq_len, out, seed)
     _print_manifest(m)
 
 
 @data_app.command("inspect")
-def data_inspect(folder: Annotated[Path, typer.Argument(help="A folder written by `longforge data build`.")]) -> None:
-    """Print what a data build kept, dropped and repeated, per source and length bucket."""
+def data_inspect(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `longforge data build`.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Where to write the length histogram (default FOLDER/length_histogram.png).")] = None,
+) -> None:
+    """Print what a data build kept, dropped and repeated, per source and length bucket, and plot a length histogram."""
+    from longforge.data.report import plot_lengths
+
     path = folder / "manifest.json"
     if not path.is_file():
         raise LongforgeError(f"{folder} has no manifest.json; pass a folder written by `longforge data build`.")
-    _print_manifest(json.loads(path.read_text()))
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LongforgeError(f"{path} is not valid JSON ({e.msg}); rebuild the folder with `longforge data build`.") from None
+    _print_manifest(m, by_length=True)
+    png = plot_lengths(m, plot or folder / "length_histogram.png")
+    say(f"length histogram: {png}")
 
 
-def _print_manifest(m: dict) -> None:
-    t = Table(title=f"data: {m['sequences']} sequences of {m['seq_len']} tokens (plan {m['plan']})")
-    for col in ("source", "docs seen", "kept", "dropped", "repeated", "tokens seen", "tokens written", "short of budget"):
-        t.add_column(col, justify="left" if col == "source" else "right")
-    for name, st in m["sources"].items():
-        t.add_row(name, *(str(st[k]) for k in ("documents_seen", "documents_kept", "documents_dropped", "documents_repeated",
-                                                "tokens_seen", "tokens_written", "short_of_budget")))
-    console.print(t)
-    if m["rejects"]:
-        for src, reasons in m["rejects"].items():
-            say(f"[yellow]rejected in {src}:[/] " + ", ".join(f"{n} {r}" for r, n in reasons.items()) + " (see rejects.jsonl)")
-    say(f"{m['tokens_per_second']} tokens/s read; {m['tokens_left_over']} tokens left over (less than one sequence)")
+def _print_manifest(m: dict, by_length: bool = False) -> None:
+    from longforge.data.report import length_table, source_table, summary_lines
+
+    console.print(source_table(m))
+    if by_length:
+        console.print(length_table(m))
+    for line in summary_lines(m):
+        console.print(line)
 
 
 @app.command()

@@ -15,7 +15,8 @@ from longforge.errors import LongforgeError
 
 RopeMethod = Literal["none", "pi", "ntk", "theta", "dynamic", "yarn", "llama3"]
 PositionTransform = Literal["contiguous", "pose", "pit"]
-SamplingPlan = Literal["none", "upsample_long", "length_thresholds"]
+SamplingPlan = Literal["none", "upsample_long", "length_thresholds", "long_short_mix"]
+SourceFormat = Literal["auto", "jsonl", "parquet", "text", "hf_disk"]
 
 
 class Strict(BaseModel):
@@ -37,11 +38,49 @@ class SourceSpec(Strict):
     """One corpus source with its domain label and weight."""
 
     name: str
-    path: Path
-    format: Literal["auto", "jsonl", "text"] = "auto"
+    path: Path = Field(description="A file, or a folder of files of the same format.")
+    format: SourceFormat = Field(
+        default="auto",
+        description="jsonl (.jsonl, .gz, .zst), parquet, text (one document per file) or hf_disk "
+        "(a Hugging Face dataset saved with save_to_disk); guessed from the path when 'auto'.",
+    )
     text_field: str = "text"
+    group_by: str | None = Field(
+        default=None,
+        description="Join consecutive records with the same value of this field into one document "
+        "(ProLong's code repositories: the files of one repository become one document).",
+    )
+    group_joiner: str = Field(default="\n\n", description="Text placed between the records of one group.")
     domain: str = "default"
     weight: float = Field(default=1.0, gt=0)
+    role: Literal["long", "short"] = Field(
+        default="long", description="For plan long_short_mix: long data (filtered to >= seq_len) or short data (packed separately)."
+    )
+
+
+class SentenceFilterSpec(Strict):
+    """LongRecipe's sentence selection: keep the sentences a filter values, up to a share of each document."""
+
+    method: Literal["digits"] = Field(
+        default="digits", description="digits: LongRecipe's released heuristic (sentences with a digit always kept)."
+    )
+    keep_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of keeping a sentence the filter does not require.")
+    budget_fraction: float = Field(default=0.3, gt=0, le=1, description="Keep at most this share of each document's tokens.")
+    min_document_tokens: int = Field(default=0, ge=0, description="Documents shorter than this are left whole.")
+
+
+class ReplaySpec(Strict):
+    """A short-document set from the sources' own distribution, packed on its own for a replay stage."""
+
+    token_budget: int = Field(gt=0, description="Tokens to write into the replay set.")
+    seq_len: int = Field(gt=1, description="Packed sequence length of the replay set (usually the original window).")
+    max_document_tokens: int | None = Field(default=None, gt=0, description="Longest document taken; seq_len when absent.")
+    keep_prob: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Probability of taking an eligible document; estimated from the sources' sizes when absent, "
+        "so the set spreads over the whole corpus.",
+    )
+    sources: list[str] | None = Field(default=None, description="Source names to draw from; all when absent.")
 
 
 class DataSpec(Strict):
@@ -54,9 +93,17 @@ class DataSpec(Strict):
     short_threshold: int = Field(default=4096, gt=0, description="Documents shorter than this are 'short' (tokens).")
     short_keep_prob: float = Field(default=0.1, ge=0, le=1)
     long_threshold: int = Field(default=8192, gt=0, description="Documents longer than this are upsampled (length_thresholds).")
-    long_repeat: int = Field(default=2, ge=1)
+    long_repeat: float = Field(default=2.0, ge=1, description="Expected copies of a long document (length_thresholds); fractions are drawn.")
+    long_share: float = Field(default=0.6, gt=0, lt=1, description="Share of long data in the token budget (long_short_mix).")
     token_budget: int | None = Field(default=None, gt=0, description="Tokens to write; all that the plan keeps when absent.")
     separator: str = Field(default="eos", description="'eos', 'bos', 'none', or 'text:<s>' for a literal text separator.")
+    sentence_filter: SentenceFilterSpec | None = None
+    replay: ReplaySpec | None = None
+    batch_order: Literal["shuffle", "ssq"] = Field(
+        default="shuffle",
+        description="ssq: inside each global batch, order sequences by the sum of squared document lengths "
+        "(ProLong's throughput trick), so data-parallel ranks get similar attention cost at each micro-step.",
+    )
     shard_sequences: int = Field(default=4096, gt=0, description="Sequences per shard file.")
 
     @field_validator("separator")
@@ -65,6 +112,20 @@ class DataSpec(Strict):
         if v in ("eos", "bos", "none") or (v.startswith("text:") and len(v) > 5):
             return v
         raise ValueError("must be 'eos', 'bos', 'none' or 'text:<literal>' (e.g. 'text:<s>')")
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataSpec":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; rename the repeated source {dup[0]!r}")
+        if self.plan == "long_short_mix" and len({s.role for s in self.sources}) < 2:
+            raise ValueError("plan long_short_mix needs at least one source with role 'long' and one with role 'short'")
+        if self.replay is not None and self.replay.sources is not None:
+            unknown = sorted(set(self.replay.sources) - set(names))
+            if unknown:
+                raise ValueError(f"replay.sources names {unknown[0]!r}, which is not a source; use one of {', '.join(names)}")
+        return self
 
 
 class PositionSpec(Strict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,40 +16,68 @@ class Packed:
     starts: np.ndarray
 
 
+def doc_lengths(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Lengths of the document pieces of a sequence, from its start offsets."""
+    return np.diff(np.append(np.asarray(starts, dtype=np.int64), seq_len))
+
+
+def sum_squared_lengths(starts: np.ndarray, seq_len: int) -> int:
+    """Sum of squared document lengths: proportional to the attention cost of a document-masked sequence."""
+    n = doc_lengths(starts, seq_len)
+    return int((n * n).sum())
+
+
 @dataclass
 class Packer:
     """Joins documents with a separator and cuts the stream into sequences of seq_len tokens."""
 
     seq_len: int
-    prefix: list[int] = field(default_factory=list)
-    suffix: list[int] = field(default_factory=list)
-    _buf: list[int] = field(default_factory=list)
-    _starts: list[int] = field(default_factory=list)
+    prefix: Sequence[int] = field(default_factory=list)
+    suffix: Sequence[int] = field(default_factory=list)
+    dtype: type = np.int64
 
-    def add(self, doc: list[int]) -> Iterator[Packed]:
+    def __post_init__(self) -> None:
+        self._prefix = np.asarray(self.prefix, dtype=self.dtype)
+        self._suffix = np.asarray(self.suffix, dtype=self.dtype)
+        self._buf = np.empty(self.seq_len, dtype=self.dtype)
+        self._fill = 0
+        self._starts: list[int] = []
+
+    def add(self, doc: Sequence[int] | np.ndarray) -> Iterator[Packed]:
         """Append one document; yield every sequence that became full."""
-        self._starts.append(len(self._buf))
-        self._buf.extend(self.prefix)
-        self._buf.extend(doc)
-        self._buf.extend(self.suffix)
-        while len(self._buf) >= self.seq_len:
-            yield self._cut()
+        # A document continuing into the next sequence starts there (for that sequence) at offset 0.
+        self._starts.append(self._fill)
+        for part in (self._prefix, np.asarray(doc, dtype=self.dtype), self._suffix):
+            pos = 0
+            while pos < len(part):
+                take = min(len(part) - pos, self.seq_len - self._fill)
+                self._buf[self._fill : self._fill + take] = part[pos : pos + take]
+                self._fill += take
+                pos += take
+                if self._fill == self.seq_len:
+                    yield self._cut()
 
     def _cut(self) -> Packed:
-        n = self.seq_len
-        tokens = np.asarray(self._buf[:n], dtype=np.int64)
-        inside = [s for s in self._starts if s < n]
-        # A document continuing from the previous sequence starts (for this sequence) at offset 0.
-        starts = sorted({0, *inside})
-        rest = [s - n for s in self._starts if s >= n]
-        self._buf = self._buf[n:]
-        self._starts = rest
-        return Packed(tokens, np.asarray(starts, dtype=np.int32))
+        out = Packed(self._buf.copy(), np.asarray(sorted({0, *self._starts}), dtype=np.int32))
+        self._fill = 0
+        self._starts = []
+        return out
 
     @property
     def pending_tokens(self) -> int:
         """Tokens held back because they do not fill a whole sequence."""
-        return len(self._buf)
+        return self._fill
+
+    def state(self) -> dict[str, list[int]]:
+        """The held-back tokens and starts, to resume packing later."""
+        return {"tokens": self._buf[: self._fill].tolist(), "starts": list(self._starts)}
+
+    def restore(self, state: dict[str, list[int]]) -> None:
+        """Continue from a state returned by `state()`."""
+        toks = state["tokens"]
+        self._buf[: len(toks)] = toks
+        self._fill = len(toks)
+        self._starts = list(state["starts"])
 
 
 def separator_tokens(separator: str, tokenizer: object) -> tuple[list[int], list[int]]:

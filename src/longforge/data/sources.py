@@ -1,9 +1,13 @@
-"""Corpus sources: stream documents from JSONL and text files, keeping bad records aside with the reason."""
+"""Corpus sources: stream documents from JSONL (.gz, .zst), Parquet, text folders and Hugging Face datasets saved
+to disk, keeping bad records aside with the reason and location."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +17,12 @@ from typing import IO, Any
 from longforge.config import SourceSpec
 from longforge.errors import LongforgeError
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".tex", ".html", ".c", ".h", ".js", ".java", ".go", ".rs"}
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+# A document is held in memory whole while it is tokenized; bigger files and groups are cut into pieces of this size.
+MAX_DOCUMENT_BYTES = 64 << 20
+ARROW_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,18 @@ class Document:
     source: str
     domain: str
     location: str
+    records: int = 1  # records joined into it (group_by)
+    piece: bool = False  # a piece of a file or group larger than MAX_DOCUMENT_BYTES, or a group that came back
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record that could not be used: which source, why, and where."""
+
+    source: str
+    reason: str
+    location: str
+    detail: str = ""
 
 
 @dataclass
@@ -33,22 +54,29 @@ class Rejects:
     path: Path | None = None
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     _fh: IO[str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, source: str, reason: str, location: str, detail: str = "") -> None:
         """Count one rejected record and append it to the rejects file."""
-        self.counts[(source, reason)] += 1
-        if self.path is not None:
-            if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = self.path.open("w")
-            rec = {"source": source, "reason": reason, "location": location, "detail": detail[:200]}
-            self._fh.write(json.dumps(rec) + "\n")
+        self.add_reject(Reject(source, reason, location, detail))
+
+    def add_reject(self, r: Reject) -> None:
+        """Count one Reject and append it to the rejects file."""
+        with self._lock:
+            self.counts[(r.source, r.reason)] += 1
+            if self.path is not None:
+                if self._fh is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._fh = self.path.open("w")
+                rec = {"source": r.source, "reason": r.reason, "location": r.location, "detail": r.detail[:200]}
+                self._fh.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
         """Flush the rejects file."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Rejected record counts per source and reason."""
@@ -58,97 +86,402 @@ class Rejects:
         return out
 
 
+# ---------------------------------------------------------------- formats and files
+
+
+def _is_jsonl(name: str) -> bool:
+    name = name.lower()
+    for c in COMPRESSED_SUFFIXES:
+        if name.endswith(c):
+            name = name[: -len(c)]
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Files under a folder, sorted, skipping hidden ones (.git, .DS_Store)."""
+    return sorted(f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
+
+
 def source_format(spec: SourceSpec) -> str:
     """The source's format: given, or guessed from its path."""
     if spec.format != "auto":
         return spec.format
     p = Path(spec.path)
     if p.is_dir():
+        if any((p / m).is_file() for m in HF_MARKERS):
+            return "hf_disk"
+        files = _visible_files(p)
+        if files and all(f.suffix.lower() == ".parquet" for f in files):
+            return "parquet"
+        if files and all(_is_jsonl(f.name) for f in files):
+            return "jsonl"
         return "text"
     name = p.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+    if _is_jsonl(name):
         return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "hf_disk"
     return "text"
 
 
-def check_source(spec: SourceSpec) -> None:
-    """Fail before any work when a source path is missing or empty."""
+def _hf_files(root: Path) -> list[Path]:
+    """The Arrow files of a dataset saved with `save_to_disk`, in order (every split of a DatasetDict)."""
+    if root.is_file():
+        return [root]
+    dd = root / "dataset_dict.json"
+    if dd.is_file():
+        try:
+            splits = json.loads(dd.read_text())["splits"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            splits = sorted(d.name for d in root.iterdir() if d.is_dir())
+        return [f for s in splits for f in _hf_files(root / s)]
+    state = root / "state.json"
+    if state.is_file():
+        try:
+            names = [d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+            return [root / n for n in names]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return sorted(root.glob("*.arrow"))
+
+
+def source_files(spec: SourceSpec) -> list[Path]:
+    """The files a source reads, in reading order."""
     p = Path(spec.path)
+    fmt = source_format(spec)
+    if fmt == "hf_disk":
+        return _hf_files(p)
+    if p.is_file():
+        return [p]
+    files = _visible_files(p)
+    if fmt == "jsonl":
+        return [f for f in files if _is_jsonl(f.name)]
+    if fmt == "parquet":
+        return [f for f in files if f.suffix.lower() == ".parquet"]
+    return files
+
+
+def check_source(spec: SourceSpec) -> None:
+    """Fail before any work when a source is missing, empty, or lacks the fields it is read by."""
+    p = Path(spec.path)
+    where = f"source {spec.name!r}"
     if not p.exists():
-        raise LongforgeError(f"source {spec.name!r}: {p} does not exist; fix `path` for this source.")
-    if p.is_dir() and not any(f.is_file() for f in p.rglob("*")):
-        raise LongforgeError(f"source {spec.name!r}: folder {p} has no files; point `path` at the corpus.")
-    if source_format(spec) == "jsonl" and p.is_dir():
-        raise LongforgeError(f"source {spec.name!r}: format jsonl needs a file, but {p} is a folder; use format 'text' or a .jsonl file.")
+        raise LongforgeError(f"{where}: {p} does not exist; fix `path` for this source.")
+    fmt = source_format(spec)
+    files = source_files(spec)
+    if not files:
+        kind = {"jsonl": "JSONL files", "parquet": ".parquet files", "hf_disk": ".arrow files"}.get(fmt, "files")
+        raise LongforgeError(f"{where}: folder {p} has no {kind}; point `path` at the corpus or set `format`.")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise LongforgeError(f"{where}: {missing[0]} is listed by the dataset but does not exist; re-save the dataset.")
+    if fmt == "jsonl" and any(f.name.lower().endswith((".zst", ".zstd")) for f in files):
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise LongforgeError(f"{where}: reading .zst files needs the zstandard package; run `pip install zstandard`.") from None
+    if fmt in ("parquet", "hf_disk"):
+        for f in files:
+            _check_columns(spec, f, fmt)
+    if spec.group_by is not None and fmt == "text":
+        raise LongforgeError(f"{where}: `group_by` needs records with fields (jsonl, parquet, hf_disk), not a text folder; remove it.")
 
 
-def _open_text(path: Path) -> IO[bytes]:
-    """Open a possibly gzip-compressed file for reading bytes."""
-    if path.suffix == ".gz":
+def _arrow_schema(path: Path, fmt: str) -> Any:
+    """The Arrow schema of a Parquet or Arrow IPC file (reads only the metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        return pq.read_schema(path)
+    with pa.OSFile(str(path)) as fh:
+        try:
+            return pa.ipc.open_stream(fh).schema
+        except pa.ArrowInvalid:
+            pass
+    with pa.OSFile(str(path)) as fh:
+        return pa.ipc.open_file(fh).schema
+
+
+def _check_columns(spec: SourceSpec, path: Path, fmt: str) -> None:
+    """The text (and group) field must be a column of text or bytes in every file."""
+    import pyarrow as pa
+
+    try:
+        schema = _arrow_schema(path, fmt)
+    except (OSError, pa.ArrowException):
+        return  # an unreadable file is counted as a reject while building, like a bad record
+    names = schema.names
+    for key, what in ((spec.text_field, "text_field"), (spec.group_by, "group_by")):
+        if key is None:
+            continue
+        if key not in names:
+            raise LongforgeError(
+                f"source {spec.name!r}: {path} has no column {key!r} (columns: {', '.join(names)}); set `{what}` to one of them."
+            )
+    t = schema.field(spec.text_field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        raise LongforgeError(f"source {spec.name!r}: column {spec.text_field!r} of {path} holds {t}, not text; set `text_field` to a text column.")
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable record before grouping: its text, location and group key."""
+
+    text: str
+    location: str
+    group: Any = None
+    piece: bool = False
+
+
+Item = Document | Reject
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    """Open a file for reading bytes, decompressing .gz and .zst."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
         return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        raw = path.open("rb")
+        # Large windows appear in corpora compressed with --long; the limit only bounds memory, not speed.
+        return io.BufferedReader(zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(raw, closefd=True))
     return path.open("rb")
 
 
-def _jsonl_documents(spec: SourceSpec, rejects: Rejects) -> Iterator[Document]:
-    path = Path(spec.path)
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a file cannot be read (further)."""
+    errs: list[type[BaseException]] = [OSError, EOFError, zlib.error]
     try:
-        fh = _open_text(path)
-    except OSError as e:
-        rejects.add(spec.name, "unreadable file", str(path), str(e))
+        import zstandard
+
+        errs.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _empty(text: str) -> bool:
+    # isspace() stops at the first visible character and copies nothing, unlike strip().
+    return not text or text.isspace()
+
+
+def _jsonl_records(spec: SourceSpec, path: Path) -> Iterator[Record | Reject]:
+    name, tf, gb = spec.name, spec.text_field, spec.group_by
+    errors = _read_errors()
+    lineno = 0
+    try:
+        fh = _open_binary(path)
+    except errors as e:
+        yield Reject(name, "unreadable file", str(path), str(e))
         return
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            loc = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
+    try:
+        with fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if raw.isspace():
+                    continue
+                loc = f"{path}:{lineno}"
+                try:
+                    rec: Any = json.loads(raw)
+                except UnicodeDecodeError as e:
+                    yield Reject(name, "invalid UTF-8", loc, str(e))
+                    continue
+                except ValueError as e:
+                    yield Reject(name, "malformed JSON", loc, getattr(e, "msg", str(e)))
+                    continue
+                if not isinstance(rec, dict) or tf not in rec or rec[tf] is None:
+                    yield Reject(name, f"missing field {tf!r}", loc)
+                    continue
+                text = rec[tf]
+                if not isinstance(text, str):
+                    yield Reject(name, f"field {tf!r} is not text", loc, type(text).__name__)
+                    continue
+                if _empty(text):
+                    yield Reject(name, "empty document", loc)
+                    continue
+                yield Record(text, loc, _group_key(rec.get(gb)) if gb is not None else None)
+    except errors as e:
+        yield Reject(name, "unreadable file", f"{path}:{lineno + 1}", f"reading stopped: {e}")
+
+
+def _group_key(v: Any) -> Any:
+    """A hashable group key (lists and dicts become their JSON text)."""
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return json.dumps(v, sort_keys=True)
+
+
+def _arrow_batches(path: Path, fmt: str, columns: list[str]) -> Iterator[Any]:
+    """Record batches of a Parquet or Arrow IPC file, streamed, only the needed columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        pf = pq.ParquetFile(path)
+        yield from pf.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=columns)
+        return
+    with pa.OSFile(str(path)) as fh:
+        try:
+            reader = pa.ipc.open_stream(fh)
+        except pa.ArrowInvalid:
+            reader = None
+        if reader is not None:
+            for rb in reader:
+                yield rb.select(columns)
+            return
+    with pa.OSFile(str(path)) as fh:
+        reader = pa.ipc.open_file(fh)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i).select(columns)
+
+
+def _arrow_records(spec: SourceSpec, path: Path, fmt: str) -> Iterator[Record | Reject]:
+    import pyarrow as pa
+
+    name, tf, gb = spec.name, spec.text_field, spec.group_by
+    columns = [tf] if gb is None or gb == tf else [tf, gb]
+    row = 0
+    try:
+        for rb in _arrow_batches(path, fmt, columns):
+            texts = rb.column(tf).to_pylist()
+            groups = rb.column(gb).to_pylist() if gb is not None else [None] * len(texts)
+            for text, g in zip(texts, groups):
+                loc = f"{path}:row {row}"
+                row += 1
+                if text is None:
+                    yield Reject(name, f"missing field {tf!r}", loc, "null")
+                    continue
+                if isinstance(text, bytes):
+                    try:
+                        text = text.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        yield Reject(name, "invalid UTF-8", loc, str(e))
+                        continue
+                if _empty(text):
+                    yield Reject(name, "empty document", loc)
+                    continue
+                yield Record(text, loc, _group_key(g))
+    except (OSError, pa.ArrowException) as e:
+        yield Reject(name, "unreadable file", f"{path}:row {row}", f"reading stopped: {e}")
+
+
+def _text_records(spec: SourceSpec, path: Path) -> Iterator[Record | Reject]:
+    """One file is one document; a file above MAX_DOCUMENT_BYTES is read in pieces cut at line ends."""
+    name = spec.name
+    try:
+        size = path.stat().st_size
+        if size <= MAX_DOCUMENT_BYTES:
+            pieces: Iterator[tuple[int, bytes]] = iter([(0, path.read_bytes())])
+        else:
+            pieces = _file_pieces(path)
+        for offset, data in pieces:
+            loc = str(path) if size <= MAX_DOCUMENT_BYTES else f"{path}@{offset}"
             try:
-                line = raw.decode("utf-8")
+                text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                rejects.add(spec.name, "invalid UTF-8", loc, str(e))
+                yield Reject(name, "invalid UTF-8", loc, str(e))
                 continue
-            try:
-                rec: Any = json.loads(line)
-            except json.JSONDecodeError as e:
-                rejects.add(spec.name, "malformed JSON", loc, e.msg)
+            if _empty(text):
+                yield Reject(name, "empty document", loc)
                 continue
-            if not isinstance(rec, dict) or spec.text_field not in rec:
-                rejects.add(spec.name, f"missing field {spec.text_field!r}", loc)
-                continue
-            text = rec[spec.text_field]
-            if not isinstance(text, str):
-                rejects.add(spec.name, f"field {spec.text_field!r} is not text", loc, type(text).__name__)
-                continue
-            if not text.strip():
-                rejects.add(spec.name, "empty document", loc)
-                continue
-            yield Document(text, spec.name, spec.domain, loc)
+            yield Record(text, loc, piece=size > MAX_DOCUMENT_BYTES)
+    except OSError as e:
+        yield Reject(name, "unreadable file", str(path), str(e))
 
 
-def _text_documents(spec: SourceSpec, rejects: Rejects) -> Iterator[Document]:
-    root = Path(spec.path)
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-    for f in files:
-        try:
-            data = f.read_bytes()
-        except OSError as e:
-            rejects.add(spec.name, "unreadable file", str(f), str(e))
+def _file_pieces(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, bytes) pieces of at most MAX_DOCUMENT_BYTES, cut after a newline when there is one."""
+    with path.open("rb") as fh:
+        offset, carry = 0, b""
+        while True:
+            chunk = fh.read(MAX_DOCUMENT_BYTES - len(carry))
+            data = carry + chunk
+            if not chunk:
+                if data:
+                    yield offset, data
+                return
+            cut = data.rfind(b"\n") + 1 or len(data)
+            yield offset, data[:cut]
+            offset += cut
+            carry = data[cut:]
+
+
+def iter_records(spec: SourceSpec) -> Iterator[Record | Reject]:
+    """Every record of a source, file by file, and every bad one as a Reject."""
+    fmt = source_format(spec)
+    for f in source_files(spec):
+        if fmt == "jsonl":
+            yield from _jsonl_records(spec, f)
+        elif fmt in ("parquet", "hf_disk"):
+            yield from _arrow_records(spec, f, fmt)
+        else:
+            yield from _text_records(spec, f)
+
+
+def _grouped(spec: SourceSpec, records: Iterator[Record | Reject]) -> Iterator[Item]:
+    """Join consecutive records with the same group key into one document (ProLong's repositories).
+
+    Records without a key stay single documents. A group whose records are not contiguous, or that grows past
+    MAX_DOCUMENT_BYTES, becomes several documents, flagged as pieces; grouping never holds more than one group.
+    """
+    joiner = spec.group_joiner
+    finished: set[int] = set()  # hashes of closed group keys, to flag a group that comes back
+    key: Any = None
+    parts: list[str] = []
+    first_loc = ""
+    size = 0
+    piece = False
+
+    def flush() -> Document:
+        return Document(joiner.join(parts), spec.name, spec.domain, f"{first_loc} (group {key!r}, {len(parts)} records)",
+                        records=len(parts), piece=piece)
+
+    for r in records:
+        if isinstance(r, Reject):
+            yield r
             continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rejects.add(spec.name, "invalid UTF-8", str(f), str(e))
+        if parts and r.group == key and size + len(r.text) <= MAX_DOCUMENT_BYTES:
+            parts.append(r.text)
+            size += len(r.text)
             continue
-        if not text.strip():
-            rejects.add(spec.name, "empty document", str(f))
+        next_piece = hash(r.group) in finished
+        if parts:
+            yield flush()
+            if r.group == key:
+                next_piece = True  # the group outgrew MAX_DOCUMENT_BYTES
+            else:
+                finished.add(hash(key))
+        if r.group is None:
+            yield Document(r.text, spec.name, spec.domain, r.location)
+            parts, size = [], 0
             continue
-        yield Document(text, spec.name, spec.domain, str(f))
+        key, parts, first_loc, size, piece = r.group, [r.text], r.location, len(r.text), next_piece
+    if parts:
+        yield flush()
+
+
+def iter_items(spec: SourceSpec) -> Iterator[Item]:
+    """The source's documents and rejects, in file order (checked first)."""
+    check_source(spec)
+    records = iter_records(spec)
+    if spec.group_by is not None:
+        yield from _grouped(spec, records)
+        return
+    for r in records:
+        yield r if isinstance(r, Reject) else Document(r.text, spec.name, spec.domain, r.location, piece=r.piece)
 
 
 def iter_documents(spec: SourceSpec, rejects: Rejects) -> Iterator[Document]:
     """Stream the usable documents of a source; the others go to `rejects`."""
-    check_source(spec)
-    fmt = source_format(spec)
-    if fmt == "jsonl":
-        yield from _jsonl_documents(spec, rejects)
-    else:
-        yield from _text_documents(spec, rejects)
+    for item in iter_items(spec):
+        if isinstance(item, Reject):
+            rejects.add_reject(item)
+        else:
+            yield item

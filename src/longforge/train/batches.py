@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -60,7 +60,11 @@ def targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class PackedBatches:
-    """Micro-batches from a shard store, sharded over data-parallel ranks."""
+    """Micro-batches from a shard store, sharded over data-parallel ranks, resumable from a saved state.
+
+    `order` is 'shuffle' or 'ssq' (ProLong: each global batch ordered by sum of squared document lengths);
+    when None, the order the data was built for (index.json `batch_order`) is used.
+    """
 
     dataset: PackedDataset
     micro_batch: int
@@ -72,6 +76,7 @@ class PackedBatches:
     rank: int = 0
     world: int = 1
     sentence_ends: np.ndarray | None = None  # vocabulary mask of sentence-ending tokens, for 'pit'
+    order: str | None = None
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -83,7 +88,12 @@ class PackedBatches:
                 f"transform {self.transform!r} spreads {self.dataset.seq_len}-token sequences over target_length "
                 f"{self.target_length}, which is shorter; raise target_length or pack shorter sequences."
             )
-        self.plan = LoaderPlan(len(self.dataset), self.micro_batch * self.grad_accum * self.world, self.seed)
+        order = self.order or self.dataset.index.get("batch_order", "shuffle")
+        if order not in ("shuffle", "ssq"):
+            raise LongforgeError(f"batch order {order!r} is not 'shuffle' or 'ssq'; fix `batch_order`.")
+        self.order = order
+        self.plan = LoaderPlan(len(self.dataset), self.micro_batch * self.grad_accum * self.world, self.seed,
+                               costs=self.dataset.costs() if order == "ssq" else None)
 
     def batch(self, step: int, micro: int) -> Batch:
         """Micro-batch `micro` of step `step` for this rank."""
@@ -101,3 +111,20 @@ class PackedBatches:
             docs.append(d)
             pos.append(p)
         return Batch(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(docs)), torch.from_numpy(np.stack(pos)))
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """What a checkpoint saved before `step` needs to resume reading exactly there (JSON-serialisable)."""
+        return {"step": step, "consumed": self.plan.consumed(step), "seed": self.seed, "order": self.order,
+                "num_sequences": len(self.dataset), "data": self.dataset.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Continue from a saved state (even with another batch or world size); returns the step to resume at."""
+        mine = {"seed": self.seed, "order": self.order, "num_sequences": len(self.dataset), "data": self.dataset.fingerprint()}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise LongforgeError(
+                    f"the saved loader state has {key}={state.get(key)!r} but this run has {value!r}; "
+                    "resume with the data and seed the checkpoint was trained on, or start the stage afresh."
+                )
+        self.plan = replace(self.plan, start_step=int(state["step"]), start_consumed=int(state["consumed"]))
+        return int(state["step"])
