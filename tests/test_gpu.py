@@ -15,8 +15,9 @@ from test_train import _packed, _Source
 pytestmark = pytest.mark.gpu
 
 
-def test_document_masked_attention_on_cuda_matches_cpu() -> None:
-    model = make_tiny_model(50)
+@pytest.mark.parametrize("hidden", [32, 64], ids=["head8-dense", "head16-flex"])
+def test_document_masked_attention_on_cuda_matches_cpu(hidden: int) -> None:
+    model = make_tiny_model(50, hidden=hidden)
     use_longforge_attention(model)
     ids, docs, pos = _packed([37, 100, 11], 50)
     with torch.no_grad():
