@@ -58,6 +58,8 @@ def test_interrupted_run_resumes_the_training_stage(micro_recipe: dict, tmp_path
         run_recipe(parse_recipe(micro_recipe), run)
     assert not (run / "train/extend/DONE.json").exists()
     assert [p.name for p in (run / "train/extend/checkpoints").iterdir()] == ["step-0000002"]
+    meta = json.loads((run / "train/extend/checkpoints/step-0000002/meta.json").read_text())
+    assert meta["loader"]["step"] == 2 and meta["loader"]["consumed"] == 2 * 2  # two steps of two sequences
     monkeypatch.setattr(batches.PackedBatches, "batch", real)
     run_recipe(parse_recipe(micro_recipe), run)
     log = [json.loads(x)["step"] for x in (run / "train/extend/log.jsonl").read_text().splitlines()]

@@ -281,7 +281,11 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     start = 0
     existing = _checkpoints(ck_dir)
     if existing:
-        start = int(load_checkpoint(existing[-1], engine.net, optimizer, layout)["step"])
+        meta = load_checkpoint(existing[-1], engine.net, optimizer, layout)
+        start = int(meta["step"])
+        if "loader" in meta and hasattr(source, "load_state_dict"):
+            # The loader continues after the last sequence the checkpoint saw, even with another batch or world size.
+            source.load_state_dict(meta["loader"])
     log_path = out / "log.jsonl"
     if layout.is_main:
         _truncate_log(log_path, start)
@@ -313,7 +317,10 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
                             board.add_scalar(f"train/{key}", value, rec["step"])
                 bar.update(task, advance=1, description=f"{label}: loss {last_loss:.3f}")
                 if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
-                    last_good = save_checkpoint(ck_dir, step + 1, engine.net, optimizer, layout, {"loss": last_loss})
+                    extra: dict[str, Any] = {"loss": last_loss}
+                    if hasattr(source, "state_dict"):
+                        extra["loader"] = source.state_dict(step + 1)
+                    last_good = save_checkpoint(ck_dir, step + 1, engine.net, optimizer, layout, extra)
     finally:
         if log is not None:
             log.close()
