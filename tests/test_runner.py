@@ -110,3 +110,31 @@ def test_stage_kinds_validate(micro_recipe: dict) -> None:
     micro_recipe["stages"] = [{"name": "e", "lr": 1e-3}]
     with pytest.raises(LongforgeError, match="a pretrain stage needs `steps`"):
         parse_recipe(micro_recipe)
+
+
+def test_extend_replay_merge_like_longrecipe(micro_recipe: dict, tmp_path: Path) -> None:
+    micro_recipe["data"]["seq_len"] = 128  # train short, reach the 256 target with PIT
+    micro_recipe["data"]["replay"] = {"token_budget": 1500, "seq_len": 64}
+    micro_recipe["positions"].update(method="theta", theta=500000.0, transform="pit")
+    micro_recipe["stages"] = [
+        {"name": "extend", "steps": 2, "batch_size": 2, "lr": 1e-3},
+        {"name": "replay", "dataset": "replay", "steps": 2, "batch_size": 2, "lr": 5e-6},
+        {"name": "merge", "kind": "merge"},
+    ]
+    micro_recipe["eval"] = {"passkey": {"lengths": [64, 256], "depths": 1, "trials": 1}, "models": ["final"]}
+    run = tmp_path / "run"
+    out = run_recipe(parse_recipe(micro_recipe), run)
+    assert Path(out["final"]) == run / "train" / "merge" / "final"
+    assert (run / "data" / "replay" / "index.json").is_file()
+    rep = json.loads((run / "data" / "replay" / "index.json").read_text())
+    assert rep["seq_len"] == 64
+    assert len((run / "train" / "replay" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_replay_stage_needs_a_replay_set(micro_recipe: dict) -> None:
+    from longforge.errors import LongforgeError
+    from longforge.runner import preflight
+
+    micro_recipe["stages"].append({"name": "replay", "dataset": "replay", "steps": 1})
+    with pytest.raises(LongforgeError, match="`data.replay` is not set"):
+        preflight(parse_recipe(micro_recipe))

@@ -195,6 +195,8 @@ class StageSpec(Strict):
     document_mask: bool = True
     save_every: int = Field(default=50, gt=0)
     data: Path | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
+    dataset: Literal["main", "replay"] = Field(
+        default="main", description="Which set of the data stage to train on: the long data, or its replay set (short, contiguous positions).")
     sp: int = Field(default=1, gt=0, description="Sequence-parallel degree (Ulysses); processes come from torchrun.")
     attention: Literal["auto", "dense", "sdpa", "varlen", "flex"] = Field(
         default="auto", description="Attention kernel: auto = flex (document masks) or sdpa on CUDA, dense on CPU.")
@@ -212,6 +214,8 @@ class StageSpec(Strict):
 
     @model_validator(mode="after")
     def _kind_settings(self) -> "StageSpec":
+        if self.dataset == "replay" and self.kind != "pretrain":
+            raise ValueError("`dataset: replay` belongs to pretrain stages (replay of the original distribution)")
         if self.kind != "merge" and "steps" not in self.model_fields_set:
             raise ValueError(f"a {self.kind} stage needs `steps` (optimizer steps)")
         if self.kind == "sft" and self.sft is None:

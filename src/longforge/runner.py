@@ -108,6 +108,8 @@ def preflight(recipe: Recipe) -> int:
             f"{recipe.positions.transform!r} has nothing to skip; pack shorter sequences (e.g. 30% of the target)."
         )
     for st in recipe.stages:
+        if st.dataset == "replay" and st.data is None and recipe.data.replay is None:
+            raise LongforgeError(f"stage {st.name!r} trains on the replay set, but `data.replay` is not set; add it (e.g. token_budget and seq_len).")
         if st.sft is not None and not Path(st.sft.data).is_file():
             raise LongforgeError(f"stage {st.name!r}: `sft.data` {st.sft.data} does not exist; point it at a JSONL of chat conversations.")
         if st.sft is not None and st.sft.chat_template is not None and not Path(st.sft.chat_template).is_file():
@@ -190,7 +192,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     model_in, model_fp = rope_dir, rope_fp
     for st in recipe.stages:
         st_dir = run_dir / "train" / st.name
-        st_data = st.data or data_dir
+        st_data = st.data or (data_dir / "replay" if st.dataset == "replay" else data_dir)
         st_fp = fingerprint([st.model_dump(mode="json"), model_fp, data_fp if st.data is None else str(st.data),
                              recipe.positions.transform, recipe.target_length, recipe.seed, _file_stamp(st)])
 
@@ -200,10 +202,12 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
             if st.kind == "sft":
                 source = sft_source(st, model_in, st_dir, recipe.seed, layout)
             else:
+                # Replay is short text of the original distribution: plain positions, whatever the extension used.
+                transform = "contiguous" if st.dataset == "replay" else recipe.positions.transform
                 # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.
-                ends = sentence_end_mask(load_tokenizer(tok_dir)) if recipe.positions.transform == "pit" else None
+                ends = sentence_end_mask(load_tokenizer(tok_dir)) if transform == "pit" else None
                 source = PackedBatches(PackedDataset(st_data), st.batch_size, st.grad_accum, recipe.seed,
-                                       recipe.positions.transform, recipe.target_length, st.document_mask,
+                                       transform, recipe.target_length, st.document_mask,
                                        rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
             res = train_model(model, source, st, st_dir, layout.device, tokenizer_from=model_in,
                               label=f"train/{st.name}", layout=layout)
