@@ -51,3 +51,32 @@ def test_extended_model_better_on_digits_ranks_numbers_first(tokenizer, tmp_path
     assert profile.rows[0]["type"] == "NUM" and "NUM" in profile.selected
     paths = write_profile(profile, tmp_path)
     assert json.loads(paths["json"].read_text())["selected"] == profile.selected and paths["png"].is_file()
+
+
+def test_profile_filter_keeps_sentences_with_impactful_types(tmp_path: Path) -> None:
+    from longforge.config import SentenceFilterSpec
+    from longforge.data.filters import FILTERS, VocabTables, select_sentences, sentence_bounds
+
+    pieces = ["the", " river", " 42", ".", " we", " go", "\n", " 7", " stones", "!"]
+    tables = VocabTables.from_strings(pieces)
+    (tmp_path / "profile.json").write_text(json.dumps({"selected": ["NUM"], "types": []}))
+    spec = SentenceFilterSpec(method="profile", profile=tmp_path / "profile.json", budget_fraction=1.0)
+    flt = FILTERS["profile"](spec, tables)
+    ids = np.arange(len(pieces))
+    bounds = sentence_bounds(ids, tables.ends_sentence)
+    scores = flt.scores(ids, bounds, np.random.default_rng(0))
+    assert np.isfinite(scores).tolist() == [True, False, True]  # the sentence without a number is dropped
+    kept = select_sentences(ids, bounds, scores, budget=3)
+    assert kept.tolist() == [7, 8, 9]  # the denser numeric sentence fits the budget first
+    rnd = FILTERS["random"](SentenceFilterSpec(method="random"), tables)
+    assert np.isfinite(rnd.scores(ids, bounds, np.random.default_rng(0))).all()
+
+
+def test_profile_method_needs_a_profile() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from longforge.config import SentenceFilterSpec
+
+    with pytest.raises(ValidationError, match="needs `profile:`"):
+        SentenceFilterSpec(method="profile")

@@ -61,12 +61,20 @@ class SourceSpec(Strict):
 class SentenceFilterSpec(Strict):
     """LongRecipe's sentence selection: keep the sentences a filter values, up to a share of each document."""
 
-    method: Literal["digits"] = Field(
-        default="digits", description="digits: LongRecipe's released heuristic (sentences with a digit always kept)."
+    method: Literal["digits", "profile", "random"] = Field(
+        default="digits", description="digits: LongRecipe's released heuristic (sentences with a digit always kept); "
+        "profile: sentences with the impactful token types of `profile`; random: the ablation baseline."
     )
+    profile: Path | None = Field(default=None, description="profile.json from `longforge analyze impactful` (method profile).")
     keep_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of keeping a sentence the filter does not require.")
     budget_fraction: float = Field(default=0.3, gt=0, le=1, description="Keep at most this share of each document's tokens.")
     min_document_tokens: int = Field(default=0, ge=0, description="Documents shorter than this are left whole.")
+
+    @model_validator(mode="after")
+    def _profile_given(self) -> "SentenceFilterSpec":
+        if self.method == "profile" and self.profile is None:
+            raise ValueError("method 'profile' needs `profile:` (the profile.json of `longforge analyze impactful`)")
+        return self
 
 
 class ReplaySpec(Strict):
@@ -459,6 +467,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 
     recipe.model.path = fix(recipe.model.path)
     recipe.data.tokenizer = fix(recipe.data.tokenizer)
+    if recipe.data.sentence_filter is not None:
+        recipe.data.sentence_filter.profile = fix(recipe.data.sentence_filter.profile)
     for s in recipe.data.sources:
         s.path = fix(s.path)
     for st in recipe.stages:

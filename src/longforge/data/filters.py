@@ -20,17 +20,18 @@ SENTENCE_ENDS = ".\n?!"
 
 @dataclass(frozen=True)
 class VocabTables:
-    """Per-token-id facts a filter needs: does the token end a sentence, does it hold a digit."""
+    """Per-token-id facts a filter needs: does the token end a sentence, does it hold a digit, its text."""
 
     ends_sentence: np.ndarray
     has_digit: np.ndarray
+    pieces: tuple[str, ...] = ()
 
     @classmethod
     def from_strings(cls, pieces: list[str]) -> "VocabTables":
         """Tables from the decoded text of every token id, in id order."""
         ends = np.array([any(c in p for c in SENTENCE_ENDS) for p in pieces], dtype=bool)
         digit = np.array([any(c.isdigit() for c in p) for p in pieces], dtype=bool)
-        return cls(ends, digit)
+        return cls(ends, digit, tuple(pieces))
 
 
 def vocab_tables(tokenizer: Any) -> VocabTables:
@@ -67,8 +68,53 @@ class DigitHeuristic:
         return np.where(digit_count > 0, 2.0, np.where(lucky, 1.0, -np.inf))
 
 
+@dataclass(frozen=True)
+class ImpactfulProfile:
+    """LongRecipe's selection: keep sentences holding impactful token types, densest first; drop the others."""
+
+    impactful: np.ndarray  # per token id: is its type one of the profile's selected types
+
+    def scores(self, ids: np.ndarray, bounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Share of impactful tokens in each sentence; -inf for sentences with none."""
+        if not len(ids):
+            return np.zeros(0)
+        count = np.add.reduceat(self.impactful[ids].astype(np.int64), bounds[:-1])
+        density = count / np.maximum(np.diff(bounds), 1)
+        return np.where(count > 0, density, -np.inf)
+
+
+@dataclass(frozen=True)
+class RandomSentences:
+    """The ablation baseline: sentences in random order, up to the same budget."""
+
+    def scores(self, ids: np.ndarray, bounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A uniform random score per sentence."""
+        return rng.random(len(bounds) - 1)
+
+
+def profile_filter(spec: SentenceFilterSpec, tables: VocabTables) -> ImpactfulProfile:
+    """The filter of an impactful-token profile written by `longforge analyze impactful`."""
+    import json
+
+    from longforge.analyze.impactful import builtin_type
+    from longforge.errors import LongforgeError
+
+    assert spec.profile is not None
+    try:
+        selected = set(json.loads(spec.profile.read_text())["selected"])
+    except (OSError, ValueError, KeyError):
+        raise LongforgeError(f"{spec.profile} is not a profile.json from `longforge analyze impactful`; run it first.") from None
+    if not selected:
+        raise LongforgeError(f"{spec.profile} selects no token type; lower its threshold or use method 'digits'.")
+    # Built-in types carry the part-of-speech names (NUM, PRON, AUX, ...), so spaCy profiles map onto them too.
+    types = np.array([builtin_type(p) in selected for p in tables.pieces], dtype=bool)
+    return ImpactfulProfile(types)
+
+
 FILTERS: dict[str, Callable[[SentenceFilterSpec, VocabTables], SentenceFilter]] = {
     "digits": lambda spec, tables: DigitHeuristic(tables, spec.keep_prob),
+    "profile": profile_filter,
+    "random": lambda spec, tables: RandomSentences(),
 }
 
 
