@@ -93,15 +93,48 @@ def demo(
 
 @app.command()
 def run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a preset name (see `longforge recipes`).")],
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: KEY=VALUE, e.g. model.path=/models/x or stages.0.lr=1e-5.")] = None,
 ) -> None:
     """Run every stage of a recipe into a run directory; finished stages are skipped, an interrupted one resumes."""
-    from longforge.config import load_recipe
+    from longforge.config import load_preset, load_recipe
+    from longforge.recipes import resolve_recipe_arg
     from longforge.runner import run_recipe
 
-    r = load_recipe(recipe)
+    path, preset = resolve_recipe_arg(recipe)
+    r = load_recipe(path, set_ or []) if path else load_preset(str(preset), set_ or [])
     run_recipe(r, out or Path("runs") / r.name)
+
+
+recipes_app = typer.Typer(help="The shipped presets: the four papers' recipes, PoSE and the demo.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the presets (`longforge recipes show NAME` prints one to copy)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from longforge.recipes import preset_names, preset_summary
+
+    t = Table(title="longforge presets (longforge recipes show NAME > my.yaml; longforge run NAME --set key=value)")
+    for col in ("name", "target", "RoPE", "positions", "data plan", "stages"):
+        t.add_column(col)
+    for name in preset_names():
+        p = preset_summary(name)
+        t.add_row(name, str(p["target_length"]), str(p["method"]), str(p["transform"]), str(p["plan"]), str(p["stages"]))
+    console.print(t)
+    for name in preset_names():
+        say(f"[bold]{name}[/]: {preset_summary(name)['description']}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+    """Print a preset's YAML (with its comments) to copy and edit."""
+    from longforge.recipes import preset_text
+
+    sys.stdout.write(preset_text(name))
 
 
 def _parse_source(text: str, i: int) -> dict[str, object]:

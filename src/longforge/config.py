@@ -367,6 +367,7 @@ class Recipe(Strict):
     """A whole context-extension recipe."""
 
     name: str = "recipe"
+    description: str = ""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
@@ -441,19 +442,61 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise LongforgeError("\n".join(lines)) from None
 
 
-def load_recipe(path: Path) -> Recipe:
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text to data, or one clear error naming the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LongforgeError(f"{source}: not valid YAML{where}; fix the syntax there.") from None
+
+
+def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
+    """Apply `key.sub=value` settings (list items by index, values parsed as YAML) to recipe data."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise LongforgeError(f"--set {item!r} is not KEY=VALUE (e.g. --set model.path=/models/llama).")
+        value = parse_yaml(raw, f"--set {key}")
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise LongforgeError(f"--set {key}: {part!r} is not an index of the {len(node)} items at {'.'.join(parts[:depth])}.")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise LongforgeError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section.")
+    return data
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe YAML file; relative paths inside it are taken from the file's folder."""
     path = Path(path)
     if not path.is_file():
         raise LongforgeError(f"recipe file {path} does not exist; pass the path of a recipe YAML file.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise LongforgeError(f"{path}: not valid YAML{where}; fix the syntax there.") from None
+    data = apply_overrides(parse_yaml(path.read_text(), str(path)), overrides or [], str(path))
     recipe = parse_recipe(data, source=str(path))
     return resolve_paths(recipe, path.parent)
+
+
+def load_preset(name: str, overrides: list[str] | None = None, base: Path | None = None) -> Recipe:
+    """A shipped preset with overrides; its relative paths are taken from `base` (the working folder by default)."""
+    from longforge.recipes import preset_text
+
+    data = apply_overrides(parse_yaml(preset_text(name), f"preset {name}"), overrides or [], f"preset {name}")
+    recipe = parse_recipe(data, source=f"preset {name}")
+    return resolve_paths(recipe, base or Path.cwd())
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:

@@ -142,38 +142,26 @@ def _params(path: Path) -> int:
 
 
 def demo_recipe(profile: DemoProfile, assets: dict[str, Path], device: str, seed: int) -> dict[str, Any]:
-    """The demo's recipe: YaRN x8 (UltraLong's alpha=1, beta=4) and continual pretraining on length-upsampled data."""
+    """The demo preset (recipes/demo.yaml), its paths pointed at the built assets and its sizes at the profile."""
+    from longforge.config import parse_yaml
+    from longforge.recipes import preset_text
+
+    r = parse_yaml(preset_text("demo"), "preset demo")
     b, t = profile.base, profile.target_length
-    budget = profile.ext_steps * profile.ext_batch * t + 8 * t
-    return {
-        "name": f"demo-{profile.name}",
-        "seed": seed,
-        "device": device,
-        "model": {"path": str(assets["base"])},
-        "target_length": t,
-        "data": {
-            "sources": [
-                {"name": "stdlib-repositories", "path": str(assets["corpus"] / "long.jsonl"), "domain": "code", "weight": 0.6},
-                {"name": "stdlib-modules-docstrings", "path": str(assets["corpus"] / "short.jsonl"), "domain": "text", "weight": 0.1},
-                {"name": "retrieval", "path": str(assets["retrieval"]), "domain": "retrieval", "weight": 0.3},
-            ],
-            "plan": "upsample_long",
-            # Fu et al. keep documents under 4K of a 128K target with p=0.1; here "short" means under the base window.
-            "short_threshold": b.window,
-            "short_keep_prob": 0.1,
-            "token_budget": budget,
-            "separator": "eos",
-        },
-        "positions": {"method": "yarn", "beta_fast": 4.0, "beta_slow": 1.0},
-        "stages": [{"name": "extend", "steps": profile.ext_steps, "batch_size": profile.ext_batch, "lr": profile.ext_lr,
-                    "warmup_steps": profile.ext_warmup, "schedule": "cosine", "document_mask": True,
-                    "save_every": max(profile.ext_steps // 4, 1)}],
-        "eval": {
-            "passkey": {"num_lengths": profile.passkey_lengths, "depths": profile.passkey_depths, "trials": profile.passkey_trials},
-            "ppl": {"source": str(assets["corpus"] / "heldout.jsonl"), "num_docs": profile.ppl_docs},
-            "models": ["base", "final"],
-        },
-    }
+    r.update(name=f"demo-{profile.name}", seed=seed, device=device, target_length=t)
+    r["model"]["path"] = str(assets["base"])
+    sources = {"stdlib-repositories": assets["corpus"] / "long.jsonl",
+               "stdlib-modules-docstrings": assets["corpus"] / "short.jsonl", "retrieval": assets["retrieval"]}
+    for src in r["data"]["sources"]:
+        src["path"] = str(sources[src["name"]])
+    r["data"]["short_threshold"] = b.window
+    r["data"]["token_budget"] = profile.ext_steps * profile.ext_batch * t + 8 * t
+    r["stages"][0].update(steps=profile.ext_steps, batch_size=profile.ext_batch, lr=profile.ext_lr,
+                          warmup_steps=profile.ext_warmup, save_every=max(profile.ext_steps // 4, 1))
+    r["eval"]["passkey"] = {"num_lengths": profile.passkey_lengths, "depths": profile.passkey_depths,
+                            "trials": profile.passkey_trials}
+    r["eval"]["ppl"] = {"source": str(assets["corpus"] / "heldout.jsonl"), "num_docs": profile.ppl_docs}
+    return r
 
 
 def demo_checks(run_dir: Path, window: int) -> list[dict[str, Any]]:
