@@ -358,18 +358,25 @@ def _arrow_records(spec: SourceSpec, path: Path, fmt: str) -> Iterator[Record | 
                 if text is None:
                     yield Reject(name, f"missing field {tf!r}", loc, "null")
                     continue
-                if isinstance(text, bytes):
-                    try:
-                        text = text.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        yield Reject(name, "invalid UTF-8", loc, str(e))
-                        continue
-                if _empty(text):
-                    yield Reject(name, "empty document", loc)
+                text, bad = _decoded(text, name, loc)
+                if bad is not None:
+                    yield bad
                     continue
                 yield Record(text, loc, _group_key(g))
     except (OSError, pa.ArrowException) as e:
         yield Reject(name, "unreadable file", f"{path}:row {row}", f"reading stopped: {e}")
+
+
+def _decoded(raw: str | bytes, name: str, loc: str) -> tuple[str, Reject | None]:
+    """The text of a record (decoding bytes as UTF-8), or why it cannot be used."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return "", Reject(name, "invalid UTF-8", loc, str(e))
+    if _empty(raw):
+        return raw, Reject(name, "empty document", loc)
+    return raw, None
 
 
 def _text_records(spec: SourceSpec, path: Path) -> Iterator[Record | Reject]:
@@ -383,13 +390,9 @@ def _text_records(spec: SourceSpec, path: Path) -> Iterator[Record | Reject]:
             pieces = _file_pieces(path)
         for offset, data in pieces:
             loc = str(path) if size <= MAX_DOCUMENT_BYTES else f"{path}@{offset}"
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Reject(name, "invalid UTF-8", loc, str(e))
-                continue
-            if _empty(text):
-                yield Reject(name, "empty document", loc)
+            text, bad = _decoded(data, name, loc)
+            if bad is not None:
+                yield bad
                 continue
             yield Record(text, loc, piece=size > MAX_DOCUMENT_BYTES)
     except OSError as e:

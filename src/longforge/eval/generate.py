@@ -23,7 +23,6 @@ ATTN_NAME = "longforge_infer"
 STORE_KW = "lf_kv_store"
 KVPlace = Literal["device", "cpu"]
 AttentionPath = Literal["auto", "longforge", "hf"]
-_registered = False
 
 
 class TextGenerator(Protocol):
@@ -228,22 +227,11 @@ def _inference_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """Mask builder for the inference attention: causality is applied inside, so transformers builds no mask."""
-    return None
-
-
 def register_attention() -> str:
     """Register the inference attention with transformers (idempotent); returns its name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
+    from longforge.model.attention import register_attention as register
 
-        AttentionInterface.register(ATTN_NAME, _inference_attention)
-        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
-        _registered = True
-    return ATTN_NAME
+    return register(ATTN_NAME, _inference_attention)
 
 
 def supports_longforge_path(model: Any) -> bool:

@@ -17,7 +17,7 @@ from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_head
 
 ATTN_NAME = "longforge"
 BACKENDS = ("auto", "dense", "sdpa", "varlen", "flex")
-_registered = False
+_registered: set[str] = set()
 _cache: dict[str, Any] = {}
 
 
@@ -160,21 +160,25 @@ def longforge_attention(
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """Mask builder for our attention: it makes its own masks, so transformers must not build one."""
+    """Mask builder for attention functions that make their own masks: transformers must not build one."""
     return None
 
 
-def register() -> str:
-    """Register longforge attention with transformers (idempotent); returns its name."""
-    global _registered
-    if not _registered:
+def register_attention(name: str, fn: Any) -> str:
+    """Register an attention function (and no mask builder) with transformers under `name`, once."""
+    if name not in _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionInterface.register(ATTN_NAME, longforge_attention)
-        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
-        _registered = True
-    return ATTN_NAME
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, _no_mask)
+        _registered.add(name)
+    return name
+
+
+def register() -> str:
+    """Register longforge's training attention with transformers (idempotent); returns its name."""
+    return register_attention(ATTN_NAME, longforge_attention)
 
 
 def use_longforge_attention(model: Any) -> None:
