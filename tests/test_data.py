@@ -171,6 +171,16 @@ def test_replay_set_and_sentence_filter(corpus_dir: Path, tokenizer_dir: Path, t
     assert rep.index["plan"] == "replay"
 
 
+def test_sentence_filter_touches_only_the_sources_it_names(corpus_dir: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(corpus_dir, plan="none", token_budget=3000,
+                 sentence_filter={"keep_prob": 0.0, "budget_fraction": 0.4, "sources": ["long"]})
+    m = build_data(spec, tokenizer_dir, 128, tmp_path / "r", seed=1)
+    assert m["sources"]["long"]["tokens_removed_by_filter"] > 0
+    assert m["sources"]["short"]["tokens_removed_by_filter"] == 0
+    with pytest.raises(ValueError, match="sentence_filter.sources names 'nope', which is not a source"):
+        _spec(corpus_dir, sentence_filter={"sources": ["nope"]})
+
+
 def test_an_impossible_budget_is_refused_before_any_work(corpus_dir: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     spec = _spec(corpus_dir, token_budget=10_000_000)
     with pytest.raises(LongforgeError, match=r"source 'long' is asked for 7,500,000 tokens .* can give at most [\d,]+ under plan "

@@ -92,6 +92,33 @@ def demo(
 
 
 @app.command()
+def lab(
+    out: Annotated[Path, typer.Option(help="Run directory for every arm, results.json and the report.")] = Path("longforge-lab"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    profile: Annotated[str, typer.Option(help="auto (cuda on a GPU, else cpu), tiny (CI-sized), cpu or cuda.")] = "auto",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the first runs every arm.")] = "0,1",
+    arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms (default: all); see docs/lab.md.")] = None,
+    second_seed_arms: Annotated[str, typer.Option(help="'key' (the arms the claims compare) or 'all'.")] = "key",
+    fresh: Annotated[bool, typer.Option(help="Rebuild the cached base model and rerun every arm.")] = False,
+) -> None:
+    """Pretrain a small base model, extend it 16x by every method on equal token budgets, evaluate, compare with the papers."""
+    from longforge.lab.arms import PROFILES
+    from longforge.lab.run import run_lab
+
+    if profile != "auto" and profile not in PROFILES:
+        raise LongforgeError(f"--profile {profile!r} is not one of auto, {', '.join(PROFILES)}.")
+    if second_seed_arms not in ("key", "all"):
+        raise LongforgeError(f"--second-seed-arms {second_seed_arms!r} must be 'key' or 'all'.")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LongforgeError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1.") from None
+    run_lab(out, device=device, profile_name=profile, seeds=seed_list or [0],
+            arm_names=[a.strip() for a in arms.split(",") if a.strip()] if arms else None,
+            second_seed_arms=second_seed_arms, fresh=fresh)
+
+
+@app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a preset name (see `longforge recipes`).")],
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,

@@ -69,6 +69,7 @@ class SentenceFilterSpec(Strict):
     keep_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of keeping a sentence the filter does not require.")
     budget_fraction: float = Field(default=0.3, gt=0, le=1, description="Keep at most this share of each document's tokens.")
     min_document_tokens: int = Field(default=0, ge=0, description="Documents shorter than this are left whole.")
+    sources: list[str] | None = Field(default=None, description="Source names to filter; all when absent (e.g. leave synthetic task data whole).")
 
     @model_validator(mode="after")
     def _profile_given(self) -> "SentenceFilterSpec":
@@ -129,6 +130,10 @@ class DataSpec(Strict):
             raise ValueError(f"source names must be unique; rename the repeated source {dup[0]!r}")
         if self.plan == "long_short_mix" and len({s.role for s in self.sources}) < 2:
             raise ValueError("plan long_short_mix needs at least one source with role 'long' and one with role 'short'")
+        if self.sentence_filter is not None and self.sentence_filter.sources is not None:
+            unknown = sorted(set(self.sentence_filter.sources) - set(names))
+            if unknown:
+                raise ValueError(f"sentence_filter.sources names {unknown[0]!r}, which is not a source; use one of {', '.join(names)}")
         if self.replay is not None and self.replay.sources is not None:
             unknown = sorted(set(self.replay.sources) - set(names))
             if unknown:

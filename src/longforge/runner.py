@@ -176,7 +176,10 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         m = build_data(recipe.data, tok_dir, seq_len, data_dir, recipe.seed)
         return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
 
-    run_stage("data", data_dir, data_fp, do_data)
+    if any(st.kind == "pretrain" and st.data is None for st in recipe.stages):
+        run_stage("data", data_dir, data_fp, do_data)
+    else:
+        say("[dim]data: every training stage names its own `data` folder; the data stage has nothing to build[/]")
 
     rope_fp = fingerprint([recipe.positions.model_dump(mode="json"), str(recipe.model.path), recipe.target_length, orig])
     rope_dir = run_dir / "rope"
@@ -237,6 +240,9 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 
         run_stage(f"eval/{label}", run_dir / "eval" / label, ev_fp, do_eval)
 
+    if not recipe.eval.models:
+        say("[dim]report: `eval.models` is empty, so there is nothing to report[/]")
+        return {"report": None, "html": None, "final": str(model_in)}
     # The report is cheap and shows every stage's timing, so it is rebuilt on every run.
     say("[bold cyan]▶ report[/]")
     rep = {"md": str(run_dir / "report" / "report.md"), "html": str(run_dir / "report" / "report.html")}

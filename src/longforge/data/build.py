@@ -359,7 +359,9 @@ class _Build:
     def _write_copy(self, src: _Source, ids: np.ndarray) -> int | None:
         """Filter, cut to the budget and pack one copy of a document; tokens written, or None once the budget is spent."""
         st = src.stats
-        piece = self.selection.apply(ids, self.filter_rng) if self.selection is not None else ids
+        wanted = self.selection is not None and (self.spec.sentence_filter.sources is None  # type: ignore[union-attr]
+                                                 or src.spec.name in self.spec.sentence_filter.sources)  # type: ignore[union-attr]
+        piece = self.selection.apply(ids, self.filter_rng) if wanted else ids  # type: ignore[union-attr]
         if len(piece) == 0:
             st.counts["documents_filtered_out"] += 1
             return 0

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bisect
+
 import numpy as np
 import torch
 
 from longforge.config import StageSpec
-from longforge.demo.retrieval import RetrievalDocs
+from longforge.demo.retrieval import RetrievalDoc, RetrievalDocs
 from longforge.train.batches import Batch
 from longforge.train.loop import TrainResult, train_model
 
@@ -35,6 +37,7 @@ class BaseSettings:
     retrieval_share: float
     curriculum_steps: int
     answer_weight: float
+    task_share: float = 0.0  # share of retrieval slots filled from a pool of other task documents (the lab's RULER formats)
 
 
 def curriculum_max(step: int, s: BaseSettings) -> int:
@@ -53,6 +56,20 @@ class PretrainBatches:
     docs: RetrievalDocs
     settings: BaseSettings
     seed: int
+    pool: list[RetrievalDoc] | None = None  # sorted by length, so the curriculum can cap it with a bisect
+
+    def __post_init__(self) -> None:
+        self._pool_lengths = [len(d.ids) for d in self.pool or []]
+
+    def _retrieval(self, rng: np.random.Generator, step: int) -> RetrievalDoc:
+        """A passkey document, or a pool document no longer than the curriculum allows."""
+        s = self.settings
+        hi = curriculum_max(step, s)
+        if self.pool and rng.random() < s.task_share:
+            # Pool documents cannot be shorter than their task's minimum, so the cap never drops below the shortest.
+            n = max(bisect.bisect_right(self._pool_lengths, hi), 1)
+            return self.pool[int(rng.integers(0, n))]
+        return self.docs.make(int(rng.integers(MIN_RETRIEVAL_TOKENS, hi + 1)), rng, "noise" if rng.random() < 0.5 else "text")
 
     def _row(self, rng: np.random.Generator, step: int) -> tuple[list[int], list[int], list[int], list[float]]:
         s = self.settings
@@ -63,8 +80,7 @@ class PretrainBatches:
         k = 0
         while len(ids) < s.window:
             if rng.random() < s.retrieval_share:
-                hi = curriculum_max(step, s)
-                d = self.docs.make(int(rng.integers(MIN_RETRIEVAL_TOKENS, hi + 1)), rng, "noise" if rng.random() < 0.5 else "text")
+                d = self._retrieval(rng, step)
                 weights = [1.0] * len(d.ids)
                 for j in range(*d.answer):
                     weights[j] = s.answer_weight
@@ -113,11 +129,12 @@ def make_base_model(s: BaseSettings, vocab_size: int, seed: int) -> Any:
 
 
 def pretrain_base(s: BaseSettings, tokenizer: Any, tokenizer_dir: Path, corpus: np.ndarray, out: Path,
-                  device: torch.device, seed: int) -> TrainResult:
+                  device: torch.device, seed: int, pool: list[RetrievalDoc] | None = None) -> TrainResult:
     """Pretrain the base model at its window; resumable; the checkpoint lands in out/final."""
     model = make_base_model(s, len(tokenizer), seed)
     spec = StageSpec(name="base", steps=s.steps, batch_size=s.micro_batch, lr=s.lr, warmup_steps=s.warmup_steps,
                      schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, clip_grad=1.0, document_mask=True,
                      save_every=max(s.steps // 4, 1))
-    source = PretrainBatches(corpus, RetrievalDocs(tokenizer, corpus), s, seed)
+    source = PretrainBatches(corpus, RetrievalDocs(tokenizer, corpus), s, seed,
+                             sorted(pool, key=lambda d: len(d.ids)) if pool else None)
     return train_model(model, source, spec, out, device, tokenizer_from=tokenizer_dir, label="base model")

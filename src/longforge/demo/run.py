@@ -83,25 +83,32 @@ def _retrieval_lines(n: int, seed: int) -> list[str]:
     return out
 
 
-def build_assets(profile: DemoProfile, cache: Path, device: Any, seed: int) -> dict[str, Path]:
-    """Corpus, tokenizer and base model, each built once and reused (stage markers in the cache)."""
-    corpus_dir, tok_dir, base_dir = cache / "corpus", cache / "tokenizer", cache / "base"
-    b = profile.base
+def corpus_and_tokenizer(cache: Path, vocab_size: int, max_length: int, seed: int) -> tuple[Path, Path, dict[str, Any]]:
+    """The standard-library corpus and a byte-level BPE trained on it, each built once (stage markers in the cache)."""
+    corpus_dir, tok_dir = cache / "corpus", cache / "tokenizer"
 
     def do_corpus() -> dict[str, Any]:
         return build_corpus(corpus_dir)
 
-    run_stage("demo/corpus (standard library source)", corpus_dir, fingerprint(["corpus", 1]), do_corpus)
+    run_stage("corpus (standard library source)", corpus_dir, fingerprint(["corpus", 1]), do_corpus)
 
     def do_tokenizer() -> dict[str, Any]:
         texts = _jsonl_texts(corpus_dir / "long.jsonl") + _jsonl_texts(corpus_dir / "short.jsonl")
-        tok = train_tokenizer(texts + _retrieval_lines(300, seed), b.vocab_size, tok_dir, profile.target_length)
+        tok = train_tokenizer(texts + _retrieval_lines(300, seed), vocab_size, tok_dir, max_length)
         enc = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         ids = np.concatenate([np.asarray(e.ids + [tok.eos_token_id], dtype=np.uint16) for e in enc])
         np.save(tok_dir / "corpus_ids.npy", ids)
         return {"vocab_size": len(tok), "corpus_tokens": int(len(ids)), "documents": len(texts)}
 
-    tok_rec = run_stage("demo/tokenizer (byte-level BPE)", tok_dir, fingerprint(["tok", b.vocab_size, seed, 1]), do_tokenizer)
+    tok_rec = run_stage("tokenizer (byte-level BPE)", tok_dir, fingerprint(["tok", vocab_size, seed, 1]), do_tokenizer)
+    return corpus_dir, tok_dir, tok_rec
+
+
+def build_assets(profile: DemoProfile, cache: Path, device: Any, seed: int) -> dict[str, Path]:
+    """Corpus, tokenizer and base model, each built once and reused (stage markers in the cache)."""
+    base_dir = cache / "base"
+    b = profile.base
+    corpus_dir, tok_dir, tok_rec = corpus_and_tokenizer(cache, b.vocab_size, profile.target_length, seed)
     tokenizer = load_tokenizer(tok_dir)
     corpus = np.load(tok_dir / "corpus_ids.npy").astype(np.int64)
 

@@ -1,0 +1,212 @@
+"""The lab's report: one table (arms x metrics, mean and spread over seeds), plots, and the papers' claims
+checked against the measured numbers."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NIAH_M = ("niah_multikey_1", "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery")
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not np.isnan(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def row_metrics(ev: dict[str, Any], window: int, target: int) -> dict[str, float | None]:
+    """The numbers the table compares, from one evaluation summary (percentages 0-100, perplexities as is)."""
+    pk = {int(k): 100 * v for k, v in ev["passkey"]["per_length"].items()}
+    ru = ev.get("ruler", {})
+    avg = {int(k): v for k, v in ru.get("average", {}).items()}
+    per_task = ru.get("per_task", {})
+    ppl = {int(k): v for k, v in ev.get("ppl", {}).items()}
+    ext = [v for k, v in pk.items() if window < k <= target]
+    ruler_ext = [v for k, v in avg.items() if window < k <= target]
+    niahm = [v for t in NIAH_M for k, v in per_task.get(t, {}).items() if window < int(k) <= target]
+    out: dict[str, float | None] = {
+        "passkey_inside": _mean([v for k, v in pk.items() if k <= window]),
+        "passkey_extended": _mean(ext),
+        "passkey_beyond": _mean([v for k, v in pk.items() if k > target]),
+        "ruler_extended": _mean(ruler_ext),
+        "niah_m_extended": _mean(niahm),
+        "long_score": _mean([x for x in (_mean(ext), _mean(ruler_ext)) if x is not None]),
+        "ppl_window": ppl.get(window),
+        "ppl_target": ppl.get(target),
+        "ppl_2x": ppl.get(2 * target),
+    }
+    for k, v in avg.items():
+        out[f"ruler@{k}"] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim as a comparison of two lab rows on one metric."""
+
+    text: str
+    source: str
+    metric: str
+    a: str
+    b: str
+    lower_is_better: bool = False
+
+
+CLAIMS = [
+    Claim("Without training, NTK-aware scaling extends further than PI", "NTK-aware / YaRN papers", "ppl_target",
+          "ntk-0", "pi-0", lower_is_better=True),
+    Claim("Without training, YaRN extends further than NTK-aware scaling", "YaRN (Peng et al. 2023)", "ppl_target",
+          "yarn-0", "ntk-0", lower_is_better=True),
+    Claim("Continued pretraining is needed: trained YaRN retrieves far better than zero-shot YaRN", "all four recipes",
+          "long_score", "yarn", "yarn-0"),
+    Claim("YaRN beats NTK for continued pretraining (RULER<1M 80.17 vs 76.62)", "UltraLong", "long_score", "yarn", "ntk"),
+    Claim("A larger RoPE base helps (theta 0.5M: 29.1, 8M: 54.6)", "ProLong", "long_score", "theta", "ntk"),
+    Claim("Document masks help (54.6 vs 53.6 long-context average)", "ProLong", "long_score", "theta", "theta-nomask"),
+    Claim("Training at 30% length with PIT matches full-length training (NIAH(M) 82.6 vs 73.2)", "LongRecipe",
+          "niah_m_extended", "longrecipe", "ntk"),
+    Claim("Impactful-sentence selection beats random selection at 30% (78.9 vs 70.1)", "LongRecipe",
+          "niah_m_extended", "longrecipe", "pit-random"),
+    Claim("PoSE (training at the original window) extends the window like full-length training (80.1 vs 73.2)",
+          "LongRecipe's PoSE baseline", "niah_m_extended", "pose", "ntk"),
+    Claim("Replay then merging with the original brings the short window back", "LongRecipe", "ppl_window",
+          "longrecipe+replay+merge", "longrecipe", lower_is_better=True),
+]
+
+
+def aggregate(rows: list[dict[str, Any]], window: int, target: int) -> dict[str, dict[str, Any]]:
+    """Per row name: label, seeds, mean and half-range of every metric, tokens and seconds."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by[r["row"]].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in by.items():
+        ms = [row_metrics(r["eval"], window, target) for r in rs]
+        keys = sorted({k for m in ms for k in m})
+        stats = {}
+        for k in keys:
+            vals = [m[k] for m in ms if m.get(k) is not None]
+            stats[k] = {"mean": float(np.mean(vals)) if vals else None,
+                        "spread": float((max(vals) - min(vals)) / 2) if len(vals) > 1 else None, "values": vals}
+        out[name] = {"label": rs[0]["label"], "arm": rs[0]["arm"], "seeds": [r["seed"] for r in rs],
+                     "tokens": rs[0]["tokens"], "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
+                     "eval_seconds": float(np.mean([r["eval_seconds"] for r in rs])), "metrics": stats}
+    return out
+
+
+def verdict(claim: Claim, agg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whether the measured numbers agree with a claim, given the spread between seeds."""
+    if claim.a not in agg or claim.b not in agg:
+        return {"verdict": "not run", "a": None, "b": None}
+    a, b = agg[claim.a]["metrics"].get(claim.metric), agg[claim.b]["metrics"].get(claim.metric)
+    if a is None or b is None or a["mean"] is None or b["mean"] is None:
+        return {"verdict": "not measured", "a": None, "b": None}
+    diff = (b["mean"] - a["mean"]) if claim.lower_is_better else (a["mean"] - b["mean"])
+    spreads = [s for s in (a["spread"], b["spread"]) if s is not None]
+    noise = max(spreads) if spreads else None
+    if abs(diff) < 1e-9:
+        word = "no difference"
+    elif noise is not None and abs(diff) <= noise:
+        word = "within the seed spread"
+    else:
+        word = "holds" if diff > 0 else "does not hold"
+    if noise is None:
+        word += " (one seed)"
+    return {"verdict": word, "a": a["mean"], "b": b["mean"], "difference": diff, "seed_spread": noise}
+
+
+def _fmt(stat: dict[str, Any] | None, pct: bool = False) -> str:
+    if not stat or stat["mean"] is None:
+        return "-"
+    m = f"{stat['mean']:.0f}" if pct else f"{stat['mean']:.1f}"
+    return m + (f" ±{stat['spread']:.0f}" if pct else f" ±{stat['spread']:.1f}") if stat["spread"] is not None else m
+
+
+def table(agg: dict[str, dict[str, Any]], window: int, target: int, ruler_lengths: list[int]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the arms x metrics table."""
+    head = ["row", "what", "seeds", "train tokens", "train s", f"passkey <= {window}", f"passkey {window}-{target}",
+            f"passkey {target}-{2 * target}"] + [f"RULER@{L}" for L in ruler_lengths] + [
+            f"NIAH(M) {window}-{target}", f"ppl@{window}", f"ppl@{target}", f"ppl@{2 * target}"]
+    rows = []
+    for name, a in agg.items():
+        m = a["metrics"]
+        rows.append([name, a["label"], ",".join(map(str, a["seeds"])), f"{a['tokens']:,}", f"{a['train_seconds']:.0f}",
+                     _fmt(m.get("passkey_inside"), True), _fmt(m.get("passkey_extended"), True),
+                     _fmt(m.get("passkey_beyond"), True)] + [_fmt(m.get(f"ruler@{L}"), True) for L in ruler_lengths]
+                    + [_fmt(m.get("niah_m_extended"), True), _fmt(m.get("ppl_window")), _fmt(m.get("ppl_target")),
+                       _fmt(m.get("ppl_2x"))])
+    return head, rows
+
+
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def curves(rows: list[dict[str, Any]], window: int, target: int, path: Path) -> Path:
+    """Passkey accuracy, RULER average and perplexity against length, one line per row (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("passkey accuracy (%)", lambda ev: {int(k): 100 * v for k, v in ev["passkey"]["per_length"].items()}),
+              ("RULER average (%)", lambda ev: {int(k): v for k, v in ev.get("ruler", {}).get("average", {}).items()}),
+              ("perplexity", lambda ev: {int(k): v for k, v in ev.get("ppl", {}).items()})]
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by[r["row"]].append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(by), 2)))
+    for ax, (title, get) in zip(axes, panels):
+        for color, (name, rs) in zip(colors, by.items()):
+            series = [get(r["eval"]) for r in rs]
+            xs = sorted(set().union(*series))
+            ys = [np.mean([s[x] for s in series if x in s]) for x in xs]
+            ax.plot(xs, ys, marker="o", markersize=3, color=color, label=name,
+                    linestyle="--" if name.endswith("-0") or name == "base" else "-")
+        ax.set_xscale("log", base=2)
+        for x in (window, target):
+            ax.axvline(x, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(title)
+        ax.set_xlabel("length (tokens)")
+        if title == "perplexity":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"lab: window {window} -> {target} (dotted lines); dashed = no training")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """LAB.md, lab.json (aggregates and verdicts) and lab_curves.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    w, t = results["window"], results["target"]
+    rows = results["rows"]
+    agg = aggregate(rows, w, t)
+    verdicts = [{"claim": c.text, "source": c.source, "metric": c.metric, "a": c.a, "b": c.b, **verdict(c, agg)}
+                for c in CLAIMS]
+    ruler_lengths = sorted({int(k) for r in rows for k in r["eval"].get("ruler", {}).get("average", {})})
+    head, trows = table(agg, w, t, ruler_lengths)
+    png = curves(rows, w, t, out / "lab_curves.png")
+    p = results["profile"]
+    b = results["base"]
+    lines = [f"# longforge lab ({p['name']} profile)", "",
+             f"Base model: {b.get('params') or 0:,} parameters, window {w}, pretrained on {b.get('tokens') or 0:,} tokens "
+             f"in {b.get('seconds') or 0:.0f} s. Every trained arm extends it to {t} tokens ({t // w}x) with "
+             f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens; whole lab {results['seconds'] / 60:.1f} min.",
+             "Numbers are mean ± half the range over the seeds listed; passkey and RULER in %.", "",
+             _md(head, trows), "", "## The papers' claims at this scale", "",
+             _md(["claim", "source", "metric", "rows", "measured", "verdict"],
+                 [[v["claim"], v["source"], v["metric"], f"{c.a} vs {c.b}",
+                   "-" if v.get("difference") is None else f"{v['a']:.1f} vs {v['b']:.1f}", v["verdict"]]
+                  for v, c in zip(verdicts, CLAIMS)]), "",
+             f"![curves]({png.name})", ""]
+    md = out / "LAB.md"
+    md.write_text("\n".join(lines))
+    (out / "lab.json").write_text(json.dumps({"rows": agg, "claims": verdicts}, indent=1))
+    return {"md": md, "json": out / "lab.json", "png": png}
