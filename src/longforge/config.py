@@ -299,6 +299,7 @@ class RulerSpec(Strict):
     squad: Path | None = Field(default=None, description="SQuAD dev JSON for qa_1.")
     hotpotqa: Path | None = Field(default=None, description="HotpotQA distractor dev JSON for qa_2.")
     threshold: float = Field(default=85.6, gt=0, le=100, description="Average score a length must beat to count as effective.")
+    max_new_tokens: int | None = Field(default=None, gt=0, description="Cap on tokens generated per answer (speed); each task's RULER budget when absent.")
     batch_size: int = Field(default=8, gt=0)
 
     def task_list(self) -> list[str]:

@@ -499,7 +499,7 @@ def summarize(samples: list[dict[str, Any]], tasks: list[str], lengths: list[int
 def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
               essays: Path | None = None, squad: Path | None = None, hotpotqa: Path | None = None,
               fmt: PromptFormat = PromptFormat(), batch_size: int = 8, batch_tokens: int = 131072,
-              label: str = "ruler", threshold: float = THRESHOLD) -> dict[str, Any]:
+              label: str = "ruler", threshold: float = THRESHOLD, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Generate and score every task at every length; returns every sample and the summary."""
     check_tasks(tasks, essays, squad, hotpotqa)
     engine = as_engine(model)
@@ -519,7 +519,7 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
             skipped[task] = skip
             say(f"  [yellow]{label} {task}: skipped at {', '.join(skip)} tokens ({next(iter(skip.values()))})[/]")
         done = generate_all(
-            engine, tokenizer, prompts, TASKS[task].max_new_tokens,
+            engine, tokenizer, prompts, min(TASKS[task].max_new_tokens, max_new_tokens or TASKS[task].max_new_tokens),
             lambda p, out, task=task: {"score": score(task, out, p.meta["answers"])},
             f"{label} {task}", batch_size, batch_tokens,
             stop=lambda p, text, task=task: answer_done(task, text, p.meta["answers"]))

@@ -119,7 +119,7 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
         res = run_ruler(engine, tok, r.task_list(), sorted(r.lengths) if r.lengths else ruler_lengths(target_length),
                         r.samples, spec.seed, essays=r.essays, squad=r.squad, hotpotqa=r.hotpotqa, fmt=fmt,
                         batch_size=r.batch_size, batch_tokens=inf.batch_tokens, label=f"{label} ruler",
-                        threshold=r.threshold)
+                        threshold=r.threshold, max_new_tokens=r.max_new_tokens)
         _write(out / "ruler.json", res)
         summary["ruler"] = res["summary"]
         seconds["ruler"] = round(time.time() - t, 2)

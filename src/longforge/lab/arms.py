@@ -27,6 +27,8 @@ class LabProfile:
     passkey_trials: int
     ruler_lengths: tuple[int, ...]
     ruler_samples: int
+    ruler_tasks: tuple[str, ...] | None  # None: all synthetic tasks
+    ruler_max_new_tokens: int
     ppl_docs: int
     analysis_texts: int
 
@@ -51,6 +53,11 @@ class LabProfile:
         return max(int(0.3 * self.target) // 64 * 64, 64)
 
 
+# The evaluation's RULER tasks on a budget: LongRecipe's NIAH(M) (multikey, multivalue, multiquery) and the
+# single-needle task; generation dominates the lab's evaluation time, so the other tasks are opt-in (ruler_tasks=None).
+NIAH_TASKS = ("niah_single_1", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3", "niah_multivalue",
+              "niah_multiquery")
+
 PROFILES: dict[str, LabProfile] = {
     # CI-sized: the whole lab in about a minute on 2 CPU cores; numbers mean nothing, the code paths are all run.
     "tiny": LabProfile(
@@ -60,7 +67,7 @@ PROFILES: dict[str, LabProfile] = {
                           curriculum_steps=0, answer_weight=5.0, task_share=0.5),
         factor=4, ext_steps=3, ext_batch=1, ext_lr=3e-4, ext_warmup=1, pool_docs=40, ext_task_docs=12,
         replay_fraction=0.1, passkey_lengths=3, passkey_depths=2, passkey_trials=1, ruler_lengths=(128, 512),
-        ruler_samples=1, ppl_docs=2, analysis_texts=2,
+        ruler_samples=1, ruler_tasks=None, ruler_max_new_tokens=64, ppl_docs=2, analysis_texts=2,
     ),
     # A user's CPU: a 1M-parameter model, 256 -> 4096 tokens; about an hour on 2 cores.
     "cpu": LabProfile(
@@ -69,8 +76,8 @@ PROFILES: dict[str, LabProfile] = {
                           steps=600, micro_batch=16, lr=3e-3, warmup_steps=50, retrieval_share=0.7,
                           curriculum_steps=400, answer_weight=10.0, task_share=0.5),
         factor=16, ext_steps=40, ext_batch=1, ext_lr=3e-4, ext_warmup=4, pool_docs=3000, ext_task_docs=150,
-        replay_fraction=0.1, passkey_lengths=8, passkey_depths=5, passkey_trials=2, ruler_lengths=(256, 1024, 4096),
-        ruler_samples=4, ppl_docs=3, analysis_texts=6,
+        replay_fraction=0.1, passkey_lengths=8, passkey_depths=5, passkey_trials=2, ruler_lengths=(256, 4096),
+        ruler_samples=4, ruler_tasks=NIAH_TASKS, ruler_max_new_tokens=64, ppl_docs=3, analysis_texts=6,
     ),
     # One H100/H200: a ~25M-parameter model, 1K -> 16K tokens.
     "cuda": LabProfile(
@@ -80,7 +87,8 @@ PROFILES: dict[str, LabProfile] = {
                           curriculum_steps=800, answer_weight=10.0, task_share=0.5),
         factor=16, ext_steps=60, ext_batch=4, ext_lr=3e-4, ext_warmup=6, pool_docs=8000, ext_task_docs=400,
         replay_fraction=0.1, passkey_lengths=8, passkey_depths=5, passkey_trials=2,
-        ruler_lengths=(1024, 4096, 16384), ruler_samples=5, ppl_docs=3, analysis_texts=8,
+        ruler_lengths=(1024, 16384), ruler_samples=4, ruler_tasks=NIAH_TASKS, ruler_max_new_tokens=64, ppl_docs=3,
+        analysis_texts=8,
     ),
 }
 

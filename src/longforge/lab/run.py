@@ -182,8 +182,9 @@ def eval_spec(profile: LabProfile, assets: dict[str, Any], seed: int) -> EvalSpe
     return EvalSpec.model_validate({
         "passkey": {"num_lengths": profile.passkey_lengths, "min_length": max(w // 4, 64), "max_length": 2 * t,
                     "depths": profile.passkey_depths, "trials": profile.passkey_trials, "batch_size": 16},
-        "ruler": {"tasks": list(SYNTHETIC), "lengths": list(profile.ruler_lengths), "samples": profile.ruler_samples,
-                  "essays": str(assets["side"] / "essays.jsonl"), "batch_size": 16},
+        "ruler": {"tasks": list(profile.ruler_tasks or SYNTHETIC), "lengths": list(profile.ruler_lengths),
+                  "samples": profile.ruler_samples, "essays": str(assets["side"] / "essays.jsonl"), "batch_size": 16,
+                  "max_new_tokens": profile.ruler_max_new_tokens},
         "ppl": {"source": str(assets["side"] / "heldout_long.jsonl"), "lengths": ppl, "num_docs": profile.ppl_docs},
         "models": [], "seed": 1234 + seed})
 
