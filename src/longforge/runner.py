@@ -122,6 +122,12 @@ def preflight(recipe: Recipe) -> int:
     return orig
 
 
+def _data_stamp(folder: Path) -> list[str]:
+    """A packed data folder's identity: its path and the fingerprint of its index."""
+    index = folder / "index.json"
+    return [str(folder), fingerprint(index.read_text()) if index.is_file() else "missing"]
+
+
 def _file_stamp(st: Any) -> list[Any]:
     """Size and modification time of a stage's own input files, so editing them re-runs the stage."""
     files = [st.sft.data] + ([st.sft.chat_template] if st.sft.chat_template else []) if st.sft is not None else []
@@ -196,7 +202,8 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     for st in recipe.stages:
         st_dir = run_dir / "train" / st.name
         st_data = st.data or (data_dir / "replay" if st.dataset == "replay" else data_dir)
-        st_fp = fingerprint([st.model_dump(mode="json"), model_fp, data_fp if st.data is None else str(st.data),
+        # A named data folder counts by its index (rebuilt data retrains the stage), not only by its path.
+        st_fp = fingerprint([st.model_dump(mode="json"), model_fp, data_fp if st.data is None else _data_stamp(Path(st.data)),
                              recipe.positions.transform, recipe.target_length, recipe.seed, _file_stamp(st)])
 
         def do_train(st=st, st_dir=st_dir, st_data=st_data, model_in=model_in) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def data_spec(profile: LabProfile, assets: dict[str, Any], arm: Arm, seq: int, p
                     {"name": "tasks", "path": str(retrieval_source(profile, assets, seq)), "domain": "tasks", "weight": 0.3}],
         # Fu et al.'s upsampling with "short" = under the base window; at window-length training, under a quarter of it.
         "plan": "upsample_long", "short_threshold": max(64, min(profile.window, seq // 4)), "short_keep_prob": 0.1,
-        "token_budget": steps * batch * seq + 8 * seq, "separator": "eos",
+        "separator": "eos",
     }
     if arm.sentences is not None:
         spec["sentence_filter"] = {"method": arm.sentences, "budget_fraction": 0.3, "min_document_tokens": 64,
