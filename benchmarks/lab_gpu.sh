@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/lab-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/lab.log"
 timeout "${LAB_SECONDS:-540}" python3 -m longforge lab --device cuda --out .labrun --seeds "${LAB_SEEDS:-0,1}" \
-  ${LAB_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model" | tee -a "$OUT/lab.log"
+  ${LAB_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" | tee -a "$OUT/lab.log"
 echo "lab exit: ${PIPESTATUS[0]}" | tee -a "$OUT/lab.log"
 # Small outputs only: the report, results, every evaluation summary and training log.
 find .labrun .labcache -maxdepth 6 \( -name 'summary.json' -o -name 'results.json' -o -name 'DONE.json' \
