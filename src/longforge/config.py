@@ -130,14 +130,10 @@ class DataSpec(Strict):
             raise ValueError(f"source names must be unique; rename the repeated source {dup[0]!r}")
         if self.plan == "long_short_mix" and len({s.role for s in self.sources}) < 2:
             raise ValueError("plan long_short_mix needs at least one source with role 'long' and one with role 'short'")
-        if self.sentence_filter is not None and self.sentence_filter.sources is not None:
-            unknown = sorted(set(self.sentence_filter.sources) - set(names))
+        for key, part in (("sentence_filter", self.sentence_filter), ("replay", self.replay)):
+            unknown = sorted(set(part.sources or []) - set(names)) if part is not None else []
             if unknown:
-                raise ValueError(f"sentence_filter.sources names {unknown[0]!r}, which is not a source; use one of {', '.join(names)}")
-        if self.replay is not None and self.replay.sources is not None:
-            unknown = sorted(set(self.replay.sources) - set(names))
-            if unknown:
-                raise ValueError(f"replay.sources names {unknown[0]!r}, which is not a source; use one of {', '.join(names)}")
+                raise ValueError(f"{key}.sources names {unknown[0]!r}, which is not a source; use one of {', '.join(names)}")
         return self
 
 

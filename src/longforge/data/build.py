@@ -292,6 +292,9 @@ class _Build:
             self.replay = _Replay(spec.replay, Packer(spec.replay.seq_len, prefix, suffix, dtype), rwriter, keep, how,
                                   np.random.default_rng([seed, 1]), self.nsep)
         self.selection = SentenceSelection(spec.sentence_filter, vocab_tables(tok)) if spec.sentence_filter is not None else None
+        sf = spec.sentence_filter
+        # Sources the selection applies to (all, unless the filter names some); decided once, not per document.
+        self.filtered = set() if sf is None else {s.name for s in spec.sources if sf.sources is None or s.name in sf.sources}
         # Separate streams, so turning the filter or the replay set on does not change what the plan keeps.
         self.rng = np.random.default_rng(seed)
         self.filter_rng = np.random.default_rng([seed, 2])
@@ -359,9 +362,7 @@ class _Build:
     def _write_copy(self, src: _Source, ids: np.ndarray) -> int | None:
         """Filter, cut to the budget and pack one copy of a document; tokens written, or None once the budget is spent."""
         st = src.stats
-        wanted = self.selection is not None and (self.spec.sentence_filter.sources is None  # type: ignore[union-attr]
-                                                 or src.spec.name in self.spec.sentence_filter.sources)  # type: ignore[union-attr]
-        piece = self.selection.apply(ids, self.filter_rng) if wanted else ids  # type: ignore[union-attr]
+        piece = self.selection.apply(ids, self.filter_rng) if src.spec.name in self.filtered else ids  # type: ignore[union-attr]
         if len(piece) == 0:
             st.counts["documents_filtered_out"] += 1
             return 0
