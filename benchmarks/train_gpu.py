@@ -6,6 +6,11 @@ and tokens; real model shapes; MFU counted as REFERENCE.md section 4 (causal, no
   python benchmarks/train_gpu.py --suite engine --out results.json     # 1B/3B at 64K vs transformers, 8B at 64K
   python benchmarks/train_gpu.py --suite depth --out results.json      # 8B shape at reduced depth, long sequences
   python benchmarks/train_gpu.py --suite tiny --out results.json       # the same code path on CPU, tiny shapes
+  python benchmarks/train_gpu.py --suite dist2 --devices 0,1 --out r.json  # 8B on 2 GPUs (FSDP2 + sequence parallel)
+
+A case with "gpus": N > 1 runs under torchrun with N processes on the first N of --devices, FSDP2 over all of
+them and Ulysses sequence parallelism of degree "sp" (default N). Suites on disjoint --devices may run at once.
+"probe" cases (one step, no warm-up) measure memory for the per-layer model in benchmarks/memory_model.py.
 """
 
 from __future__ import annotations
@@ -35,6 +40,20 @@ SHAPES: dict[str, dict[str, Any]] = {
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
+
+
+def SCALE(gpus: int, seq: int) -> dict[str, Any]:  # noqa: N802 - reads like a table row
+    """A scaling case: the 8B shape cut to 2 layers, MLP tiles, warm-up then one timed step."""
+    return {"shape": "llama-3.1-8b", "layers": 2, "seq": seq, "impl": "longforge", "gpus": gpus, "sp": gpus,
+            "steps": 1, "mlp_tile": 16384}
+
+
+def PROBE(gpus: int, seq: int, layers: int) -> dict[str, Any]:  # noqa: N802
+    """A memory probe: the frugal settings, one step without warm-up, at a reduced depth."""
+    return {"shape": "llama-3.1-8b", "layers": layers, "seq": seq, "impl": "longforge", "gpus": gpus, "sp": gpus,
+            "steps": 1, "warmup": False, "probe": True}
+
+
 SUITES: dict[str, list[dict[str, Any]]] = {
     "engine": [
         {"shape": "llama-3.2-1b", "seq": 65536, "impl": "hf"},
@@ -51,6 +70,31 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     "depth": [
         {"shape": "llama-3.1-8b", "layers": L, "seq": s, "impl": "longforge", "steps": 1, "frugal": True, "warmup": False}
         for s in (131072, 524288) for L in (2, 4)
+    ],
+    # Issue 5, item 2: the 8B shape at full depth on two GPUs, sequence-parallel and data-parallel.
+    "dist2": [
+        {"shape": "llama-3.1-8b", "seq": 65536, "impl": "longforge", "gpus": 2, "sp": 2, "policy": "save_attention",
+         "steps": 2},
+        {"shape": "llama-3.1-8b", "seq": 131072, "impl": "longforge", "gpus": 2, "sp": 2, "policy": "save_attention",
+         "steps": 2},
+        {"shape": "llama-3.1-8b", "seq": 65536, "impl": "longforge", "gpus": 2, "sp": 1, "policy": "save_attention",
+         "steps": 2},
+    ],
+    # The one-GPU row that dist2 is compared with, measured in the same run.
+    "one8b": [{"shape": "llama-3.1-8b", "seq": 65536, "impl": "longforge", "policy": "save_attention", "steps": 2}],
+    # Scaling at reduced depth (time per layer is what scales); same settings on 1, 2 and 4 GPUs.
+    "scale1": [SCALE(1, 262144), SCALE(1, 524288)],
+    "scale2": [SCALE(2, 524288)],
+    "scale4": [SCALE(4, 524288), SCALE(4, 1048576)],
+    # Memory probes for the per-layer memory model: checkpoints offloaded, bf16 AdamW, tiled MLP, one step.
+    "probe1a": [PROBE(1, 262144, 1), PROBE(1, 262144, 2), PROBE(1, 262144, 4)],
+    "probe1b": [PROBE(1, 524288, 2)],
+    "probe2": [PROBE(2, 1048576, 1)],
+    "probe4": [PROBE(4, 1048576, 1), PROBE(4, 1048576, 2), PROBE(4, 2097152, 1)],
+    "tinydist": [
+        {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 2, "steps": 2},
+        {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 1, "steps": 2},
+        {"shape": "tiny", "seq": 512, "impl": "longforge", "gpus": 2, "sp": 2, "steps": 1, "probe": True, "layers": 1},
     ],
     "tiny": [
         {"shape": "tiny", "seq": 256, "impl": "hf", "steps": 2},
@@ -100,21 +144,25 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     import torch
 
     from longforge.config import StageSpec
-    from longforge.model.parallel import Layout
+    from longforge.model.parallel import Layout, init_layout
     from longforge.train.batches import Batch, targets
     from longforge.train.loop import prepare
     from longforge.train.optim import make_optimizer
 
-    model = build(case, device)
-    frugal = case.get("frugal", False)
+    sp = case.get("sp", case.get("gpus", 1))
+    layout = init_layout(sp=sp, device=device.type) if case.get("gpus", 1) > 1 else Layout(1, 0, 1, 1, device)
+    model = build(case, layout.device)
+    frugal = case.get("frugal", False) or case.get("probe", False)
     spec = StageSpec(steps=1, precision="bf16", optimizer="adamw_bf16" if frugal else "adamw", document_mask=False,
                      activation_checkpointing="on", offload_activations=frugal and device.type == "cuda",
-                     mlp_tile=16384 if frugal else 0, checkpoint_policy=case.get("policy", "full"))
-    engine = prepare(model, spec, Layout(1, 0, 1, 1, device), case["seq"])
+                     mlp_tile=16384 if frugal else case.get("mlp_tile", 0), checkpoint_policy=case.get("policy", "full"),
+                     sp=sp)
+    engine = prepare(model, spec, layout, case["seq"])
     opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
-    ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), device=device)
-    zeros = torch.zeros_like(ids)
-    batch = Batch(ids, zeros, torch.arange(case["seq"], device=device)[None])
+    # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
+    gen = torch.Generator(device="cpu").manual_seed(layout.dp_rank)
+    ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), generator=gen).to(layout.device)
+    batch = Batch(ids, torch.zeros_like(ids), torch.arange(case["seq"], device=layout.device)[None])
     labels, weights = targets(batch)
 
     def step() -> None:
@@ -122,41 +170,93 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = timed(step, case, model.config, device)
+    out = timed(step, case, model.config, layout)
     out["settings"] = {"attention": engine.backend, "precision": spec.precision, "optimizer": spec.optimizer,
-                       "checkpointing": spec.checkpoint_policy, "offload_activations": spec.offload_activations, "mlp_tile": spec.mlp_tile}
+                       "checkpointing": spec.checkpoint_policy, "offload_activations": spec.offload_activations,
+                       "mlp_tile": spec.mlp_tile, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
+                       "fsdp": layout.world if layout.distributed else 1}
     return out
 
 
-def timed(step: Any, case: dict[str, Any], config: Any, device: Any) -> dict[str, Any]:
-    """Warm up once, then time `steps` steps; tokens/s, MFU and peak memory."""
+def host_peak_gib() -> float:
+    """This process's peak resident memory (pinned offload buffers included), from /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reduce(value: float, layout: Any, op: str) -> float:
+    """max or sum of one number over every process (the number itself with one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not getattr(layout, "distributed", False):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=layout.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def timed(step: Any, case: dict[str, Any], config: Any, layout: Any) -> dict[str, Any]:
+    """Warm up once, then time `steps` steps; tokens/s, MFU and peak memory (max over ranks)."""
     import torch
 
     from longforge.train.flops import flops_per_token, peak_flops
 
+    device = layout.device if hasattr(layout, "device") else layout
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        if getattr(layout, "distributed", False):
+            torch.distributed.barrier()
+
     steps = case.get("steps", 3)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if case.get("warmup", True):
         step()
         sync()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
+        sync()
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
-    tps = case["seq"] / dt
+    world = getattr(layout, "world", 1)
+    dp = getattr(layout, "dp", 1)
+    tps = case["seq"] * dp / dt
     peak = peak_flops(device)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    gpu_reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
+    host = host_peak_gib()
     return {"step_s": round(dt, 3), "tokens_per_s": round(tps, 1),
-            "mfu": round(flops_per_token(config, case["seq"]) * tps / peak, 4) if peak else None,
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+            "mfu": round(flops_per_token(config, case["seq"]) * tps / (peak * world), 4) if peak else None,
+            "peak_mem_gib": round(_reduce(gpu_peak, layout, "max"), 2) if cuda else None,
+            "peak_reserved_gib": round(_reduce(gpu_reserved, layout, "max"), 2) if cuda else None,
+            "host_peak_gib_per_rank": round(_reduce(host, layout, "max"), 2),
+            "host_peak_gib_total": round(_reduce(host, layout, "sum"), 2)}
+
+
+class OutOfMemoryOnRank(RuntimeError):
+    """One rank of a multi-GPU case ran out of memory (carries the result to write)."""
+
+    def __init__(self, result: dict[str, Any]):
+        super().__init__(result["detail"])
+        self.result = result
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """One case in this process; out-of-memory is a result, not a crash."""
+    """One case in this process (or this torchrun rank); out-of-memory is a result, not a crash."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,29 +264,57 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         res = (run_hf if case["impl"] == "hf" else run_longforge)(case, device)
     except torch.OutOfMemoryError as e:
         res = {"oom": True, "detail": str(e).splitlines()[0][:200]}
-    return {**case, **res, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+        if case.get("gpus", 1) > 1:
+            # The other ranks wait in a collective: say so and fail, so torchrun stops them all.
+            raise OutOfMemoryOnRank({**case, **res, "rank": int(os.environ.get("RANK", "0"))}) from e
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return {**case, **res, "device": name}
+
+
+def launch(case: dict[str, Any], tmp: Path, devices: list[str] | None, timeout: float) -> dict[str, Any]:
+    """Run one case in a fresh process (torchrun for several GPUs) on the given devices; errors become results."""
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    gpus = case.get("gpus", 1)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:gpus])
+    cmd = [sys.executable, __file__, "--case", json.dumps(case), "--out", str(tmp)]
+    if gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] + cmd[1:]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-600:]
+        return {**case, "error": f"timed out after {timeout:.0f} s: {tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
+    wall = round(time.perf_counter() - t0, 1)
+    if not tmp.exists():
+        return {**case, "error": f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-1200:], "wall_s": wall}
+    res = json.loads(tmp.read_text())
+    tmp.unlink()
+    return {**res, "wall_s": wall}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", choices=sorted(SUITES))
+    ap.add_argument("--suite", choices=sorted(SUITES), nargs="+")
     ap.add_argument("--case", help="JSON of one case (used by the suite's subprocesses)")
+    ap.add_argument("--devices", help="GPUs for this suite's cases, e.g. 0,1 (CUDA_VISIBLE_DEVICES)")
+    ap.add_argument("--case-timeout", type=float, default=400.0, help="seconds before a case is stopped")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.case:
-        args.out.write_text(json.dumps(run_case(json.loads(args.case))))
+        try:
+            res = run_case(json.loads(args.case))
+        except OutOfMemoryOnRank as e:
+            args.out.write_text(json.dumps(e.result))
+            sys.exit(1)
+        if int(os.environ.get("RANK", "0")) == 0:
+            args.out.write_text(json.dumps(res))
         return
+    devices = args.devices.split(",") if args.devices else None
     results = []
-    for case in SUITES[args.suite]:
-        tmp = args.out.with_suffix(".case.json")
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case), "--out", str(tmp)], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not tmp.exists():
-            res = {**case, "error": (proc.stderr or proc.stdout)[-600:]}
-        else:
-            res = json.loads(tmp.read_text())
-            tmp.unlink()
+    for case in [c for name in args.suite for c in SUITES[name]]:
+        res = launch(case, args.out.with_suffix(".case.json"), devices, args.case_timeout)
         results.append(res)
         print(summary_line(res), flush=True)
         args.out.write_text(json.dumps(results, indent=1))
@@ -195,6 +323,8 @@ def main() -> None:
 def summary_line(r: dict[str, Any]) -> str:
     """One line per case for the log."""
     name = f"{r['shape']}{'/' + str(r['layers']) + 'L' if r.get('layers') else ''} seq={r['seq']} {r['impl']}"
+    if r.get("gpus", 1) > 1:
+        name += f" x{r['gpus']} sp={r.get('sp', r['gpus'])}"
     if r.get("policy"):
         name += f" ({r['policy']})"
     if r.get("oom"):
@@ -202,7 +332,8 @@ def summary_line(r: dict[str, Any]) -> str:
     if r.get("error"):
         return f"{name}: error {r['error'][-300:]}"
     mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
-    return f"{name}: {r['tokens_per_s']:.0f} tok/s, step {r['step_s']} s, MFU {mfu}, peak {r['peak_mem_gib']} GiB"
+    return (f"{name}: {r['tokens_per_s']:.0f} tok/s, step {r['step_s']} s, MFU {mfu}, peak {r['peak_mem_gib']} GiB, "
+            f"host {r.get('host_peak_gib_per_rank')} GiB/rank")
 
 
 if __name__ == "__main__":

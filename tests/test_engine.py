@@ -127,3 +127,28 @@ def test_selective_checkpointing_changes_nothing_numerically() -> None:
     torch.testing.assert_close(results[1][0], results[0][0])
     for k, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][k], g, rtol=1e-5, atol=1e-6)
+
+
+def test_head_groups_keep_each_call_under_the_limit() -> None:
+    from longforge.model.attention import head_groups
+
+    # 512K tokens x 128 dims per head: 32 query heads (8 KV) pass 2^31 elements, 16 do not.
+    assert head_groups(32, 8, 524288 * 128) == 2
+    assert head_groups(32, 8, 262144 * 128) == 1
+    assert head_groups(32, 8, 2**31 // 2) == 8
+    assert head_groups(8, 8, 2**40) == 8  # nothing smaller than one KV head's group exists
+
+
+def test_split_causal_attention_equals_one_call() -> None:
+    from longforge.model.attention import _sdpa_causal
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 40, 16), torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    whole = _sdpa_causal(q, k, v, None)
+    split = _sdpa_causal(q, k, v, None, limit=2 * 40 * 16 * 2)  # forces 4 groups of 2 query heads
+    torch.testing.assert_close(split, whole)
+    g = torch.randn_like(whole)
+    for a, b in zip(torch.autograd.grad(whole, (q, k, v), g), torch.autograd.grad(split, (q, k, v), g)):
+        torch.testing.assert_close(a, b)

@@ -19,6 +19,8 @@ ATTN_NAME = "longforge"
 BACKENDS = ("auto", "dense", "sdpa", "varlen", "flex")
 _registered: set[str] = set()
 _cache: dict[str, Any] = {}
+# Largest tensor one attention kernel call is given (some kernels index with signed 32-bit offsets).
+MAX_ELEMENTS = 2**31 - 1
 
 
 def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
@@ -132,8 +134,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     if backend == "flex" and q.shape[-2] == k.shape[-2] and q.shape[-1] >= 16:
         return _flex(q, k, v, doc_ids, scale)
     if backend == "sdpa" and doc_ids is None and mask is None and q.shape[-2] == k.shape[-2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return _sdpa_causal(q, k, v, scale)
     return _dense(q, k, v, doc_ids, mask, scale)
+
+
+def head_groups(q_heads: int, kv_heads: int, elements_per_q_head: int, limit: int = MAX_ELEMENTS) -> int:
+    """How many KV-aligned head groups keep every attention call's query under `limit` elements."""
+    for groups in range(1, kv_heads + 1):
+        if kv_heads % groups == 0 and (q_heads // groups) * elements_per_q_head <= limit:
+            return groups
+    return kv_heads
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                 limit: int = MAX_ELEMENTS) -> torch.Tensor:
+    """Causal flash attention, split over KV head groups when a tensor would pass 2^31 elements.
+
+    Kernels index with 32-bit offsets in places; at 512K tokens x 32 heads x 128 the query alone has
+    2^31 elements, so one call per group of KV heads (with their query heads) keeps each call in range.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    groups = head_groups(q.shape[1], k.shape[1], q[0, 0].numel() * q.shape[0], limit)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
+             for qi, ki, vi in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1))]
+    return torch.cat(parts, dim=1)
 
 
 def longforge_attention(
