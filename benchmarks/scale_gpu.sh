@@ -2,7 +2,7 @@
 # Training-engine scaling on a machine of 4 GPUs (issues 5 and 9): run as two calls, `p1` then `p2`.
 #   p1: lanes on disjoint GPUs at once: 8B full depth on GPUs 0,1 (FSDP2 + SP2, then DP2), the 2-GPU
 #       scaling case and probe; 1-GPU scaling cases and probes on GPU 2 and GPU 3.
-#   p2: the 4-GPU scaling cases and memory probes on all four.
+#   p2: the GPU tests and the 1- and 2-GPU probes at once, then the 4-GPU scaling cases and probes on all four.
 # Results (JSON per lane) and logs go to $OUT (or ./scale-out). NVLink multicast stays off.
 set -u
 PHASE=${1:?usage: scale_gpu.sh p1|p2}
@@ -26,7 +26,11 @@ case $PHASE in
     lane one_b 3 probe1a one8b &
     wait ;;
   p2)
-    lane four 0,1,2,3 scale4 probe4 ;;
+    (CUDA_VISIBLE_DEVICES=3 timeout 300 python3 -m pytest -q tests/test_gpu.py >"$OUT/gpu_tests.log" 2>&1; echo "gpu tests exit $?" >>"$OUT/gpu_tests.log") &
+    lane one_p 0 probe1b &
+    lane two_p 1,2 probe2 &
+    wait
+    LIMIT=$((LIMIT - SECONDS)) lane four 0,1,2,3 scale4 probe4 ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 cat "$OUT"/*.log

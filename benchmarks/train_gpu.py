@@ -90,7 +90,7 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     "probe1a": [PROBE(1, 262144, 1), PROBE(1, 262144, 2), PROBE(1, 262144, 4)],
     "probe1b": [PROBE(1, 524288, 2)],
     "probe2": [PROBE(2, 1048576, 1)],
-    "probe4": [PROBE(4, 1048576, 1), PROBE(4, 1048576, 2), PROBE(4, 2097152, 1)],
+    "probe4": [PROBE(4, 1048576, 1), PROBE(4, 1048576, 2), PROBE(4, 2097152, 1), PROBE(4, 1048576, 4)],
     "tinydist": [
         {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 2, "steps": 2},
         {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 1, "steps": 2},

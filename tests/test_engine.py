@@ -152,3 +152,16 @@ def test_split_causal_attention_equals_one_call() -> None:
     g = torch.randn_like(whole)
     for a, b in zip(torch.autograd.grad(whole, (q, k, v), g), torch.autograd.grad(split, (q, k, v), g)):
         torch.testing.assert_close(a, b)
+
+
+def test_offload_keeps_parameters_and_small_tensors_in_place() -> None:
+    from longforge.model.memory import should_offload
+
+    weight = torch.nn.Parameter(torch.zeros(1024, 1024))
+    act = torch.zeros(1024, 1024).requires_grad_(True) * 2  # a non-leaf activation
+    assert not should_offload(weight, min_bytes=0)  # parameters are never copied (CPU or not)
+    assert not should_offload(act, min_bytes=0)  # tensors already in CPU memory stay
+    if torch.cuda.is_available():
+        big = (torch.zeros(1024, 1024, device="cuda").requires_grad_(True) * 2)
+        assert should_offload(big) and not should_offload(big[:2])
+        assert not should_offload(torch.nn.Parameter(torch.zeros(1024, 1024, device="cuda")))

@@ -37,11 +37,42 @@ def apply_checkpointing(model: Any, policy: str = "full") -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+# Saved tensors smaller than this stay on the GPU: a copy's latency costs more than the memory is worth.
+OFFLOAD_MIN_BYTES = 1 << 20
+
+
+def should_offload(t: torch.Tensor, min_bytes: int = OFFLOAD_MIN_BYTES) -> bool:
+    """Whether a tensor autograd saves goes to CPU memory: large GPU activations only, never parameters.
+
+    Parameters are saved by every LM-head chunk of the loss (64 chunks at 256K tokens); copying the
+    1 GiB head once per chunk was what made a naive `save_on_cpu` cost 64 GiB of host memory and most of the step.
+    """
+    if t.device.type != "cuda" or isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
+        return False
+    return t.numel() * t.element_size() >= min_bytes
+
+
+def _pack(t: torch.Tensor) -> Any:
+    if not should_offload(t):
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, pin_memory=True)
+    # Stream-ordered: kernels that reuse t's memory run after this copy on the same stream.
+    host.copy_(t, non_blocking=True)
+    return (t.device, host)
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host = packed
+    return host.to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def offload_saved_activations(enabled: bool, device: torch.device) -> Iterator[None]:
-    """Keep the tensors autograd saves (with checkpointing: each layer's input) in pinned CPU memory."""
+    """Keep the large activations autograd saves (with checkpointing: each layer's input) in pinned CPU memory."""
     if enabled and device.type == "cuda":
-        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             yield
     else:
         yield
