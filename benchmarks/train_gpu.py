@@ -91,6 +91,9 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     "probe1b": [PROBE(1, 524288, 2)],
     "probe2": [PROBE(2, 1048576, 1)],
     "probe4": [PROBE(4, 1048576, 1), PROBE(4, 1048576, 2), PROBE(4, 2097152, 1), PROBE(4, 1048576, 4)],
+    # The lean RMSNorm's effect on one recomputed layer's working set, against the plain norm in the same run.
+    "lean": [{**PROBE(1, 262144, 1), "lean_norm": False}, PROBE(1, 262144, 1),
+             {**PROBE(1, 262144, 2), "lean_norm": False}, PROBE(1, 262144, 2)],
     "tinydist": [
         {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 2, "steps": 2},
         {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 1, "steps": 2},
@@ -156,7 +159,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     spec = StageSpec(steps=1, precision="bf16", optimizer="adamw_bf16" if frugal else "adamw", document_mask=False,
                      activation_checkpointing="on", offload_activations=frugal and device.type == "cuda",
                      mlp_tile=16384 if frugal else case.get("mlp_tile", 0), checkpoint_policy=case.get("policy", "full"),
-                     sp=sp)
+                     sp=sp, lean_norm=case.get("lean_norm", True))
     engine = prepare(model, spec, layout, case["seq"])
     opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
     # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
@@ -173,7 +176,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     out = timed(step, case, model.config, layout)
     out["settings"] = {"attention": engine.backend, "precision": spec.precision, "optimizer": spec.optimizer,
                        "checkpointing": spec.checkpoint_policy, "offload_activations": spec.offload_activations,
-                       "mlp_tile": spec.mlp_tile, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
+                       "mlp_tile": spec.mlp_tile, "lean_norm": spec.lean_norm, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
                        "fsdp": layout.world if layout.distributed else 1}
     return out
 
@@ -327,6 +330,8 @@ def summary_line(r: dict[str, Any]) -> str:
         name += f" x{r['gpus']} sp={r.get('sp', r['gpus'])}"
     if r.get("policy"):
         name += f" ({r['policy']})"
+    if r.get("lean_norm") is False:
+        name += " (plain norms)"
     if r.get("oom"):
         return f"{name}: out of memory"
     if r.get("error"):

@@ -165,3 +165,73 @@ def test_offload_keeps_parameters_and_small_tensors_in_place() -> None:
         big = (torch.zeros(1024, 1024, device="cuda").requires_grad_(True) * 2)
         assert should_offload(big) and not should_offload(big[:2])
         assert not should_offload(torch.nn.Parameter(torch.zeros(1024, 1024, device="cuda")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_matches_the_transformers_module(dtype: torch.dtype) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from longforge.model.memory import apply_lean_norms
+
+    torch.manual_seed(0)
+    ref = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref.weight.normal_()
+    lean = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    lean.load_state_dict(ref.state_dict())
+    assert apply_lean_norms(lean) == 1 and apply_lean_norms(lean) == 0  # idempotent
+    x = (torch.randn(3, 17, 64) * 3).to(dtype)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = ref(xa), lean(xb)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)  # the forward is the same sequence of operations
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(xb.grad, xa.grad, **tol)
+    torch.testing.assert_close(lean.weight.grad, ref.weight.grad, **tol)
+
+
+def test_lean_rms_norm_saves_less() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from longforge.model.memory import apply_lean_norms
+
+    def saved_bytes(norm: torch.nn.Module) -> int:
+        total = []
+        x = torch.randn(4, 256, 64, dtype=torch.bfloat16, requires_grad=True) * 1  # a non-leaf activation
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if not isinstance(t, torch.nn.Parameter):
+                total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            norm(x)
+        return sum(total)
+
+    plain = LlamaRMSNorm(64).to(torch.bfloat16)
+    lean = LlamaRMSNorm(64).to(torch.bfloat16)
+    apply_lean_norms(lean)
+    tokens = 4 * 256
+    # bf16 input (2 bytes per feature) and one fp32 scalar per token, against fp32 copies in the plain module.
+    assert saved_bytes(lean) == tokens * 64 * 2 + tokens * 4
+    assert saved_bytes(plain) >= 4 * saved_bytes(lean)
+
+
+def test_training_with_lean_norms_matches_plain_norms() -> None:
+    ids, docs, pos = _packed([30, 50], 50, seed=2)
+    results = []
+    for lean in (False, True):
+        from longforge.model.memory import apply_lean_norms
+
+        model = make_tiny_model(50, window=128)
+        use_longforge_attention(model)
+        model.train()
+        if lean:
+            assert apply_lean_norms(model) == 5  # two per layer and the final norm
+        results.append(_loss_and_grads(model, ids, docs, pos))
+    (la, ga), (lb, gb) = results
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-6)

@@ -219,6 +219,7 @@ class StageSpec(Strict):
         default="full", description="save_attention keeps attention outputs (faster backward, more memory).")
     offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
     mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
+    lean_norm: bool = Field(default=True, description="RMSNorms save their input and 1/rms only, not fp32 copies (same numbers, less memory).")
     tensorboard: bool = Field(default=False, description="Also write the step log as TensorBoard scalars (tb/).")
 
     @model_validator(mode="after")

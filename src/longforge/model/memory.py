@@ -1,4 +1,4 @@
-"""Memory savers for long sequences: activation checkpointing (optionally offloaded to CPU) and a tiled MLP."""
+"""Memory savers for long sequences: activation checkpointing (optionally offloaded to CPU), a tiled MLP and lean RMSNorms."""
 
 from __future__ import annotations
 
@@ -106,3 +106,53 @@ def apply_tiled_mlp(model: Any, tile: int) -> None:
         if not getattr(mlp, "_lf_tiled", False):
             mlp.forward = tiled(mlp.forward, tile)
             mlp._lf_tiled = True
+
+
+# Norm classes whose forward is exactly `weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)`.
+LEAN_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    """RMSNorm that saves its input (in its own dtype) and the fp32 inverse RMS, and recomputes the rest in backward.
+
+    Autograd through the plain module saves fp32 copies of the input and of the normalised input: 16 bytes
+    per feature more than this, twice per layer, which at long sequences is most of a recomputed layer's memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * n.to(x.dtype)).reshape(-1, grad.shape[-1]).float().sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).float()
+            # d/dx of x * rstd(x): rstd * (g - n * mean(g * n)) over the feature dimension.
+            grad_x = (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def lean_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Llama-family RMSNorm with the lean backward (same forward numerics)."""
+    return _LeanRMSNorm.apply(x, weight, eps)
+
+
+def apply_lean_norms(model: Any) -> int:
+    """Give every Llama-family RMSNorm of the model the lean backward; returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ in LEAN_NORM_CLASSES and not getattr(module, "_lf_lean", False):
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+            module.forward = (lambda m, e: lambda x: lean_rms_norm(x, m.weight, e))(module, eps)
+            module._lf_lean = True
+            changed += 1
+    return changed

@@ -22,7 +22,7 @@ from longforge.config import StageSpec
 from longforge.errors import LongforgeError
 from longforge.hf import save_model
 from longforge.model.attention import resolve_backend, use_longforge_attention
-from longforge.model.memory import apply_checkpointing, apply_tiled_mlp, offload_saved_activations
+from longforge.model.memory import apply_checkpointing, apply_lean_norms, apply_tiled_mlp, offload_saved_activations
 from longforge.model.parallel import Layout, SequenceParallel, all_reduce_sum, apply_fsdp, check_layout
 from longforge.progress import progress_bar
 from longforge.train.batches import Batch, BatchSource, targets
@@ -126,7 +126,7 @@ def resolve_precision(spec: StageSpec, device: torch.device) -> str:
 
 
 def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine:
-    """Attention back-end, precision, checkpointing, tiled MLP and FSDP2 sharding, in that order."""
+    """Attention back-end, precision, checkpointing, tiled MLP, lean norms and FSDP2 sharding, in that order."""
     check_layout(model.config, seq_len, spec.sp)
     use_longforge_attention(model)
     precision = resolve_precision(spec, layout.device)
@@ -138,6 +138,8 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
         apply_checkpointing(model, spec.checkpoint_policy)
     if spec.mlp_tile:
         apply_tiled_mlp(model, spec.mlp_tile)
+    if spec.lean_norm:
+        apply_lean_norms(model)
     model.to(layout.device)
     net = LossModel(model)
     if layout.distributed:
