@@ -9,7 +9,8 @@ backward, layer inputs offloaded to pinned CPU memory, MLP in 16K tiles) for one
 
 The fit is checked against every probe (residuals printed), its per-layer terms against the analytic
 numbers, and then extrapolated to 32 layers in the steady state (optimizer moments allocated, which a first
-step without warm-up does not yet have) to find the longest sequence per GPU count.
+step without warm-up does not yet have) to find the longest sequence per GPU count. Files named lean*.json
+hold same-run pairs with and without the lean RMSNorm; their per-token difference shifts the model.
 
   python benchmarks/memory_model.py benchmarks/results/scale-2026-11-22
 """
@@ -34,11 +35,28 @@ def probes(folder: Path) -> list[dict[str, Any]]:
     """Every successful probe row; host numbers only from runs whose offload kept parameters in place."""
     rows = []
     for f in sorted(folder.glob("*.json")):
+        if f.name.startswith("lean"):
+            continue  # plain-vs-lean pairs: see lean_saving()
         for r in json.loads(f.read_text()):
             if r.get("probe") and "peak_mem_gib" in r:
                 # The p1 runs predate the offload fix (they copied the LM head once per loss chunk).
                 rows.append({**r, "host_ok": not f.name.startswith("p1_"), "file": f.name})
     return rows
+
+
+def lean_saving(folder: Path) -> tuple[float, float] | None:
+    """GiB per local token that lean RMSNorms save on the GPU and on the host, from same-run plain/lean probe pairs."""
+    gpu, host = [], []
+    for f in sorted(folder.glob("lean*.json")):
+        rows = json.loads(f.read_text())
+        plain = {(r["gpus"] if "gpus" in r else 1, r["seq"], r["layers"]): r for r in rows if r.get("lean_norm") is False}
+        for r in rows:
+            key = (r["gpus"] if "gpus" in r else 1, r["seq"], r["layers"])
+            if r.get("lean_norm") is not False and key in plain and "peak_mem_gib" in r:
+                local = r["seq"] / key[0]
+                gpu.append((plain[key]["peak_mem_gib"] - r["peak_mem_gib"]) / local)
+                host.append((plain[key]["host_peak_gib_per_rank"] - r["host_peak_gib_per_rank"]) / local)
+    return (float(np.mean(gpu)), float(np.mean(host))) if gpu else None
 
 
 def fit_gpu(rows: list[dict[str, Any]]) -> np.ndarray:
@@ -104,11 +122,19 @@ def main() -> None:
         hm = host_model(h, r["seq"], r["gpus"], r["layers"])
         host = f"{r['host_peak_gib_per_rank']:9.1f} {hm:6.1f}" if r["host_ok"] else "   (v1 offload)"
         print(f"{r['gpus']} GPU {r['seq']:>8} tok {r['layers']} layers {r['file']:<16} {r['peak_mem_gib']:7.1f} {gm:6.1f} {host}")
-    print("\nlongest full-depth (32 layers) step, steady state, predicted:")
-    for gpus, host in ((1, 128), (1, 512), (2, 256), (4, 512), (8, 560)):
-        res = longest(g, h, gpus, args.gpu_gib, host - 16)
-        print(f"  {gpus} H200, {host} GiB host: {res['longest']:>9} tokens, limited by {res['limit']} "
-              f"(GPU {res['gpu_gib']} GiB, host {res['host_gib_total']} GiB)")
+    variants = [("plain RMSNorm (as probed)", g, h)]
+    saving = lean_saving(args.folder)
+    if saving:
+        dg, dh = saving
+        print(f"\nlean RMSNorm saves {dg * 2**20:.1f} KiB per local token on the GPU and {dh * 2**20:.1f} KiB on the host "
+              "(same-run pairs)")
+        variants.append(("lean RMSNorm (the default)", g - np.array([0, dg, 0, 0]), h - np.array([0, dh, 0])))
+    for name, gv, hv in variants:
+        print(f"\nlongest full-depth (32 layers) step, steady state, predicted, {name}:")
+        for gpus, host in ((1, 128), (1, 512), (2, 256), (4, 512), (8, 560)):
+            res = longest(gv, hv, gpus, args.gpu_gib, host - 16)
+            print(f"  {gpus} H200, {host} GiB host: {res['longest']:>9} tokens, limited by {res['limit']} "
+                  f"(GPU {res['gpu_gib']} GiB, host {res['host_gib_total']} GiB)")
 
 
 if __name__ == "__main__":
