@@ -34,7 +34,11 @@ def apply_checkpointing(model: Any, policy: str = "full") -> None:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers 5.23 renamed the hook (the old name warns until v6); 5.17, the floor we test, has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # Saved tensors smaller than this stay on the GPU: a copy's latency costs more than the memory is worth.
