@@ -183,3 +183,21 @@ def test_oracle_scores_100_and_a_random_model_about_0(tokenizer, essays: Path, q
     few = ["niah_single_1", "niah_multikey_3", "vt", "fwe", "qa_1"]
     rnd = run_ruler(make_tiny_model(len(tokenizer)), tokenizer, few, [900], 1, 0, **kw)
     assert rnd["summary"]["average"]["900"] < 5.0
+
+
+def test_a_length_that_only_some_samples_fit_is_skipped_whole(tokenizer, essays: Path) -> None:
+    res = _res(essays)
+
+    def base(seed: int, length: int, i: int) -> int:
+        s = make_sample("niah_multiquery", 0, seed, length, i, res)
+        return len(FMT.encode(tokenizer, FMT.render(tokenizer, s.user, s.answer_prefix)))
+
+    # Samples are drawn per (seed, length, index): find a length that sample 0 fits with an empty haystack
+    # and a later sample does not.
+    found = next(((seed, length) for seed in range(5) for length in range(400, 700, 4)
+                  if base(seed, length, 0) <= length < max(base(seed, length, i) for i in range(1, 4))), None)
+    assert found, "no such length: the test needs another range"
+    seed, length = found
+    prompts, skipped = build_task("niah_multiquery", tokenizer, [length, 2048], 4, seed=seed, res=res, fmt=FMT)
+    assert set(skipped) == {str(length)} and "sample" in skipped[str(length)]  # skipped, not an error
+    assert len(prompts) == 4 and all(p.length == 2048 for p in prompts)

@@ -395,6 +395,7 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
         except PromptTooLong as e:
             skipped[str(length)] = f"needs at least {e.minimum} tokens"
             continue
+        at_length: list[Prompt] = []
         for i in range(samples):
             n = n0
             s = make_sample(task, n, seed, length, i, res)
@@ -402,14 +403,22 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
             ids = fmt.encode(tokenizer, text)
             if len(ids) > length or len(ids) < 0.99 * length:
                 # This sample's needles or words tokenize differently: search its own size.
-                n = fit_count(tokens(i), length, f"RULER {task} prompt", guess=n0, upper=upper)
+                try:
+                    n = fit_count(tokens(i), length, f"RULER {task} prompt", guess=n0, upper=upper)
+                except PromptTooLong as e:
+                    # Another sample's keys need more room than the first one's: every length keeps
+                    # the same samples, so the whole length is skipped, as when the first cannot fit.
+                    skipped[str(length)] = f"needs at least {e.minimum} tokens (sample {i})"
+                    at_length = []
+                    break
                 s = make_sample(task, n, seed, length, i, res)
                 text = fmt.render(tokenizer, s.user, s.answer_prefix)
                 ids = fmt.encode(tokenizer, text)
             if upper is not None and n == upper and len(ids) < 0.9 * length:
                 raise LongforgeError(f"RULER {task}: the QA file has too few paragraphs to fill {length} tokens; give a larger file or shorter lengths.")
-            prompts.append(Prompt(length, ids, text, {"task": task, "index": i, "units": n, "answers": s.answers,
-                                                       "prompt_sha1": prompt_hash(text), **s.meta}))
+            at_length.append(Prompt(length, ids, text, {"task": task, "index": i, "units": n, "answers": s.answers,
+                                                         "prompt_sha1": prompt_hash(text), **s.meta}))
+        prompts += at_length
         guess = int(n0 * 2)
     return prompts, skipped
 
