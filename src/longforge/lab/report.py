@@ -207,7 +207,7 @@ def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     lines = [f"# longforge lab ({p['name']} profile)", "",
              f"Base model: {b.get('params') or 0:,} parameters, window {w}, pretrained on {b.get('tokens') or 0:,} tokens "
              f"in {b.get('seconds') or 0:.0f} s. Every trained arm extends it to {t} tokens ({t // w}x) with "
-             f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens. GPU time: base {b.get('seconds') or 0:.0f} s, "
+             f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens. Compute time: base {b.get('seconds') or 0:.0f} s, "
              f"training {_train_seconds(rows):.0f} s, "
              f"evaluation {sum(r['eval_seconds'] for r in rows):.0f} s.",
              "long_score = mean of passkey accuracy and RULER average over lengths in (window, target]; NIAH(M) = "
