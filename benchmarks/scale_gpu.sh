@@ -9,6 +9,8 @@ PHASE=${1:?usage: scale_gpu.sh p1|p2}
 OUT=${OUT:-scale-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+# The GPU tests import longforge from the checkout (the benchmark adds src/ itself).
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src
 LIMIT=${LANE_SECONDS:-570}
 lane() {  # lane NAME DEVICES SUITES...
   local name=$1 devices=$2
