@@ -49,9 +49,9 @@ def lean_saving(folder: Path) -> tuple[float, float] | None:
     gpu, host = [], []
     for f in sorted(folder.glob("lean*.json")):
         rows = json.loads(f.read_text())
-        plain = {(r["gpus"] if "gpus" in r else 1, r["seq"], r["layers"]): r for r in rows if r.get("lean_norm") is False}
+        plain = {(r.get("gpus", 1), r["seq"], r["layers"]): r for r in rows if r.get("lean_norm") is False}
         for r in rows:
-            key = (r["gpus"] if "gpus" in r else 1, r["seq"], r["layers"])
+            key = (r.get("gpus", 1), r["seq"], r["layers"])
             if r.get("lean_norm") is not False and key in plain and "peak_mem_gib" in r:
                 local = r["seq"] / key[0]
                 gpu.append((plain[key]["peak_mem_gib"] - r["peak_mem_gib"]) / local)

@@ -139,7 +139,9 @@ def run_hf(case: dict[str, Any], device: Any) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, case, model.config, device)
+    from longforge.model.parallel import Layout
+
+    return timed(step, case, model.config, Layout(1, 0, 1, 1, device))
 
 
 def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def _reduce(value: float, layout: Any, op: str) -> float:
     import torch
     import torch.distributed as dist
 
-    if not getattr(layout, "distributed", False):
+    if not layout.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=layout.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
@@ -210,13 +212,13 @@ def timed(step: Any, case: dict[str, Any], config: Any, layout: Any) -> dict[str
 
     from longforge.train.flops import flops_per_token, peak_flops
 
-    device = layout.device if hasattr(layout, "device") else layout
+    device = layout.device
     cuda = device.type == "cuda"
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
-        if getattr(layout, "distributed", False):
+        if layout.distributed:
             torch.distributed.barrier()
 
     steps = case.get("steps", 3)
@@ -235,15 +237,13 @@ def timed(step: Any, case: dict[str, Any], config: Any, layout: Any) -> dict[str
         sync()
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
-    world = getattr(layout, "world", 1)
-    dp = getattr(layout, "dp", 1)
-    tps = case["seq"] * dp / dt
+    tps = case["seq"] * layout.dp / dt
     peak = peak_flops(device)
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     gpu_reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     host = host_peak_gib()
     return {"step_s": round(dt, 3), "tokens_per_s": round(tps, 1),
-            "mfu": round(flops_per_token(config, case["seq"]) * tps / (peak * world), 4) if peak else None,
+            "mfu": round(flops_per_token(config, case["seq"]) * tps / (peak * layout.world), 4) if peak else None,
             "peak_mem_gib": round(_reduce(gpu_peak, layout, "max"), 2) if cuda else None,
             "peak_reserved_gib": round(_reduce(gpu_reserved, layout, "max"), 2) if cuda else None,
             "host_peak_gib_per_rank": round(_reduce(host, layout, "max"), 2),

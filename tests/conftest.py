@@ -28,6 +28,15 @@ def random_text(rng: random.Random, n_words: int) -> str:
     return " ".join(out)
 
 
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Tiny models are all per-op overhead: intra-op threads only add synchronisation (10x slower on shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 300-token byte-level BPE tokenizer saved as a Hugging Face tokenizer."""

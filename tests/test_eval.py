@@ -21,13 +21,8 @@ from longforge.eval.ppl import run_ppl, sliding_windows
 from longforge.eval.prompts import PromptFormat, TextHaystack, fit_count
 from oracles import Oracle, niah_answer, passkey_answer
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    """Tiny models are all per-op overhead: intra-op threads only add synchronisation (10x slower on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models are all per-op overhead: run every test here on one intra-op thread (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

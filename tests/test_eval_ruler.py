@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_tiny_model
 from longforge.config import RulerSpec
@@ -17,13 +16,8 @@ from longforge.eval.ruler import (SYNTHETIC, TASKS, Resources, build_task, check
                                   load_squad, make_sample, ruler_lengths, run_ruler, summarize, zeta)
 from oracles import Oracle, ruler_answer
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    """Tiny models are all per-op overhead: intra-op threads only add synchronisation (10x slower on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models are all per-op overhead: run every test here on one intra-op thread (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FMT = PromptFormat()

@@ -390,34 +390,28 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
             return count
 
         upper = max_units(task, res)
+        i = 0  # the sample being fitted; every length keeps the same samples, so one that cannot fit skips it
         try:
             n0 = fit_count(tokens(0), length, f"RULER {task} prompt", guess=guess or max(1, length // 16), upper=upper)
-        except PromptTooLong as e:
-            skipped[str(length)] = f"needs at least {e.minimum} tokens"
-            continue
-        at_length: list[Prompt] = []
-        for i in range(samples):
-            n = n0
-            s = make_sample(task, n, seed, length, i, res)
-            text = fmt.render(tokenizer, s.user, s.answer_prefix)
-            ids = fmt.encode(tokenizer, text)
-            if len(ids) > length or len(ids) < 0.99 * length:
-                # This sample's needles or words tokenize differently: search its own size.
-                try:
-                    n = fit_count(tokens(i), length, f"RULER {task} prompt", guess=n0, upper=upper)
-                except PromptTooLong as e:
-                    # Another sample's keys need more room than the first one's: every length keeps
-                    # the same samples, so the whole length is skipped, as when the first cannot fit.
-                    skipped[str(length)] = f"needs at least {e.minimum} tokens (sample {i})"
-                    at_length = []
-                    break
+            at_length: list[Prompt] = []
+            for i in range(samples):
+                n = n0
                 s = make_sample(task, n, seed, length, i, res)
                 text = fmt.render(tokenizer, s.user, s.answer_prefix)
                 ids = fmt.encode(tokenizer, text)
-            if upper is not None and n == upper and len(ids) < 0.9 * length:
-                raise LongforgeError(f"RULER {task}: the QA file has too few paragraphs to fill {length} tokens; give a larger file or shorter lengths.")
-            at_length.append(Prompt(length, ids, text, {"task": task, "index": i, "units": n, "answers": s.answers,
-                                                         "prompt_sha1": prompt_hash(text), **s.meta}))
+                if len(ids) > length or len(ids) < 0.99 * length:
+                    # This sample's needles or words tokenize differently: search its own size.
+                    n = fit_count(tokens(i), length, f"RULER {task} prompt", guess=n0, upper=upper)
+                    s = make_sample(task, n, seed, length, i, res)
+                    text = fmt.render(tokenizer, s.user, s.answer_prefix)
+                    ids = fmt.encode(tokenizer, text)
+                if upper is not None and n == upper and len(ids) < 0.9 * length:
+                    raise LongforgeError(f"RULER {task}: the QA file has too few paragraphs to fill {length} tokens; give a larger file or shorter lengths.")
+                at_length.append(Prompt(length, ids, text, {"task": task, "index": i, "units": n, "answers": s.answers,
+                                                             "prompt_sha1": prompt_hash(text), **s.meta}))
+        except PromptTooLong as e:
+            skipped[str(length)] = f"needs at least {e.minimum} tokens" + (f" (sample {i})" if i else "")
+            continue
         prompts += at_length
         guess = int(n0 * 2)
     return prompts, skipped

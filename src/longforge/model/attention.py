@@ -154,7 +154,7 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     2^31 elements, so one call per group of KV heads (with their query heads) keeps each call in range.
     """
     gqa = q.shape[1] != k.shape[1]
-    groups = head_groups(q.shape[1], k.shape[1], q[0, 0].numel() * q.shape[0], limit)
+    groups = head_groups(q.shape[1], k.shape[1], q.numel() // q.shape[1], limit)
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
