@@ -158,6 +158,18 @@ def run_engine(engine: Engine, ids: torch.Tensor, new: int, device: torch.device
             "tokens": rows[0], **{k: v for k, v in engine.last.items()}}
 
 
+def public_kernels(fn: Any) -> Any:
+    """Run fn with the engine restricted to public SDPA kernels (its attention before the private fast paths)."""
+    from longforge.eval import attention
+
+    saved = attention._usable
+    attention._usable = lambda *a: False  # type: ignore[assignment]
+    try:
+        return fn()
+    finally:
+        attention._usable = saved
+
+
 def prefill_flops(n_layer_params: int, layers: int, d_attn: int, length: int) -> float:
     """Forward FLOPs to prefill `length` tokens: 2 N per token for the layers' matmuls, causal attention 2 L d L^2."""
     return 2.0 * n_layer_params * length + 2.0 * layers * d_attn * length * length
@@ -202,6 +214,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="Engine prefill chunk.")
     ap.add_argument("--extra-chunk", type=int, default=32768, help="One more KV-on-GPU run with this chunk (0: none).")
     ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--memory-share", type=float, default=0.5,
+                    help="The kv_cache=auto run may use this share of generate's measured peak GPU memory.")
     ap.add_argument("--budget-s", type=int, default=480, help="Skip the grid timing when less than 150 s of this remain.")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -276,15 +290,28 @@ def main() -> None:
         plan.append((f"longforge_kv_gpu_chunk{args.extra_chunk}",
                      lambda: run_engine(Engine(model, prefill_chunk=args.extra_chunk, kv_cache="device", stop_on_eos=False),
                                         ids, args.new_tokens, device)))
+    plan.append(("longforge_kv_gpu_public_kernels",
+                 lambda: public_kernels(lambda: run_engine(Engine(model, prefill_chunk=chunk, kv_cache="device",
+                                                                  stop_on_eos=False), ids, args.new_tokens, device))))
     offload = Engine(model, prefill_chunk=chunk, kv_cache="cpu", stop_on_eos=False)
     if device.type == "cuda":
         plan += [("longforge_kv_cpu_cold", lambda: run_engine(offload, ids, args.new_tokens, device)),
                  ("longforge_kv_cpu", lambda: run_engine(offload, ids, args.new_tokens, device))]
+        # kv_cache auto under a budget of a share of generate's peak (measured above, in this run).
+        auto: dict[str, Engine] = {}
+
+        def run_auto() -> dict[str, Any]:
+            if not auto:
+                auto["engine"] = Engine(model, prefill_chunk=chunk, kv_cache="auto", stop_on_eos=False,
+                                        gpu_memory_gib=args.memory_share * runs["hf_generate"]["peak_gib"])
+            return run_engine(auto["engine"], ids, args.new_tokens, device)
+        plan += [("longforge_kv_auto_cold", run_auto), ("longforge_kv_auto", run_auto)]
     for name, fn in plan:
         r = phase(name, fn)
         if r is not None:
             runs[name] = r
             print(f"{name}:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "tokens"}, flush=True)
+    res["kv_auto_budget_gib"] = args.memory_share * runs["hf_generate"]["peak_gib"] if "hf_generate" in runs else None
     if offload.pool.buffers:
         res["pinned_host_gib"] = sum(k.numel() * k.element_size() * 2 for k, _ in offload.pool.buffers.values()) / GIB
     offload.pool.buffers.clear()
@@ -302,9 +329,10 @@ def main() -> None:
         sec = r["seconds"] if name == "hf_generate_prefill_only" else r["prefill_s"]
         res["prefill"][name] = {"seconds": sec, "tokens_per_s": ids.shape[1] / sec, "tflops_per_s": flops / sec / 1e12,
                                 "fraction_of_989": flops / sec / H200_PEAK}
-    if "longforge_kv_cpu" in runs:
-        r = runs["longforge_kv_cpu"]
-        res["prefill"]["kv_cpu_decode_s_per_token"] = r["decode_s"] / max(r["decode_steps"], 1)
+    for name in ("longforge_kv_cpu", "longforge_kv_auto"):
+        if name in runs:
+            r = runs[name]
+            res["prefill"][f"{name}_decode_s_per_token"] = r["decode_s"] / max(r["decode_steps"], 1)
     save()
 
     # 4. The 40 x 10 passkey grid (skipped when the time budget is nearly spent).
@@ -352,9 +380,14 @@ def print_summary(res: dict[str, Any]) -> None:
             q = p[name]
             lines.append(f"  - {name}: {q['tokens_per_s']:.0f} tokens/s, {q['tflops_per_s']:.0f} TFLOP/s = "
                          f"{100 * q['fraction_of_989']:.0f}% of 989 (about {100 * q['tflops_per_s'] / 790:.0f}% of the ~790 measured)")
-    if "kv_cpu_decode_s_per_token" in p:
-        lines.append(f"- KV in pinned CPU memory: decode {p['kv_cpu_decode_s_per_token']:.3f} s/token (the whole cache "
-                     f"crosses PCIe per token); pinned host memory {res.get('pinned_host_gib', 0):.1f} GiB")
+    if "longforge_kv_cpu_decode_s_per_token" in p:
+        lines.append(f"- KV in pinned CPU memory: decode {p['longforge_kv_cpu_decode_s_per_token']:.3f} s/token (the whole "
+                     f"cache crosses PCIe per token); pinned host memory {res.get('pinned_host_gib', 0):.1f} GiB")
+    if "longforge_kv_auto_decode_s_per_token" in p:
+        a = runs["longforge_kv_auto"]
+        lines.append(f"- kv_cache auto under {res['kv_auto_budget_gib']:.1f} GiB: {a.get('kv_layers_on_gpu')} layers' KV on the "
+                     f"GPU, {a.get('kv_layers_in_host_memory')} in host memory; decode "
+                     f"{p['longforge_kv_auto_decode_s_per_token']:.3f} s/token")
     if res.get("grid"):
         gr = res["grid"]
         lines.append(f"- 40 x 10 passkey grid ({gr['lengths'][0]}..{gr['lengths'][1]} tokens, {gr['cells']} prompts, batch 1): "

@@ -171,10 +171,10 @@ def test_chunked_prefill_matches_one_shot_greedy_on_both_paths(tokenizer) -> Non
 
 
 def test_offloaded_kv_logic_matches_device_kv(tokenizer) -> None:
-    """The offload store's slots, prefetch lengths and wrap-around, run without streams on the CPU."""
+    """The offload store's slots, prefetch lengths and wrap-around, with and without resident layers, on the CPU."""
     from transformers import LlamaForCausalLM
 
-    for layers in (2, 3):  # an odd layer count makes slot parity wrap differently
+    for layers, resident in ((2, 0), (3, 0), (3, 1), (5, 2), (5, 4)):  # odd counts make slot parity wrap differently
         cfg = make_tiny_model(len(tokenizer), window=256).config
         cfg.num_hidden_layers = layers
         torch.manual_seed(layers)
@@ -182,16 +182,33 @@ def test_offloaded_kv_logic_matches_device_kv(tokenizer) -> None:
         x = torch.randint(1, len(tokenizer), (2, 90))
         device_kv = Engine(model, prefill_chunk=17, stop_on_eos=False)
         offload = Engine(model, prefill_chunk=17, stop_on_eos=False)
-        offload.kv_cache = "cpu"  # the engine only offloads from a GPU; force it to test the logic
+        # The engine only offloads from a GPU; force the placement to test the logic.
+        offload.kv_cache = "auto"
+        offload._resident_layers = lambda capacity, batch, r=resident: r  # type: ignore[method-assign]
         ref = model.generate(x, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 90:].tolist()
         assert offload.generate(x, 10) == device_kv.generate(x, 10) == ref
+        assert offload.placement == {"kv_layers_on_gpu": resident, "kv_layers_in_host_memory": layers - resident}
         assert offload.generate(x[:, :50], 4) == device_kv.generate(x[:, :50], 4)  # pooled host buffers reused
         assert offload.window_nll(x[:1]) == pytest.approx(device_kv.window_nll(x[:1]), rel=1e-6)
+        assert len(offload.pool.buffers) == layers - resident
+
+
+def test_kv_placement_keeps_what_fits_and_spreads_it() -> None:
+    from longforge.eval.generate import resident_layers, spread_layers
+
+    assert resident_layers(32, 10, 320) == 32  # everything fits: no staging slots needed
+    assert resident_layers(32, 10, 319) == 29  # else two slots of one layer each come first
+    assert resident_layers(32, 10, 25) == 0 and resident_layers(32, 10, -5) == 0
+    assert spread_layers(0, 32) == frozenset()
+    assert spread_layers(32, 32) == frozenset(range(32))
+    assert spread_layers(4, 32) == {4, 12, 20, 28}
+    for n in (1, 7, 31):
+        assert len(spread_layers(n, 32)) == n and max(spread_layers(n, 32)) < 32
 
 
 @pytest.mark.gpu
 def test_engine_on_cuda_matches_generate(tokenizer) -> None:
-    """Flash attention with lower-right causal chunks, and the offloaded cache's streams, on a real GPU (fp32)."""
+    """The inference kernels' fp32 fallback, and the offloaded cache's streams, on a real GPU (fp32)."""
     model = make_tiny_model(len(tokenizer), window=512).to("cuda")
     x = torch.randint(1, len(tokenizer), (2, 300))
     ref = model.generate(x.cuda(), max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 300:].tolist()

@@ -433,7 +433,8 @@ def _eval_spec_from_flags(tasks: list[str], f: dict[str, object]) -> dict[str, o
         if f["ppl_source"] is None:
             raise LongforgeError("task ppl needs --ppl-source (a JSONL or text file/folder of long documents).")
         spec["ppl"] = {k: v for k, v in {"source": f["ppl_source"], "stride": f["ppl_stride"]}.items() if v is not None}
-    inf = {"chat_template": f["chat_template"], "kv_cache": f["kv_cache"], "prefill_chunk": f["prefill_chunk"]}
+    inf = {"chat_template": f["chat_template"], "kv_cache": f["kv_cache"], "prefill_chunk": f["prefill_chunk"],
+           "gpu_memory_gib": f["gpu_memory"]}
     spec["inference"] = {k: v for k, v in inf.items() if v is not None}
     return spec
 
@@ -461,7 +462,8 @@ def eval_cmd(
     ppl_source: Annotated[Optional[Path], typer.Option(help="JSONL/text of long documents for perplexity.")] = None,
     ppl_stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride for perplexity (default: one window per document).")] = None,
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap prompts in the tokenizer's chat template.")] = False,
-    kv_cache: Annotated[Optional[str], typer.Option(help="device (default) or cpu (pinned host memory: less GPU memory).")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help="auto (default: on the GPU what fits), device, or cpu (pinned host memory).")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(help="GiB of GPU memory the engine may use with --kv-cache auto (default 90%).")] = None,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per forward pass (default 8192).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option()] = 1234,
@@ -497,7 +499,7 @@ def eval_cmd(
                  "essays": str(essays) if essays else None, "squad": str(squad) if squad else None,
                  "hotpotqa": str(hotpotqa) if hotpotqa else None, "ppl_source": str(ppl_source) if ppl_source else None,
                  "ppl_stride": ppl_stride, "chat_template": chat_template or None, "kv_cache": kv_cache,
-                 "prefill_chunk": prefill_chunk}
+                 "prefill_chunk": prefill_chunk, "gpu_memory": gpu_memory}
         ev = _validated(EvalSpec, _eval_spec_from_flags(names, flags), "eval")
     summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), model_dir.name)
     for table in _eval_tables(model_dir.name, summary):

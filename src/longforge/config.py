@@ -208,7 +208,7 @@ class StageSpec(Strict):
         default="main", description="Which set of the data stage to train on: the long data, or its replay set (short, contiguous positions).")
     sp: int = Field(default=1, gt=0, description="Sequence-parallel degree (Ulysses); processes come from torchrun.")
     attention: Literal["auto", "dense", "sdpa", "varlen", "flex"] = Field(
-        default="auto", description="Attention kernel: auto = flex (document masks) or sdpa on CUDA, dense on CPU.")
+        default="auto", description="Attention kernel: auto = varlen (document masks; flex in fp32) or sdpa on CUDA, dense on CPU.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
         default="auto", description="auto = fp32 on CPU, bf16-mixed (fp32 master weights) on CUDA; bf16 = bf16 weights.")
     optimizer: Literal["adamw", "adamw_bf16"] = Field(
@@ -324,8 +324,12 @@ class InferenceSpec(Strict):
     chat_template: bool = Field(default=False, description="Wrap prompts in the tokenizer's chat template (instruct models).")
     system_prompt: str | None = None
     prefill_chunk: int = Field(default=8192, gt=0, description="Prompt tokens per forward pass while filling the KV cache.")
-    kv_cache: Literal["device", "cpu"] = Field(
-        default="device", description="'cpu' keeps the KV cache in pinned host memory (GPU holds two layers' worth): less GPU memory, slower decoding.")
+    kv_cache: Literal["auto", "device", "cpu"] = Field(
+        default="auto", description="'auto' keeps on the GPU as many layers' KV cache as fit under gpu_memory_gib and the "
+        "rest in pinned host memory; 'device' all on the GPU; 'cpu' all in host memory (the GPU stages two layers): "
+        "less GPU memory, slower decoding.")
+    gpu_memory_gib: float | None = Field(default=None, gt=0, description="GPU memory the engine may use with kv_cache "
+                                         "'auto' (default: 90% of the GPU).")
     attention: Literal["auto", "longforge", "hf"] = Field(default="auto", description="'hf' uses transformers' cache and attention (any model).")
     batch_tokens: int = Field(default=131072, gt=0, description="At most this many prompt tokens in one batch.")
 

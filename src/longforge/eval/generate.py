@@ -4,7 +4,8 @@ Two paths. The longforge path (standard full-attention decoders such as Llama, M
 window, Qwen) runs the model's own layers but keeps keys and values in buffers sized once for the whole
 sequence (no concatenation per chunk), optionally in pinned CPU memory with a two-slot prefetch so the GPU
 holds two layers' caches at a time, and computes causal attention of a chunk against its past with
-`causal_lower_right` (flash attention on CUDA, no materialised mask). The HF path (any other model) uses
+the fastest exact kernel for the shape (eval/attention.py: cuDNN, split at the chunk's start, for prefill;
+FlashAttention for decoding; no materialised mask). The HF path (any other model) uses
 transformers' DynamicCache and the model's own attention. Both compute logits for the last position only.
 """
 
@@ -16,12 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
-import torch.nn.functional as F
+
+from longforge.eval.attention import causal_attention
 
 PREFILL_CHUNK = 8192
 ATTN_NAME = "longforge_infer"
 STORE_KW = "lf_kv_store"
-KVPlace = Literal["device", "cpu"]
+KVPlace = Literal["auto", "device", "cpu"]
+GIB = 2**30
 AttentionPath = Literal["auto", "longforge", "hf"]
 
 
@@ -30,47 +33,6 @@ class TextGenerator(Protocol):
 
     def generate(self, prompts: torch.Tensor, max_new_tokens: int,
                  stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]: ...
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Causal attention of the last q positions against k/v (B, H, Lq, D) x (B, Hkv, Lk, D), GQA by head groups."""
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    if not q.is_cuda:
-        # CPU (tests, the demo): one call; the math kernel handles grouped heads and an explicit mask.
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq) if 1 < lq != lk else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and lq > 1,
-                                              scale=scale, enable_gqa=h != hkv)
-    try:
-        return _grouped_flash(q, k, v, scale)
-    except RuntimeError as e:
-        if "No available kernel" not in str(e):
-            raise
-        # A guard: should the fused kernels refuse a strided key/value layout, retry on contiguous copies.
-        return _grouped_flash(q, k.contiguous(), v.contiguous(), scale)
-
-
-def _grouped_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """CUDA causal attention per query-head group with fused kernels only (the math kernel would need an L x L matrix)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    rep = h // hkv
-    # Query heads g*rep..g*rep+rep-1 share kv head g; attending one group member at a time keeps the flash
-    # kernel (lower-right causal, no mask tensor) and never expands the long keys and values to every head.
-    groups = q.view(b, hkv, rep, lq, d)
-    mask = causal_lower_right(lq, lk) if 1 < lq != lk else None
-    outs = []
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        for r in range(rep):
-            qr = groups[:, :, r]
-            if mask is None:
-                outs.append(F.scaled_dot_product_attention(qr, k, v, is_causal=lq > 1, scale=scale))
-            else:
-                outs.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale))
-    return torch.stack(outs, dim=2).view(b, h, lq, d)
 
 
 class DeviceKV:
@@ -104,20 +66,25 @@ class DeviceKV:
 
 
 class OffloadedKV:
-    """Keys and values in pinned CPU memory; the GPU holds two layers' caches (the one in use and the next, prefetched).
+    """Keys and values in pinned CPU memory, except `resident` layers kept on the GPU; two GPU slots stage the rest.
 
-    New keys/values go to the GPU slot and are copied to the host on a side stream; the next layer's past is
-    copied in while this layer computes. Buffers are sequence-major (L, B, Hkv, D) on both sides, so every
-    transfer is one contiguous DMA (a strided pinned copy would silently go through pageable memory and stall
-    the host). Prefill moves little; each decoding step moves the whole cache over PCIe, which bounds its speed.
+    An offloaded layer's new keys/values go to a GPU slot and are copied to the host on a side stream; the next
+    offloaded layer's past is copied in while this layer (and any resident layers after it) compute. Buffers are
+    sequence-major (L, B, Hkv, D) on both sides, so every transfer is one contiguous DMA (a strided pinned copy
+    would silently go through pageable memory and stall the host). Prefill moves little; each decoding step
+    moves every offloaded layer's cache over PCIe, which bounds its speed (resident layers cost nothing).
     On a CPU device the same logic runs without streams (tests use that).
     """
 
-    def __init__(self, capacity: int, n_layers: int, device: torch.device, pool: HostPool):
+    def __init__(self, capacity: int, n_layers: int, device: torch.device, pool: HostPool,
+                 resident: frozenset[int] = frozenset()):
         self.capacity, self.n_layers, self.device, self.pool = capacity, n_layers, device, pool
         self.cuda = device.type == "cuda"
         self.length = 0
         self.calls = 0
+        self.resident = DeviceKV(capacity)
+        self.resident_layers = resident
+        self.offloaded = [layer for layer in range(n_layers) if layer not in resident]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.slot_free: list[Any] = [None, None]
@@ -159,8 +126,10 @@ class OffloadedKV:
         self.slot_of[layer] = slot
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """Append this chunk's k/v for `layer` (GPU slot and host), attend, and prefetch the next layer."""
+        """Append this chunk's k/v for `layer` (GPU slot and host), attend, and prefetch the next offloaded layer."""
         self.calls += 1
+        if layer in self.resident_layers:
+            return self.resident.attend(layer, q, k, v, scale)
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.shape is None:
             b, hkv, _, d = k.shape
@@ -182,19 +151,34 @@ class OffloadedKV:
             hv[self.length:end].copy_(sv[self.length:end], non_blocking=True)
         out = causal_attention(q, sk[:end].permute(1, 2, 0, 3), sv[:end].permute(1, 2, 0, 3), scale)
         self.slot_free[slot] = self._event(compute)
-        nxt = (layer + 1) % self.n_layers
-        # The next layer of this forward sees the past; layer 0 of the next forward also sees this chunk.
+        nxt = self.offloaded[(self.offloaded.index(layer) + 1) % len(self.offloaded)]
+        # A later layer of this forward sees the past; the first one of the next forward also sees this chunk.
         self._prefetch(nxt, 1 - slot, self.length if nxt > layer else end)
         return out
 
     def commit(self, n: int) -> None:
         """Advance past a chunk once every layer has seen it."""
         self.length += n
+        self.resident.commit(n)
 
     def finish(self) -> None:
         """Wait for the side stream, so host buffers can be reused."""
         if self.stream is not None:
             self.stream.synchronize()
+
+
+def resident_layers(n_layers: int, per_layer: int, free: float) -> int:
+    """Layers whose caches can stay on the GPU in `free` bytes: all of them, or as many as fit beside two staging slots."""
+    if n_layers * per_layer <= free:
+        return n_layers
+    return max(0, min(n_layers - 1, int((free - 2 * per_layer) // per_layer)))
+
+
+def spread_layers(count: int, n_layers: int) -> frozenset[int]:
+    """`count` layer indices spread evenly, so transfers of the offloaded layers overlap resident layers' compute."""
+    if count <= 0:
+        return frozenset()
+    return frozenset(int(i * n_layers // count + n_layers // (2 * count)) % n_layers for i in range(count))
 
 
 class HostPool:
@@ -274,18 +258,20 @@ def eos_ids(model: Any) -> set[int]:
 class Engine:
     """Greedy long-prompt generation and chunked scoring for one loaded causal LM."""
 
-    def __init__(self, model: Any, prefill_chunk: int = PREFILL_CHUNK, kv_cache: KVPlace = "device",
-                 attention: AttentionPath = "auto", stop_on_eos: bool = True):
+    def __init__(self, model: Any, prefill_chunk: int = PREFILL_CHUNK, kv_cache: KVPlace = "auto",
+                 attention: AttentionPath = "auto", stop_on_eos: bool = True, gpu_memory_gib: float | None = None):
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.kv_cache = kv_cache if self.device.type == "cuda" else "device"  # offloading only means something on a GPU
+        self.gpu_memory_gib = gpu_memory_gib
         if attention == "auto":
             attention = "longforge" if supports_longforge_path(model) and _accepts_attention(model) else "hf"
         self.path: AttentionPath = attention
         self.stop_ids = eos_ids(model) if stop_on_eos else set()
         self.pool = HostPool()
         self.last: dict[str, float] = {}  # timings of the last generate call (benchmarks read them)
+        self.placement: dict[str, int] = {}  # where the last store kept each layer's keys and values
 
     def _sync(self) -> float:
         """Wall time after the device finished its queued work (timings must not stop at a kernel launch)."""
@@ -296,13 +282,37 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """The settings a result file records."""
         kv = self.kv_cache if self.path == "longforge" else "device (transformers DynamicCache)"
-        return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv,
+        return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv, "gpu_memory_gib": self.gpu_memory_gib,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
 
-    def _store(self, capacity: int) -> DeviceKV | OffloadedKV:
-        if self.kv_cache == "cpu":
-            return OffloadedKV(capacity, self.model.config.num_hidden_layers, self.device, self.pool)
-        return DeviceKV(capacity)
+    def _store(self, capacity: int, batch: int = 1) -> DeviceKV | OffloadedKV:
+        """The KV store for one batch: on the device, offloaded, or (auto) as many layers resident as fit."""
+        n_layers = self.model.config.num_hidden_layers
+        resident = {"device": n_layers, "cpu": 0}.get(self.kv_cache)
+        if resident is None:  # auto
+            resident = self._resident_layers(capacity, batch)
+        self.placement = {"kv_layers_on_gpu": resident, "kv_layers_in_host_memory": n_layers - resident}
+        if resident == n_layers:
+            return DeviceKV(capacity)
+        return OffloadedKV(capacity, n_layers, self.device, self.pool, spread_layers(resident, n_layers))
+
+    def _resident_layers(self, capacity: int, batch: int) -> int:
+        """How many layers' caches fit on the GPU under the memory budget next to the weights and one chunk's work."""
+        cfg = self.model.config
+        hidden = cfg.hidden_size
+        head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        elem = next(self.model.parameters()).element_size()
+        per_layer = 2 * batch * capacity * kv_heads * head_dim * elem
+        # One chunk's activations: the MLP's ~4 intermediate-wide tensors and ~16 hidden-wide ones (residual, norms,
+        # projections, attention outputs and their fp32 merge); an over-estimate on the benchmarked 8B shape.
+        inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+        work = batch * min(self.prefill_chunk, capacity) * (4 * inter + 16 * hidden) * elem
+        if self.gpu_memory_gib is not None:
+            budget = self.gpu_memory_gib * GIB
+        else:
+            budget = 0.9 * torch.cuda.get_device_properties(self.device).total_memory
+        return resident_layers(cfg.num_hidden_layers, per_layer, budget - torch.cuda.memory_allocated(self.device) - work)
 
     def _run_decoder(self, ids: torch.Tensor, start: int, store: DeviceKV | OffloadedKV) -> torch.Tensor:
         """Hidden states of positions start..start+n through the decoder, appending their keys/values to `store`."""
@@ -351,7 +361,7 @@ class Engine:
         model.set_attn_implementation(register_attention())
         prompts = prompts.to(self.device)
         b, n = prompts.shape
-        store = self._store(n + max_new_tokens)
+        store = self._store(n + max_new_tokens, b)
         head = model.get_output_embeddings()
         try:
             t0 = self._sync()
@@ -373,7 +383,8 @@ class Engine:
                 nxt = head(h[:, -1]).argmax(-1)
                 steps += 1
             t2 = self._sync()
-            self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps, "prompt_tokens": b * n}
+            self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps, "prompt_tokens": b * n,
+                         **self.placement}
             return rows
         finally:
             store.finish()

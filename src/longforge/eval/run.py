@@ -75,7 +75,8 @@ def check_inputs(spec: EvalSpec) -> None:
 def make_engine(model: Any, spec: EvalSpec) -> Engine:
     """The generation engine with the recipe's inference settings."""
     inf = spec.inference
-    return Engine(model, prefill_chunk=inf.prefill_chunk, kv_cache=inf.kv_cache, attention=inf.attention)
+    return Engine(model, prefill_chunk=inf.prefill_chunk, kv_cache=inf.kv_cache, attention=inf.attention,
+                  gpu_memory_gib=inf.gpu_memory_gib)
 
 
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
