@@ -145,7 +145,7 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
     if layout.distributed:
         apply_fsdp(net, model.model.layers, layout, torch.bfloat16 if precision == "bf16-mixed" else None)
     net.train()
-    backend = resolve_backend(spec.attention, layout.device, spec.document_mask)
+    backend = resolve_backend(spec.attention, layout.device, spec.document_mask, precision != "fp32")
     # Without FSDP's mixed-precision policy, bf16-mixed means fp32 weights under bf16 autocast.
     autocast = precision == "bf16-mixed" and not layout.distributed and layout.device.type == "cuda"
     return Engine(net, layout, spec, backend, seq_len, autocast)
