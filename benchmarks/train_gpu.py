@@ -91,6 +91,12 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     "probe1b": [PROBE(1, 524288, 2)],
     "probe2": [PROBE(2, 1048576, 1)],
     "probe4": [PROBE(4, 1048576, 1), PROBE(4, 1048576, 2), PROBE(4, 2097152, 1), PROBE(4, 1048576, 4)],
+    # Where the time of a step goes (kernel categories from the profiler), 8B shape cut to 4 layers, 64K tokens.
+    "profile": [{"shape": "llama-3.1-8b", "layers": 4, "seq": 65536, "impl": "longforge", "policy": "save_attention",
+                 "steps": 2, "profile": True, "fused_ops": f} for f in ("off", "on")],
+    # The fused elementwise ops on the full-depth 8B shape at 64K, against the unfused engine in the same run.
+    "fused8b": [{"shape": "llama-3.1-8b", "seq": 65536, "impl": "longforge", "policy": "save_attention", "steps": 2,
+                 "fused_ops": f} for f in ("off", "on")],
     # The lean RMSNorm's effect on one recomputed layer's working set, against the plain norm in the same run.
     "lean": [{**PROBE(1, 262144, 1), "lean_norm": False}, PROBE(1, 262144, 1),
              {**PROBE(1, 262144, 2), "lean_norm": False}, PROBE(1, 262144, 2)],
@@ -161,7 +167,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     spec = StageSpec(steps=1, precision="bf16", optimizer="adamw_bf16" if frugal else "adamw", document_mask=False,
                      activation_checkpointing="on", offload_activations=frugal and device.type == "cuda",
                      mlp_tile=16384 if frugal else case.get("mlp_tile", 0), checkpoint_policy=case.get("policy", "full"),
-                     sp=sp, lean_norm=case.get("lean_norm", True))
+                     sp=sp, lean_norm=case.get("lean_norm", True), fused_ops=case.get("fused_ops", "auto"))
     engine = prepare(model, spec, layout, case["seq"])
     opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
     # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
@@ -178,7 +184,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     out = timed(step, case, model.config, layout)
     out["settings"] = {"attention": engine.backend, "precision": spec.precision, "optimizer": spec.optimizer,
                        "checkpointing": spec.checkpoint_policy, "offload_activations": spec.offload_activations,
-                       "mlp_tile": spec.mlp_tile, "lean_norm": spec.lean_norm, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
+                       "mlp_tile": spec.mlp_tile, "lean_norm": spec.lean_norm, "fused_ops": spec.fused_ops, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
                        "fsdp": layout.world if layout.distributed else 1}
     return out
 
@@ -242,12 +248,52 @@ def timed(step: Any, case: dict[str, Any], config: Any, layout: Any) -> dict[str
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     gpu_reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     host = host_peak_gib()
-    return {"step_s": round(dt, 3), "tokens_per_s": round(tps, 1),
+    prof = profile_step(step) if case.get("profile") and cuda else None
+    return {**({"profile": prof} if prof else {}), "step_s": round(dt, 3), "tokens_per_s": round(tps, 1),
             "mfu": round(flops_per_token(config, case["seq"]) * tps / (peak * layout.world), 4) if peak else None,
             "peak_mem_gib": round(_reduce(gpu_peak, layout, "max"), 2) if cuda else None,
             "peak_reserved_gib": round(_reduce(gpu_reserved, layout, "max"), 2) if cuda else None,
             "host_peak_gib_per_rank": round(_reduce(host, layout, "max"), 2),
             "host_peak_gib_total": round(_reduce(host, layout, "sum"), 2)}
+
+
+KERNEL_KINDS = (  # first match wins; names as cuBLAS, cuDNN, flash and PyTorch give their kernels on Hopper
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("nccl", ("nccl",)),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The category of a CUDA kernel by its name (elementwise and reductions are what is left)."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "elementwise/other")
+
+
+def profile_step(step: Any) -> dict[str, Any]:
+    """One more step under the profiler: GPU time by kernel category, the top kernels, and the step's wall time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
+               if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for name, sec, _ in kernels:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sec
+    busy = sum(kinds.values())
+    top = sorted(kernels, key=lambda k: -k[1])[:25]
+    return {"wall_s_profiled": round(wall, 3), "gpu_busy_s": round(busy, 3),
+            "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": n[:160], "s": round(sec, 4), "calls": c, "kind": kernel_kind(n)} for n, sec, c in top]}
 
 
 class OutOfMemoryOnRank(RuntimeError):
@@ -332,13 +378,17 @@ def summary_line(r: dict[str, Any]) -> str:
         name += f" ({r['policy']})"
     if r.get("lean_norm") is False:
         name += " (plain norms)"
+    if r.get("fused_ops"):
+        name += f" (fused ops {r['fused_ops']})"
     if r.get("oom"):
         return f"{name}: out of memory"
     if r.get("error"):
         return f"{name}: error {r['error'][-300:]}"
     mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
+    prof = r.get("profile")
+    kinds = f", GPU time by kind {prof['by_kind_s']}" if prof else ""
     return (f"{name}: {r['tokens_per_s']:.0f} tok/s, step {r['step_s']} s, MFU {mfu}, peak {r['peak_mem_gib']} GiB, "
-            f"host {r.get('host_peak_gib_per_rank')} GiB/rank")
+            f"host {r.get('host_peak_gib_per_rank')} GiB/rank{kinds}")
 
 
 if __name__ == "__main__":

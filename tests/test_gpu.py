@@ -81,3 +81,30 @@ def test_offloaded_checkpoints_change_nothing_numerically() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_fused_ops_match_the_unfused_model(dtype: torch.dtype) -> None:
+    from transformers.models.llama import modeling_llama
+
+    from longforge.model.fused import ROPE_FUNCTION, apply_fused_ops
+    from longforge.model.memory import apply_lean_norms
+
+    original = getattr(modeling_llama, ROPE_FUNCTION)
+    ids = torch.randint(1, 50, (2, 300), device="cuda")
+    results = []
+    try:
+        for fuse in (False, True):
+            model = make_tiny_model(50, window=512, hidden=128).to("cuda", dtype)
+            apply_fused_ops(model) if fuse else apply_lean_norms(model)
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach().float(), [p.grad.float() for p in model.parameters()]))
+    finally:
+        setattr(modeling_llama, ROPE_FUNCTION, original)
+    (ref_loss, ref_grads), (loss, grads) = results
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # compiled kernels round once where eager rounds per op
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=tol * 10, atol=tol * 10)

@@ -220,6 +220,8 @@ class StageSpec(Strict):
     offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
     mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
     lean_norm: bool = Field(default=True, description="RMSNorms save their input and 1/rms only, not fp32 copies (same numbers, less memory).")
+    fused_ops: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Fuse SwiGLU, RoPE and RMSNorm into single kernels with torch.compile; auto = on CUDA with Triton.")
     tensorboard: bool = Field(default=False, description="Also write the step log as TensorBoard scalars (tb/).")
 
     @model_validator(mode="after")

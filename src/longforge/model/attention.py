@@ -33,7 +33,7 @@ def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> to
 
 
 def resolve_backend(backend: str, device: torch.device, document_mask: bool, half: bool = True) -> str:
-    """The back-end `auto` means: on CUDA varlen (document masks, bf16/fp16), flex (fp32) or sdpa; dense on CPU."""
+    """The back-end `auto` means: on CUDA varlen (document masks, bf16 weights), flex (fp32, autocast) or sdpa; dense on CPU."""
     if backend != "auto":
         return backend
     if device.type == "cuda":
@@ -130,6 +130,8 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tens
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, backend: str,
            scale: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention (B, H, S, D) -> (B, H, S, D), within documents when doc_ids is given."""
+    if backend == "varlen" and q.dtype == torch.float32:
+        backend = "flex"  # flash takes half precision only (fp32 queries reach here under bf16 autocast after RoPE)
     if backend == "varlen" and doc_ids is not None and q.shape[-2] == k.shape[-2]:
         return _varlen(q, k, v, doc_ids, scale)
     # FlexAttention's kernels need a head dimension of at least 16; tiny models use the exact dense path.

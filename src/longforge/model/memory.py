@@ -116,47 +116,59 @@ def apply_tiled_mlp(model: Any, tile: int) -> None:
 LEAN_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
-class _LeanRMSNorm(torch.autograd.Function):
-    """RMSNorm that saves its input (in its own dtype) and the fp32 inverse RMS, and recomputes the rest in backward.
+def rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm forward and the fp32 inverse RMS it used."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+def rms_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the input and the weight of rms_forward, from the input and the inverse RMS."""
+    n = x.float() * rstd
+    grad_w = (grad * n.to(x.dtype)).reshape(-1, grad.shape[-1]).float().sum(0).to(weight.dtype)
+    g = (grad * weight).float()
+    # d/dx of x * rstd(x): rstd * (g - n * mean(g * n)) over the feature dimension.
+    grad_x = (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
+    return grad_x, grad_w
+
+
+def lean_norm_function(forward: Any = rms_forward, backward: Any = rms_backward) -> Any:
+    """RMSNorm as an autograd function that saves its input (own dtype) and the fp32 inverse RMS, recomputing the rest.
 
     Autograd through the plain module saves fp32 copies of the input and of the normalised input: 16 bytes
     per feature more than this, twice per layer, which at long sequences is most of a recomputed layer's memory.
+    `forward`/`backward` are rms_forward/rms_backward or compiled versions of them (model/fused.py).
     """
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+    class LeanRMSNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+            y, rstd = forward(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight, rstd = ctx.saved_tensors
-        n = x.float() * rstd
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad * n.to(x.dtype)).reshape(-1, grad.shape[-1]).float().sum(0).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = (grad * weight).float()
-            # d/dx of x * rstd(x): rstd * (g - n * mean(g * n)) over the feature dimension.
-            grad_x = (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_w, None
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+            x, weight, rstd = ctx.saved_tensors
+            grad_x, grad_w = backward(grad, x, weight, rstd)
+            return grad_x, grad_w, None
+
+    return LeanRMSNorm.apply
 
 
-def lean_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The Llama-family RMSNorm with the lean backward (same forward numerics)."""
-    return _LeanRMSNorm.apply(x, weight, eps)
+lean_rms_norm = lean_norm_function()
 
 
-def apply_lean_norms(model: Any) -> int:
-    """Give every Llama-family RMSNorm of the model the lean backward; returns how many were changed."""
+def apply_lean_norms(model: Any, norm: Any = None) -> int:
+    """Give every Llama-family RMSNorm of the model the lean backward (or `norm`); returns how many were changed."""
+    norm = norm or lean_rms_norm
     changed = 0
     for module in model.modules():
         if type(module).__name__ in LEAN_NORM_CLASSES and not getattr(module, "_lf_lean", False):
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-            module.forward = (lambda m, e: lambda x: lean_rms_norm(x, m.weight, e))(module, eps)
+            module.forward = (lambda m, e: lambda x: norm(x, m.weight, e))(module, eps)
             module._lf_lean = True
             changed += 1
     return changed

@@ -22,6 +22,7 @@ from longforge.config import StageSpec
 from longforge.errors import LongforgeError
 from longforge.hf import save_model
 from longforge.model.attention import resolve_backend, use_longforge_attention
+from longforge.model.fused import apply_fused_ops, fused_available
 from longforge.model.memory import apply_checkpointing, apply_lean_norms, apply_tiled_mlp, offload_saved_activations
 from longforge.model.parallel import Layout, SequenceParallel, all_reduce_sum, apply_fsdp, check_layout
 from longforge.progress import progress_bar
@@ -126,7 +127,7 @@ def resolve_precision(spec: StageSpec, device: torch.device) -> str:
 
 
 def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine:
-    """Attention back-end, precision, checkpointing, tiled MLP, lean norms and FSDP2 sharding, in that order."""
+    """Attention back-end, precision, checkpointing, fused ops, tiled MLP, lean norms and FSDP2 sharding, in that order."""
     check_layout(model.config, seq_len, spec.sp)
     use_longforge_attention(model)
     precision = resolve_precision(spec, layout.device)
@@ -136,16 +137,19 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
         spec.activation_checkpointing == "auto" and layout.device.type == "cuda")
     if checkpointing:
         apply_checkpointing(model, spec.checkpoint_policy)
+    fused = spec.fused_ops == "on" or (spec.fused_ops == "auto" and fused_available(layout.device))
+    if fused:
+        apply_fused_ops(model, norms=spec.lean_norm)  # before tiling: the tiles call the fused MLP
     if spec.mlp_tile:
         apply_tiled_mlp(model, spec.mlp_tile)
-    if spec.lean_norm:
+    if spec.lean_norm and not fused:
         apply_lean_norms(model)
     model.to(layout.device)
     net = LossModel(model)
     if layout.distributed:
         apply_fsdp(net, model.model.layers, layout, torch.bfloat16 if precision == "bf16-mixed" else None)
     net.train()
-    backend = resolve_backend(spec.attention, layout.device, spec.document_mask, precision != "fp32")
+    backend = resolve_backend(spec.attention, layout.device, spec.document_mask, precision == "bf16")
     # Without FSDP's mixed-precision policy, bf16-mixed means fp32 weights under bf16 autocast.
     autocast = precision == "bf16-mixed" and not layout.distributed and layout.device.type == "cuda"
     return Engine(net, layout, spec, backend, seq_len, autocast)
