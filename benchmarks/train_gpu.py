@@ -67,6 +67,13 @@ SUITES: dict[str, list[dict[str, Any]]] = {
         {"shape": "llama-3.2-1b", "seq": 65536, "impl": "longforge", "policy": "save_attention"},
         {"shape": "llama-3.1-8b", "seq": 65536, "impl": "longforge", "policy": "save_attention"},
     ],
+    # Item 1 again with the fused elementwise ops (the default on CUDA), transformers in the same run.
+    "engine3": [
+        {"shape": "llama-3.2-1b", "seq": 65536, "impl": "hf"},
+        {"shape": "llama-3.2-1b", "seq": 65536, "impl": "longforge", "policy": "save_attention"},
+        {"shape": "llama-3.2-3b", "seq": 65536, "impl": "hf"},
+        {"shape": "llama-3.2-3b", "seq": 65536, "impl": "longforge", "policy": "save_attention"},
+    ],
     "depth": [
         {"shape": "llama-3.1-8b", "layers": L, "seq": s, "impl": "longforge", "steps": 1, "frugal": True, "warmup": False}
         for s in (131072, 524288) for L in (2, 4)
