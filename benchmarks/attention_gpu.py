@@ -51,33 +51,13 @@ def pairs(lq: int, lk: int) -> int:
 
 # ---- candidates; all take and return (B, H, L, D) ----
 
-def engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The eval engine's dispatch (longforge.eval.attention.causal_attention)."""
-    from longforge.eval.attention import causal_attention
+def longforge_kernel(name: str) -> Fn:
+    """One of longforge.eval.attention's kernels with the default scale: causal_attention is the engine's dispatch,
+    sdpa_lower_right its public-API path (the engine's earlier kernel), flash_last and split_cudnn its fast paths."""
+    from longforge.eval import attention
 
-    return causal_attention(q, k, v, None)
-
-
-def grouped_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Public API only: SDPA per query-head group with a causal_lower_right bias (the engine's earlier kernel)."""
-    from longforge.eval.attention import sdpa_lower_right
-
-    return sdpa_lower_right(q, k, v, None)
-
-
-def split_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """cuDNN on the past (no mask) and on the chunk (causal), merged by log-sum-exp."""
-    from longforge.eval.attention import split_cudnn as split
-
-    return split(q, k, v, None)
-
-
-def flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """aten._flash_attention_forward on (B, L, H, D) views: native GQA, causal aligned to the last key."""
-    lq, lk = q.shape[2], k.shape[2]
-    out = torch.ops.aten._flash_attention_forward(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, lq, lk, 0.0, lq > 1, False)[0]
-    return out.transpose(1, 2)
+    fn = getattr(attention, name)
+    return lambda q, k, v: fn(q, k, v, None)
 
 
 def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -257,8 +237,10 @@ def main() -> None:
     if hasattr(torch._C, "_get_sdp_priority_order"):
         res["sdp_priority"] = [str(x) for x in torch._C._get_sdp_priority_order()]
     rows = res["rows"]
+    engine, grouped_lower_right = longforge_kernel("causal_attention"), longforge_kernel("sdpa_lower_right")
     prefill: list[tuple[str, Fn]] = [("engine", engine), ("grouped_lower_right", grouped_lower_right),
-                                     ("flash_op", flash_op), ("split_cudnn", split_cudnn), ("varlen", varlen),
+                                     ("flash_op", longforge_kernel("flash_last")),
+                                     ("split_cudnn", longforge_kernel("split_cudnn")), ("varlen", varlen),
                                      ("flex", flex)]
     for past in (args.past, args.past // 8):
         for name, fn in prefill:

@@ -78,13 +78,15 @@ class OffloadedKV:
 
     def __init__(self, capacity: int, n_layers: int, device: torch.device, pool: HostPool,
                  resident: frozenset[int] = frozenset()):
-        self.capacity, self.n_layers, self.device, self.pool = capacity, n_layers, device, pool
+        self.capacity, self.device, self.pool = capacity, device, pool
         self.cuda = device.type == "cuda"
         self.length = 0
         self.calls = 0
         self.resident = DeviceKV(capacity)
         self.resident_layers = resident
-        self.offloaded = [layer for layer in range(n_layers) if layer not in resident]
+        offloaded = [layer for layer in range(n_layers) if layer not in resident]
+        # Each offloaded layer prefetches the next one (the last wraps to the first, for the next forward).
+        self.next_offloaded = {layer: offloaded[(i + 1) % len(offloaded)] for i, layer in enumerate(offloaded)}
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.slot_free: list[Any] = [None, None]
@@ -151,7 +153,7 @@ class OffloadedKV:
             hv[self.length:end].copy_(sv[self.length:end], non_blocking=True)
         out = causal_attention(q, sk[:end].permute(1, 2, 0, 3), sv[:end].permute(1, 2, 0, 3), scale)
         self.slot_free[slot] = self._event(compute)
-        nxt = self.offloaded[(self.offloaded.index(layer) + 1) % len(self.offloaded)]
+        nxt = self.next_offloaded[layer]
         # A later layer of this forward sees the past; the first one of the next forward also sees this chunk.
         self._prefetch(nxt, 1 - slot, self.length if nxt > layer else end)
         return out
