@@ -235,3 +235,83 @@ def test_training_with_lean_norms_matches_plain_norms() -> None:
     torch.testing.assert_close(lb, la, rtol=0, atol=0)
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resident_layers_keep_their_inputs_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import longforge.model.memory as memory
+    from longforge.model.memory import ActivationOffload
+
+    monkeypatch.setattr(memory, "HOST_PIECE", 1000)  # several host buffers per layer input
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    ids, docs, pos = _packed([30, 50], 50, seed=3)
+    layer_input = ids.numel() * 32 * 4  # one layer's fp32 input
+
+    class Recording(ActivationOffload):
+        def pack(self, t):  # noqa: ANN001, ANN202
+            out = super().pack(t)
+            if isinstance(out, tuple):
+                self.moved.append(self.cursor)
+            return out
+
+    results = []
+    for resident in (None, 0, 2, 4):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        use_longforge_attention(model)
+        apply_checkpointing(model)
+        model.train()
+        offload = None
+        if resident is not None:
+            # On CPU "offloading" is a copy to other CPU memory: the bookkeeping is what is tested.
+            offload = Recording(model.model.layers, resident, offloadable=lambda t: t.numel() * t.element_size() >= layer_input
+                                and not isinstance(t, torch.nn.Parameter))
+            offload.moved = []
+        with offload() if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = model(input_ids=ids, position_ids=pos, lf_doc_ids=docs, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        if offload is not None:
+            assert offload.kept_bytes == resident * layer_input
+            # Layers 0..3 - resident each moved exactly their input; after the last layer (cursor 4) is not a layer.
+            assert [c for c in offload.moved if c < 4] == list(range(4 - resident))
+            assert offload.host_bytes >= (4 - resident) * layer_input
+    ref_loss, ref_grads = results[0]
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, ref_loss)
+        for a, b in zip(grads, ref_grads):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="between 0 and the model's 4 layers"):
+        ActivationOffload(model.model.layers, 5)
+
+
+def test_bf16_adamw_in_slices_equals_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    import longforge.train.optim as optim
+
+    torch.manual_seed(0)
+    start = torch.randn(1000, 7)
+    grads = [torch.randn(1000, 7) for _ in range(3)]
+    out = []
+    for piece in (1 << 26, 1000):  # whole, then 7 slices of 1000 entries
+        monkeypatch.setattr(optim, "UPDATE_SLICE", piece)
+        p = torch.nn.Parameter(start.clone())  # fp32 weights: no rounding noise, so the results must be identical
+        opt = optim.BF16AdamW([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_host_copies_in_pieces_round_trip_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import longforge.model.memory as memory
+
+    monkeypatch.setattr(memory, "HOST_PIECE", 4 * 100)  # 100 fp32 entries per buffer
+    t = torch.randn(37, 29).t()  # strided, 1073 entries: 11 buffers, the last partly used
+    device, shape, pieces = memory.to_host(t)
+    assert [p.numel() for p in pieces] == [100] * 10 + [73]
+    back = memory.from_host(device, shape, pieces)
+    assert back.shape == t.shape and torch.equal(back, t)

@@ -60,8 +60,12 @@ def test_cuda_backends_match_the_dense_reference(backend: str) -> None:
         torch.testing.assert_close(a.float(), r.float(), rtol=5e-2, atol=5e-2)
 
 
-def test_offloaded_checkpoints_change_nothing_numerically() -> None:
-    from longforge.model.memory import apply_checkpointing, offload_saved_activations
+@pytest.mark.parametrize("resident", [0, 1])
+def test_offloaded_checkpoints_change_nothing_numerically(resident: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import longforge.model.memory as memory
+    from longforge.model.memory import ActivationOffload, apply_checkpointing, offload_saved_activations
+
+    monkeypatch.setattr(memory, "HOST_PIECE", 1 << 18)  # each 1.6 MB layer input in 7 pinned buffers
 
     torch.manual_seed(0)
     ids, docs, pos = (t.cuda() for t in _packed([300, 500], 50, seed=1))
@@ -72,10 +76,14 @@ def test_offloaded_checkpoints_change_nothing_numerically() -> None:
         use_longforge_attention(model)
         apply_checkpointing(model)
         model.train()
-        with offload_saved_activations(offload, torch.device("cuda")):
+        store = ActivationOffload(model.model.layers, resident)
+        with store() if offload else offload_saved_activations(False, torch.device("cuda")):
             loss = model(input_ids=ids, position_ids=pos, lf_doc_ids=docs, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        if offload:
+            assert store.kept_bytes == resident * 800 * 512 * 4  # the last layer's fp32 input stayed
+            assert store.host_bytes >= (2 - resident) * 800 * 512 * 4
     (ref_loss, ref_grads), (loss, grads) = results
     # Copies are exact; only the attention backward's atomics may reorder sums.
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)

@@ -334,6 +334,9 @@ def train(
     activation_checkpointing: Annotated[str, typer.Option(help="auto, on or off.")] = "auto",
     checkpoint_policy: Annotated[str, typer.Option(help="full, or save_attention (faster backward, more memory).")] = "full",
     offload_activations: Annotated[bool, typer.Option(help="Keep checkpointed activations in CPU memory.")] = False,
+    resident_layers: Annotated[int, typer.Option(help="With --offload-activations: the last N layers keep their inputs on the GPU.")] = 0,
+    optimizer_in_backward: Annotated[bool, typer.Option(help="Update each parameter during backward (no full set of gradients; needs --clip-grad 0, one process).")] = False,
+    clip_grad: Annotated[float, typer.Option(help="Clip the global gradient norm to this (0 = off).")] = 1.0,
     tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars under OUT/tb.")] = False,
     mlp_tile: Annotated[int, typer.Option(help="Run MLPs in tiles of this many tokens (0 = off).")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
@@ -353,7 +356,8 @@ def train(
                                   "save_every": save_every, "sp": sp, "attention": attention, "precision": precision,
                                   "optimizer": optimizer, "activation_checkpointing": activation_checkpointing,
                                   "checkpoint_policy": checkpoint_policy, "offload_activations": offload_activations,
-                                  "mlp_tile": mlp_tile, "tensorboard": tensorboard}, "train")
+                                  "resident_layers": resident_layers, "optimizer_in_backward": optimizer_in_backward,
+                                  "clip_grad": clip_grad, "mlp_tile": mlp_tile, "tensorboard": tensorboard}, "train")
     if transform not in ("contiguous", "pose", "pit"):
         raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose, pit.")
     ds = PackedDataset(data)

@@ -200,7 +200,7 @@ class StageSpec(Strict):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float = Field(default=1.0, gt=0)
+    clip_grad: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this; 0 = no clipping.")
     document_mask: bool = True
     save_every: int = Field(default=50, gt=0)
     data: Path | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
@@ -218,6 +218,12 @@ class StageSpec(Strict):
     checkpoint_policy: Literal["full", "save_attention"] = Field(
         default="full", description="save_attention keeps attention outputs (faster backward, more memory).")
     offload_activations: bool = Field(default=False, description="Keep checkpointed activations in CPU memory (CUDA).")
+    resident_layers: int = Field(
+        default=0, ge=0, description="With offload_activations: the last N layers keep their checkpointed inputs on "
+        "the GPU (tokens x hidden x 2 bytes each), for steps whose offloaded inputs would overflow host memory.")
+    optimizer_in_backward: bool = Field(
+        default=False, description="Update each parameter as soon as its gradient is complete, so the gradients never "
+        "exist all at once (2 bytes per parameter less in bf16); needs one process, grad_accum 1 and clip_grad 0.")
     mlp_tile: int = Field(default=0, ge=0, description="Run MLPs in tiles of this many tokens (0 = off).")
     lean_norm: bool = Field(default=True, description="RMSNorms save their input and 1/rms only, not fp32 copies (same numbers, less memory).")
     fused_ops: Literal["auto", "on", "off"] = Field(
@@ -246,6 +252,19 @@ class StageSpec(Strict):
     def _bf16_optimizer(self) -> "StageSpec":
         if self.optimizer == "adamw_bf16" and self.precision != "bf16":
             raise ValueError("optimizer 'adamw_bf16' keeps bf16 weights; set precision: bf16 with it")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_options(self) -> "StageSpec":
+        if self.resident_layers and not self.offload_activations:
+            raise ValueError("resident_layers chooses which layers stay on the GPU when offloading; "
+                             "set offload_activations: true with it (or drop resident_layers)")
+        if self.optimizer_in_backward and self.grad_accum != 1:
+            raise ValueError("optimizer_in_backward updates the weights during backward, so micro-batches cannot "
+                             f"accumulate; set grad_accum: 1 (not {self.grad_accum}) or turn it off")
+        if self.optimizer_in_backward and self.clip_grad:
+            raise ValueError("optimizer_in_backward updates each parameter before the others' gradients exist, so the "
+                             "global norm cannot be clipped; set clip_grad: 0 with it")
         return self
 
 

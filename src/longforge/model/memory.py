@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,27 +56,88 @@ def should_offload(t: torch.Tensor, min_bytes: int = OFFLOAD_MIN_BYTES) -> bool:
     return t.numel() * t.element_size() >= min_bytes
 
 
-def _pack(t: torch.Tensor) -> Any:
-    if not should_offload(t):
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, pin_memory=True)
-    # Stream-ordered: kernels that reuse t's memory run after this copy on the same stream.
-    host.copy_(t, non_blocking=True)
-    return (t.device, host)
+# Pinned host buffers are at most this big. PyTorch's pinned-memory cache rounds every request up to a power of
+# two, so one 6 GiB layer input (768K tokens x 4096 x 2 bytes) would take 8 GiB; in pieces it takes 6.
+HOST_PIECE = 1 << 28
+
+
+def to_host(t: torch.Tensor) -> tuple[torch.device, torch.Size, list[torch.Tensor]]:
+    """Copy t into pinned host buffers of at most HOST_PIECE bytes (stream-ordered, non-blocking)."""
+    flat = t.detach().reshape(-1)
+    pieces = []
+    for part in flat.split(max(1, HOST_PIECE // t.element_size())):
+        host = torch.empty(part.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        # Stream-ordered: kernels that reuse t's memory run after this copy on the same stream.
+        host.copy_(part, non_blocking=True)
+        pieces.append(host)
+    return t.device, t.shape, pieces
+
+
+def from_host(device: torch.device, shape: torch.Size, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The tensor to_host saved, back on its device (contiguous)."""
+    out = torch.empty(sum(p.numel() for p in pieces), dtype=pieces[0].dtype, device=device)
+    start = 0
+    for piece in pieces:
+        out[start:start + piece.numel()].copy_(piece, non_blocking=True)
+        start += piece.numel()
+    return out.view(shape)
 
 
 def _unpack(packed: Any) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    device, host = packed
-    return host.to(device, non_blocking=True)
+    return packed if isinstance(packed, torch.Tensor) else from_host(*packed)
+
+
+class ActivationOffload:
+    """Moves the large tensors autograd saves (with checkpointing: each layer's input) to pinned host memory.
+
+    The last `resident` decoder layers keep theirs on the GPU: each such layer costs tokens x hidden x 2 bytes
+    of GPU memory and saves as much host memory, which is how a step that overflows the host fits when the
+    GPU has room. The last layers are the ones kept because backward needs their inputs first. A forward hook
+    on every layer moves a cursor, so a tensor saved between layer i-1's end and layer i's end is layer i's.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module] = (), resident: int = 0,
+                 offloadable: Callable[[torch.Tensor], bool] = should_offload):
+        if not 0 <= resident <= len(layers):
+            raise ValueError(f"resident_layers must be between 0 and the model's {len(layers)} layers, not {resident}")
+        self.resident = frozenset(range(len(layers) - resident, len(layers)))
+        self.offloadable = offloadable
+        self.cursor = 0
+        self.host_bytes = 0  # moved to the host in the current forward
+        self.kept_bytes = 0  # kept on the GPU because their layer is resident
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(self._after(i))
+
+    def _after(self, i: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.cursor = i + 1
+
+        return hook
+
+    def pack(self, t: torch.Tensor) -> Any:
+        """Keep t (small, a parameter, or a resident layer's), or copy it to the host and keep the copy."""
+        if not self.offloadable(t):
+            return t
+        nbytes = t.numel() * t.element_size()
+        if self.cursor in self.resident:
+            self.kept_bytes += nbytes
+            return t
+        self.host_bytes += nbytes
+        return to_host(t)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Offload during one forward pass (autograd brings the tensors back in backward)."""
+        self.cursor, self.host_bytes, self.kept_bytes = 0, 0, 0
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack):
+            yield
 
 
 @contextlib.contextmanager
 def offload_saved_activations(enabled: bool, device: torch.device) -> Iterator[None]:
-    """Keep the large activations autograd saves (with checkpointing: each layer's input) in pinned CPU memory."""
+    """Every large saved tensor to pinned CPU memory during the block (no resident layers), on CUDA only."""
     if enabled and device.type == "cuda":
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        with ActivationOffload()():
             yield
     else:
         yield

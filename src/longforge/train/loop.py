@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,12 +24,12 @@ from longforge.errors import LongforgeError
 from longforge.hf import save_model
 from longforge.model.attention import resolve_backend, use_longforge_attention
 from longforge.model.fused import apply_fused_ops, fused_available
-from longforge.model.memory import apply_checkpointing, apply_lean_norms, apply_tiled_mlp, offload_saved_activations
+from longforge.model.memory import ActivationOffload, apply_checkpointing, apply_lean_norms, apply_tiled_mlp
 from longforge.model.parallel import Layout, SequenceParallel, all_reduce_sum, apply_fsdp, check_layout
 from longforge.progress import progress_bar
 from longforge.train.batches import Batch, BatchSource, targets
 from longforge.train.flops import attention_context, flops_per_token, peak_flops
-from longforge.train.optim import make_optimizer
+from longforge.train.optim import StepInBackward, make_optimizer
 from longforge.train.schedule import lr_at
 
 LOSS_CHUNK = 4096
@@ -96,6 +97,7 @@ class Engine:
     backend: str
     seq_len: int
     autocast: bool = False
+    offload: ActivationOffload | None = None
 
     def attention_kwargs(self, doc_ids: torch.Tensor) -> dict[str, Any]:
         """What the attention function needs: full-sequence document ids and the sequence-parallel group."""
@@ -115,7 +117,8 @@ class Engine:
             cut = slice(self.layout.sp_rank * n, (self.layout.sp_rank + 1) * n)
             ids, pos, labels, weights = ids[:, cut], pos[:, cut], labels[:, cut], weights[:, cut]
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
-        with offload_saved_activations(self.spec.offload_activations, self.layout.device), amp:
+        offload = self.offload() if self.offload is not None else contextlib.nullcontext()
+        with offload, amp:
             return self.net(ids, pos, labels, weights, **self.attention_kwargs(batch.doc_ids))
 
 
@@ -129,6 +132,10 @@ def resolve_precision(spec: StageSpec, device: torch.device) -> str:
 def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine:
     """Attention back-end, precision, checkpointing, fused ops, tiled MLP, lean norms and FSDP2 sharding, in that order."""
     check_layout(model.config, seq_len, spec.sp)
+    n_layers = len(model.model.layers)
+    if spec.resident_layers > n_layers:
+        raise LongforgeError(f"resident_layers {spec.resident_layers} is more than the model's {n_layers} layers; "
+                             f"use at most {n_layers} (all of them means nothing is offloaded).")
     use_longforge_attention(model)
     precision = resolve_precision(spec, layout.device)
     if precision == "bf16":
@@ -149,10 +156,13 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
     if layout.distributed:
         apply_fsdp(net, model.model.layers, layout, torch.bfloat16 if precision == "bf16-mixed" else None)
     net.train()
+    offload = None
+    if spec.offload_activations and layout.device.type == "cuda":
+        offload = ActivationOffload(model.model.layers, spec.resident_layers)
     backend = resolve_backend(spec.attention, layout.device, spec.document_mask, precision == "bf16")
     # Without FSDP's mixed-precision policy, bf16-mixed means fp32 weights under bf16 autocast.
     autocast = precision == "bf16-mixed" and not layout.distributed and layout.device.type == "cuda"
-    return Engine(net, layout, spec, backend, seq_len, autocast)
+    return Engine(net, layout, spec, backend, seq_len, autocast, offload)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -284,6 +294,7 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     probe = source.batch(0, 0)
     engine = prepare(model, spec, layout, probe.input_ids.shape[1])
     optimizer = make_optimizer(engine.net, spec.optimizer, spec.lr, spec.betas, spec.weight_decay)
+    stepper = step_in_backward(engine, optimizer) if spec.optimizer_in_backward else None
     start = 0
     existing = _checkpoints(ck_dir)
     if existing:
@@ -306,7 +317,7 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
         with progress_bar() as bar:
             task = bar.add_task(f"{label}: step", total=spec.steps, completed=start, visible=layout.is_main)
             for step in range(start, spec.steps):
-                rec = _train_step(engine, optimizer, source, step, peak)
+                rec = _train_step(engine, optimizer, source, step, peak, stepper)
                 if not math.isfinite(rec["loss"]) or not math.isfinite(rec["grad_norm"]):
                     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                     raise LongforgeError(
@@ -336,9 +347,17 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     return TrainResult(final, spec.steps, last_loss, tokens_done, time.time() - t_start)
 
 
+def step_in_backward(engine: Engine, optimizer: torch.optim.Optimizer) -> StepInBackward:
+    """The optimizer hooked into backward (optimizer_in_backward), refused where gradients are sharded."""
+    if engine.layout.distributed:
+        raise LongforgeError("optimizer_in_backward works in one process (FSDP2 already shards the gradients over "
+                             "several); turn it off for runs under torchrun.")
+    return StepInBackward(engine.net, optimizer)
+
+
 def _train_step(engine: Engine, optimizer: torch.optim.Optimizer, source: BatchSource, step: int,
-                peak: float | None) -> dict[str, Any]:
-    """One optimizer step over spec.grad_accum micro-batches; returns the step's log record."""
+                peak: float | None, stepper: StepInBackward | None = None) -> dict[str, Any]:
+    """One optimizer step over spec.grad_accum micro-batches (or updates during backward); the step's log record."""
     spec, layout = engine.spec, engine.layout
     t0 = time.time()
     lr = lr_at(step, spec)
@@ -359,22 +378,32 @@ def _train_step(engine: Engine, optimizer: torch.optim.Optimizer, source: BatchS
         (part * layout.world / total_w).backward()
         loss_sum += part.detach()
     loss = float(all_reduce_sum(loss_sum, layout) / total_w)
-    grad_norm = torch.nn.utils.clip_grad_norm_(engine.net.parameters(), spec.clip_grad)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if stepper is not None:
+        grad_norm = stepper.grad_norm()  # the weights were updated during backward
+    else:
+        grad_norm = _clip(engine.net, spec.clip_grad)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if layout.device.type == "cuda":
         torch.cuda.synchronize(layout.device)
     dt = time.time() - t0
     n_tok = sum(b.num_tokens for b in micro) * layout.dp
     rec: dict[str, Any] = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                            "tokens": n_tok, "tokens_per_s": round(n_tok / max(dt, 1e-9), 1), "seconds": round(dt, 4)}
+    if engine.offload is not None:
+        rec["offloaded_gib"] = round(engine.offload.host_bytes / 2**30, 3)
     if peak:
         docs = _doc_lengths(micro) if spec.document_mask else [b.input_ids.shape[1] for b in micro for _ in b.input_ids]
         rec["mfu"] = round(flops_per_token(engine.net.lm.config, attention_context(docs)) * n_tok / dt / (peak * layout.world), 4)
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(layout.device) / 2**30, 2)
     return rec
+
+
+def _clip(net: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0: measure only); the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm or math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _tensorboard(folder: Path) -> Any:
