@@ -13,6 +13,14 @@ step without warm-up does not yet have) to find the longest sequence per GPU cou
 hold same-run pairs with and without the lean RMSNorm; their per-token difference shifts the model.
 
   python benchmarks/memory_model.py benchmarks/results/scale-2026-11-22
+
+With --full-depth it reads instead the runs that stand the missing layers in as ballast (train_gpu.py suites
+full1/full2/full4/full8: their weights, gradients, moments and checkpointed inputs allocated, not computed),
+splits each peak into ballast, own state and the working set of the layers run, and from those working sets
+(grown by the one-GPU probes' slope per token) finds the longest full-depth step per machine, choosing how
+many layers keep their inputs on the GPU (resident_layers):
+
+  python benchmarks/memory_model.py benchmarks/results/train-2026-11-22 --full-depth --gpu-gib 128
 """
 
 from __future__ import annotations
@@ -104,12 +112,124 @@ def longest(g: np.ndarray, h: np.ndarray, gpus: int, gpu_gib: float, host_gib: f
             "gpu_gib": round(gpu_model(g, seq, gpus, LAYERS), 1), "host_gib_total": round(host_model(h, seq, gpus, LAYERS) * gpus, 1)}
 
 
+def rows_of(folder: Path, prefix: str) -> list[dict[str, Any]]:
+    """Every measured row (peak memory present) of the JSON files in folder whose names start with prefix."""
+    out = []
+    for f in sorted(folder.glob(f"{prefix}*.json")):
+        data = json.loads(f.read_text())
+        out += [{**r, "file": f.name} for r in (data if isinstance(data, list) else [data])]
+    return out
+
+
+def per_token_slope(probes: list[dict[str, Any]]) -> float:
+    """GiB per local token of a one-GPU probe's peak at fixed depth (the working set's growth with length)."""
+    by_depth: dict[int, list[tuple[int, float]]] = {}
+    for r in probes:
+        if r.get("gpus", 1) == 1 and "peak_mem_gib" in r and not r.get("full_depth"):
+            by_depth.setdefault(r["layers"], []).append((r["seq"], r["peak_mem_gib"]))
+    slopes = [(b[1] - a[1]) / (b[0] - a[0]) for pts in by_depth.values() if len(pts) > 1
+              for a, b in [sorted(pts)[:2]]]
+    return float(np.mean(slopes))
+
+
+def state_bytes(layers: int, gpus: int, in_backward: bool) -> float:
+    """bf16 weights, bf16 AdamW moments and (unless updated in backward) bf16 gradients, sharded over the GPUs."""
+    return (LAYER_PARAMS * layers + EMBED_PARAMS) * (2 + 4 + (0 if in_backward else 2)) / gpus
+
+
+def decompose(r: dict[str, Any]) -> dict[str, float]:
+    """A ballast run's peaks split: the working set of the layers run (GPU) and the non-layer offloads (host)."""
+    p, local = r["gpus"], r["seq"] // r["gpus"]
+    layer_input = local * HIDDEN * 2
+    real_resident = r.get("resident", 0)
+    present = state_bytes(r["layers"], p, r.get("in_backward", False))
+    work = r["peak_mem_gib"] * GIB - r["ballast"]["gpu_gib"] * GIB - present - real_resident * layer_input
+    host = r["host_peak_gib_per_rank"] * GIB - r["ballast"]["host_gib"] * GIB - (r["layers"] - real_resident) * layer_input
+    return {"working_gib": work / GIB, "host_rest_gib": host / GIB, "local": local}
+
+
+def oom_working_set(r: dict[str, Any]) -> float:
+    """Lower bound on the working set of a ballast run that ran out of memory, from the allocator's message."""
+    import re
+
+    used = float(re.search(r"has ([0-9.]+) GiB memory in use", r["detail"]).group(1))
+    asked = float(re.search(r"Tried to allocate ([0-9.]+) GiB", r["detail"]).group(1))
+    p, local = r["gpus"], r["seq"] // r["gpus"]
+    missing = r["full_depth"] - r["layers"]
+    ballast = missing * LAYER_PARAMS * 8 / p + (r["full_resident"] - r.get("resident", 0)) * local * HIDDEN * 2
+    own = state_bytes(r["layers"], p, False) + r.get("resident", 0) * local * HIDDEN * 2
+    return used + asked - (ballast + own) / GIB
+
+
+def plan(gpus: int, local: int, work_gib: float, host_rest_gib: float, gpu_gib: float, host_gib: float,
+         in_backward: bool = False) -> dict[str, Any] | None:
+    """The most resident layers that fit the GPU at this length, and whether the rest fits the host; None if not."""
+    layer_input = local * HIDDEN * 2 / GIB
+    fixed = state_bytes(LAYERS, gpus, in_backward) / GIB + work_gib
+    resident = min(LAYERS, int((gpu_gib - fixed) // layer_input))
+    if resident < 0:
+        return None
+    host = gpus * (host_rest_gib + (LAYERS - resident) * layer_input)
+    if host > host_gib:
+        return None
+    return {"resident": resident, "gpu_gib": round(fixed + resident * layer_input, 1), "host_gib": round(host, 1)}
+
+
+def full_depth_report(folder: Path, gpu_gib: float) -> None:
+    """Full-depth (ballast) runs decomposed, and the longest full-depth step per machine they imply."""
+    probes = rows_of(folder, "probef")
+    slope = per_token_slope(probes)
+    print(f"working set grows {slope * GIB / 1024:.1f} KiB per local token (one-GPU probes at 256K and 512K)")
+    runs = [r for r in rows_of(folder, "full") if "peak_mem_gib" in r and r.get("peak_mem_gib")]
+    work: dict[tuple[int, bool], tuple[int, float]] = {}
+    host_rest: list[tuple[int, float]] = []
+    print("\nrun                                   GPU GiB  ballast  working set | host GiB/rank  ballast  non-layer")
+    for r in runs:
+        d = decompose(r)
+        key = (r["gpus"], bool(r.get("in_backward")))
+        if key not in work or d["local"] < work[key][0]:
+            work[key] = (d["local"], d["working_gib"])
+        host_rest.append((d["local"], d["host_rest_gib"]))
+        name = f"{r['gpus']} GPU {r['seq'] // 1024}K, {r['layers']} of 32 run, {r['full_resident']} resident"
+        print(f"{name:<38}{r['peak_mem_gib']:8.1f} {r['ballast']['gpu_gib']:8.1f} {d['working_gib']:11.1f} |"
+              f" {r['host_peak_gib_per_rank']:13.1f} {r['ballast']['host_gib']:8.1f} {d['host_rest_gib']:10.1f}")
+    h_slope = np.polyfit([x for x, _ in host_rest], [y for _, y in host_rest], 1)
+    print(f"non-layer host memory per rank: {h_slope[1]:.1f} GiB + {h_slope[0] * GIB / 1024:.1f} KiB per local token")
+    for r in rows_of(folder, "full"):
+        if r.get("oom"):
+            bound = oom_working_set(r)
+            print(f"\n{r['gpus']} GPUs at {r['seq'] // 1024}K with {r['full_resident']} resident: out of memory "
+                  f"({r['detail'][:110]}...): its working set is at least {bound:.1f} GiB (used + requested - ballast "
+                  "- own state - resident inputs; the used memory includes non-PyTorch memory, hence 'about')")
+            work.setdefault((r["gpus"], False), (r["seq"] // r["gpus"], bound))
+    machines = ((1, 125, False), (1, 125, True), (2, 251, False), (4, 503, False), (8, 550, False))
+    print(f"\nlongest full-depth step, GPU limit {gpu_gib} GiB allocated, host limit 90% of its memory:")
+    for gpus, host_total, inb in machines:
+        measured = work.get((gpus, inb)) or work.get((gpus, False))
+        if measured is None:
+            print(f"  {gpus} H200: no full-depth run measured its working set")
+            continue
+        best = None
+        for local in range(65536, 4 * 1048576, 65536):
+            w = measured[1] + slope * (local - measured[0])
+            res = plan(gpus, local, w, float(np.polyval(h_slope, local)), gpu_gib, 0.9 * host_total, inb)
+            if res:
+                best = {"tokens": local * gpus, **res}
+        label = f"{gpus} H200 ({host_total} GiB host){', optimizer in backward' if inb else ''}"
+        print(f"  {label:<45} {best}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--gpu-gib", type=float, default=118.0,
                     help="usable allocated GiB per GPU: an H200's 140 less the ~18%% the probes reserved beyond it")
+    ap.add_argument("--full-depth", action="store_true",
+                    help="analyse full*.json runs (reduced depth + ballast for the other layers) and probef*.json probes")
     args = ap.parse_args()
+    if args.full_depth:
+        full_depth_report(args.folder, args.gpu_gib)
+        return
     rows = probes(args.folder)
     g, h = fit_gpu(rows), fit_host(rows)
     print(f"GPU  = {g[0]:.2f} + {g[1] * 1024:.4f} GiB per 1K local tokens + {g[2]:.3f} GiB x layers/p + {g[3]:.2f}/p")

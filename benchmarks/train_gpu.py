@@ -104,6 +104,20 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     # The fused elementwise ops on the full-depth 8B shape at 64K, against the unfused engine in the same run.
     "fused8b": [{"shape": "llama-3.1-8b", "seq": 65536, "impl": "longforge", "policy": "save_attention", "steps": 2,
                  "fused_ops": f} for f in ("off", "on")],
+    # Probes again with the fused ops (the default on CUDA since they landed), for the per-token coefficient.
+    "probef": [PROBE(1, 262144, 1), PROBE(1, 262144, 2), PROBE(1, 262144, 4), PROBE(1, 524288, 2)],
+    # One step of the full-depth 8B shape at 512K on one GPU: 4 layers run, the other 28 stand in as ballast
+    # (their weights, gradients, moments and checkpointed inputs: some on the GPU, the rest pinned on the host).
+    "full1": [{**PROBE(1, 524288, 4), "resident": 1, "full_depth": 32, "full_resident": 8},
+              {**PROBE(1, 524288, 4), "resident": 2, "full_depth": 32, "full_resident": 12, "in_backward": True}],
+    # The same at 1M tokens on two GPUs (FSDP2 + sequence parallel 2: 512K tokens per GPU), 2 layers run.
+    "full2": [{**PROBE(2, 1048576, 2), "resident": 1, "full_depth": 32, "full_resident": 10}],
+    # Four GPUs (issue 9): 2M and 2.5M tokens (512K and 640K per GPU), one layer run, 31 as ballast.
+    "full4": [{**PROBE(4, 2097152, 1), "full_depth": 32, "full_resident": 13},
+              {**PROBE(4, 2621440, 1), "full_depth": 32, "full_resident": 12}],
+    "full4b": [{**PROBE(4, 2621440, 1), "full_depth": 32, "full_resident": 12}],  # rerun: ballast pinned in pieces
+    # Eight GPUs (issue 9): 4M tokens, 512K per GPU.
+    "full8": [{**PROBE(8, 4194304, 1), "full_depth": 32, "full_resident": 19}],
     # The lean RMSNorm's effect on one recomputed layer's working set, against the plain norm in the same run.
     "lean": [{**PROBE(1, 262144, 1), "lean_norm": False}, PROBE(1, 262144, 1),
              {**PROBE(1, 262144, 2), "lean_norm": False}, PROBE(1, 262144, 2)],
@@ -165,18 +179,23 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     from longforge.model.parallel import Layout, init_layout
     from longforge.train.batches import Batch, targets
     from longforge.train.loop import prepare
-    from longforge.train.optim import make_optimizer
+    from longforge.train.optim import StepInBackward, make_optimizer
 
     sp = case.get("sp", case.get("gpus", 1))
     layout = init_layout(sp=sp, device=device.type) if case.get("gpus", 1) > 1 else Layout(1, 0, 1, 1, device)
     model = build(case, layout.device)
     frugal = case.get("frugal", False) or case.get("probe", False)
+    in_backward = case.get("in_backward", False)
     spec = StageSpec(steps=1, precision="bf16", optimizer="adamw_bf16" if frugal else "adamw", document_mask=False,
                      activation_checkpointing="on", offload_activations=frugal and device.type == "cuda",
+                     resident_layers=case.get("resident", 0), optimizer_in_backward=in_backward,
+                     clip_grad=0 if in_backward else 1.0,
                      mlp_tile=16384 if frugal else case.get("mlp_tile", 0), checkpoint_policy=case.get("policy", "full"),
                      sp=sp, lean_norm=case.get("lean_norm", True), fused_ops=case.get("fused_ops", "auto"))
     engine = prepare(model, spec, layout, case["seq"])
     opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
+    stepper = StepInBackward(engine.net, opt) if in_backward else None
+    held = ballast(case, model.config, layout, opt) if case.get("full_depth") else None
     # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
     gen = torch.Generator(device="cpu").manual_seed(layout.dp_rank)
     ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), generator=gen).to(layout.device)
@@ -185,15 +204,57 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
 
     def step() -> None:
         (engine.micro_loss(batch, labels, weights) / weights.sum()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if stepper is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     out = timed(step, case, model.config, layout)
+    if held:
+        out["ballast"] = held["sizes"]
+    if engine.offload is not None:
+        out["offloaded_gib"] = round(engine.offload.host_bytes / 2**30, 2)
+        out["resident_gib"] = round(engine.offload.kept_bytes / 2**30, 2)
     out["settings"] = {"attention": engine.backend, "precision": spec.precision, "optimizer": spec.optimizer,
                        "checkpointing": spec.checkpoint_policy, "offload_activations": spec.offload_activations,
+                       "resident_layers": spec.resident_layers, "optimizer_in_backward": in_backward,
                        "mlp_tile": spec.mlp_tile, "lean_norm": spec.lean_norm, "fused_ops": spec.fused_ops, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
                        "fsdp": layout.world if layout.distributed else 1}
     return out
+
+
+LAYER_PARAMS_8B = 218_112_000  # one Llama-3.1-8B decoder layer (benchmarks/memory_model.py)
+
+
+def ballast(case: dict[str, Any], config: Any, layout: Any, opt: Any) -> dict[str, Any]:
+    """Memory standing in for the layers a reduced-depth probe leaves out, so its peak is the full-depth step's.
+
+    A full_depth-layer step of which `layers` run holds, beyond this probe: the other layers' bf16 weights,
+    bf16 gradients (none with the optimizer in backward) and bf16 AdamW moments on the GPU (sharded over the
+    processes), and their checkpointed inputs: `full_resident` - `resident` of them on the GPU, the rest in
+    pinned host memory, one pinned buffer per layer as the offload makes them. The probe's own moments are
+    made up front (a first step would make them only in its update).
+    """
+    import torch
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.init_state(p)
+    missing = case["full_depth"] - case["layers"]
+    per_param = 2 + 4 + (0 if case.get("in_backward") else 2)
+    local = case["seq"] // layout.sp
+    layer_input = local * config.hidden_size * 2
+    gpu_inputs = case.get("full_resident", 0) - case.get("resident", 0)
+    host_inputs = missing - gpu_inputs
+    gpu_bytes = missing * LAYER_PARAMS_8B * per_param // layout.world + gpu_inputs * layer_input
+    gpu = torch.empty(gpu_bytes, dtype=torch.uint8, device=layout.device)
+    from longforge.model.memory import to_host
+
+    # Pinned in the offload's own pieces (whole 5 GiB buffers would be rounded up to 8 GiB by the pinned cache).
+    host = [to_host(torch.ones(layer_input, dtype=torch.uint8, device=layout.device))[2] for _ in range(host_inputs)]
+    if layout.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"tensors": (gpu, host), "sizes": {"gpu_gib": round(gpu_bytes / 2**30, 2), "host_gib": round(
+        host_inputs * layer_input / 2**30, 2), "missing_layers": missing, "gpu_inputs": gpu_inputs, "host_inputs": host_inputs}}
 
 
 def host_peak_gib() -> float:
@@ -285,7 +346,8 @@ def profile_step(step: Any) -> dict[str, Any]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    if layout.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
@@ -387,6 +449,10 @@ def summary_line(r: dict[str, Any]) -> str:
         name += " (plain norms)"
     if r.get("fused_ops"):
         name += f" (fused ops {r['fused_ops']})"
+    if r.get("in_backward"):
+        name += " (optimizer in backward)"
+    if r.get("full_depth"):
+        name += f" (as {r['full_depth']} layers, {r.get('full_resident', 0)} resident)"
     if r.get("oom"):
         return f"{name}: out of memory"
     if r.get("error"):
@@ -394,8 +460,8 @@ def summary_line(r: dict[str, Any]) -> str:
     mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
     prof = r.get("profile")
     kinds = f", GPU time by kind {prof['by_kind_s']}" if prof else ""
-    return (f"{name}: {r['tokens_per_s']:.0f} tok/s, step {r['step_s']} s, MFU {mfu}, peak {r['peak_mem_gib']} GiB, "
-            f"host {r.get('host_peak_gib_per_rank')} GiB/rank{kinds}")
+    return (f"{name}: {r['tokens_per_s']:.0f} tok/s, step {r['step_s']} s, MFU {mfu}, peak {r['peak_mem_gib']} GiB "
+            f"(reserved {r.get('peak_reserved_gib')}), host {r.get('host_peak_gib_per_rank')} GiB/rank{kinds}")
 
 
 if __name__ == "__main__":
