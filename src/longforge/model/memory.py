@@ -133,16 +133,6 @@ class ActivationOffload:
             yield
 
 
-@contextlib.contextmanager
-def offload_saved_activations(enabled: bool, device: torch.device) -> Iterator[None]:
-    """Every large saved tensor to pinned CPU memory during the block (no resident layers), on CUDA only."""
-    if enabled and device.type == "cuda":
-        with ActivationOffload()():
-            yield
-    else:
-        yield
-
-
 def tiled(forward: Any, tile: int) -> Any:
     """A module forward that runs over the sequence in tiles, recomputing each tile in backward.
 
