@@ -222,9 +222,6 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     return out
 
 
-LAYER_PARAMS_8B = 218_112_000  # one Llama-3.1-8B decoder layer (benchmarks/memory_model.py)
-
-
 def ballast(case: dict[str, Any], config: Any, layout: Any, opt: Any) -> dict[str, Any]:
     """Memory standing in for the layers a reduced-depth probe leaves out, so its peak is the full-depth step's.
 
@@ -235,6 +232,7 @@ def ballast(case: dict[str, Any], config: Any, layout: Any, opt: Any) -> dict[st
     made up front (a first step would make them only in its update).
     """
     import torch
+    from memory_model import LAYER_PARAMS
 
     for group in opt.param_groups:
         for p in group["params"]:
@@ -245,7 +243,7 @@ def ballast(case: dict[str, Any], config: Any, layout: Any, opt: Any) -> dict[st
     layer_input = local * config.hidden_size * 2
     gpu_inputs = case.get("full_resident", 0) - case.get("resident", 0)
     host_inputs = missing - gpu_inputs
-    gpu_bytes = missing * LAYER_PARAMS_8B * per_param // layout.world + gpu_inputs * layer_input
+    gpu_bytes = missing * LAYER_PARAMS * per_param // layout.world + gpu_inputs * layer_input
     gpu = torch.empty(gpu_bytes, dtype=torch.uint8, device=layout.device)
     from longforge.model.memory import to_host
 

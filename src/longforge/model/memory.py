@@ -96,7 +96,7 @@ class ActivationOffload:
     on every layer moves a cursor, so a tensor saved between layer i-1's end and layer i's end is layer i's.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module] = (), resident: int = 0,
+    def __init__(self, layers: Sequence[torch.nn.Module], resident: int = 0,
                  offloadable: Callable[[torch.Tensor], bool] = should_offload):
         if not 0 <= resident <= len(layers):
             raise ValueError(f"resident_layers must be between 0 and the model's {len(layers)} layers, not {resident}")

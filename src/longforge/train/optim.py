@@ -94,24 +94,20 @@ class StepInBackward:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self._sq: torch.Tensor | None = None
-        self.handles = [p.register_post_accumulate_grad_hook(self._step)
-                        for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._step)
 
     def _step(self, p: torch.Tensor) -> None:
         sq = p.grad.detach().float().pow(2).sum()
         self._sq = sq if self._sq is None else self._sq + sq
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        p.grad = None  # the only gradient that exists now: the others are either applied or not yet made
 
     def grad_norm(self) -> float:
         """The global gradient norm of the last backward pass (then forgotten)."""
         sq, self._sq = self._sq, None
         return float(sq.sqrt()) if sq is not None else 0.0
-
-    def remove(self) -> None:
-        """Detach the hooks (the model then trains with an ordinary optimizer step again)."""
-        for h in self.handles:
-            h.remove()
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
