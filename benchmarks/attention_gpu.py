@@ -5,11 +5,14 @@ Three shapes of the Llama-3.1-8B attention (32 query heads, 8 KV heads, head dim
            engine's chunked prefill runs it; and decoding (one query against the whole past);
   square   causal self-attention forward over a whole prompt (what `model.generate` runs for its prefill);
   train    causal self-attention forward + backward (what each training layer runs).
+  split    the training attention at one GPU's shapes under sequence parallelism, as one call per KV-head
+           group (the engine before) against calls of at most CALL_ELEMENTS query elements (`--split`).
 Every candidate is first compared with an fp32 reference at a small shape (output, and gradients for
 `train`); only candidates that match are timed. Times are CUDA-event medians; TFLOP/s counts the causal
 FLOPs (4 H D per query-key pair attended; backward 2.5 times forward, as FlashAttention's benchmarks do).
 
 Usage (GPU): PYTHONPATH=$PWD/src python benchmarks/attention_gpu.py --out $OUT/attention.json
+             PYTHONPATH=$PWD/src python benchmarks/attention_gpu.py --split --out $OUT/split.json
 """
 
 from __future__ import annotations
@@ -220,6 +223,58 @@ def case(name: str, fn: Fn, lq: int, lk: int, grad: bool, small: tuple[int, int]
     return row
 
 
+# (query heads, KV heads, tokens, documents) one GPU attends over: the 8B at 512K alone, and under 8-way sequence
+# parallelism (4 query heads, 1 KV head per GPU) at 1M and 2M tokens; the last with document masks (varlen).
+SPLIT_SHAPES = [(32, 8, 524288, 1), (4, 1, 1048576, 1), (4, 1, 2097152, 1), (4, 1, 1048576, DOCS)]
+# The engine before: the fewest KV-aligned calls under 2^31 elements. Now: calls of at most CALL_ELEMENTS.
+SPLIT_BUDGETS = {"one call per KV group (before)": 2**31 - 1, "calls of <= 2^28 (now)": 2**28}
+
+
+def split_case(hq: int, hkv: int, length: int, docs: int, label: str, budget: int) -> dict[str, Any]:
+    """Forward + backward of the training attention at one shape and call budget: seconds and memory above inputs."""
+    import longforge.model.attention as attention
+
+    attention.CALL_ELEMENTS = budget
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, length, h, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+               .detach().requires_grad_() for h in (hq, hkv, hkv))
+    go = torch.randn(1, hq, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    ids = (torch.arange(length, device="cuda") * docs // length)[None] if docs > 1 else None
+    nq, _ = attention.head_split(hq, hkv, length * D, budget)
+    row: dict[str, Any] = {"kernel": label, "q_heads": hq, "kv_heads": hkv, "tokens": length, "documents": docs,
+                           "calls": hq // nq, "budget": budget}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        start.record()
+        out = attention.attend(q, k, v, ids, "varlen" if ids is not None else "sdpa", None)
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        end.record()
+        torch.cuda.synchronize()
+        sec = start.elapsed_time(end) / 1e3
+        flops = 4 * hq * D * docs * pairs(length // docs, length // docs) * 3.5
+        row.update(seconds=sec, tflops=flops / sec / 1e12,
+                   scratch_gib=(torch.cuda.max_memory_allocated() - base) / 2**30,
+                   grad_norms=[float(t.float().norm()) for t in grads])
+        del out, grads
+    except Exception as e:  # noqa: BLE001 - a benchmark reports what it could not run
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    attention.CALL_ELEMENTS = 2**28
+    del q, k, v, go
+    torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def split_rows() -> list[dict[str, Any]]:
+    """Every SPLIT_SHAPES row under each budget, after one small warm-up of both back-ends."""
+    split_case(4, 1, 65536, 1, "warm-up", 2**28)
+    split_case(4, 1, 65536, DOCS, "warm-up", 2**28)
+    return [split_case(*shape, label, budget) for shape in SPLIT_SHAPES for label, budget in SPLIT_BUDGETS.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -227,6 +282,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="Queries per prefill chunk.")
     ap.add_argument("--train", type=int, default=65536, help="Sequence length of the training case.")
     ap.add_argument("--quick", action="store_true", help="Only the engine's candidates and the document-mask training rows.")
+    ap.add_argument("--split", action="store_true", help="Only the training attention's call split (SPLIT_SHAPES).")
     args = ap.parse_args()
     from torch.nn.attention import varlen as _v
 
@@ -237,6 +293,16 @@ def main() -> None:
     if hasattr(torch._C, "_get_sdp_priority_order"):
         res["sdp_priority"] = [str(x) for x in torch._C._get_sdp_priority_order()]
     rows = res["rows"]
+    if args.split:
+        rows.extend(split_rows())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+        print("\n| q heads / KV heads | tokens | documents | kernel | calls | s | TFLOP/s | GiB above inputs |\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            t = (f"{r['seconds']:.2f} | {r['tflops']:.0f} | {r['scratch_gib']:.2f}" if "seconds" in r
+                 else f"- | - | {r.get('error', '')}")
+            print(f"| {r['q_heads']} / {r['kv_heads']} | {r['tokens']} | {r['documents']} | {r['kernel']} | {r['calls']} | {t} |")
+        return
     engine, grouped_lower_right = longforge_kernel("causal_attention"), longforge_kernel("sdpa_lower_right")
     prefill: list[tuple[str, Fn]] = [("engine", engine), ("grouped_lower_right", grouped_lower_right),
                                      ("flash_op", longforge_kernel("flash_last")),

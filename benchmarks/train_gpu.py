@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,8 +117,18 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     "full4": [{**PROBE(4, 2097152, 1), "full_depth": 32, "full_resident": 13},
               {**PROBE(4, 2621440, 1), "full_depth": 32, "full_resident": 12}],
     "full4b": [{**PROBE(4, 2621440, 1), "full_depth": 32, "full_resident": 12}],  # rerun: ballast pinned in pieces
-    # Eight GPUs (issue 9): 4M tokens, 512K per GPU.
-    "full8": [{**PROBE(8, 4194304, 1), "full_depth": 32, "full_resident": 19}],
+    # Eight GPUs (issue 9): 4M tokens, 512K per GPU. Two steps: the first compiles, the second is timed.
+    "full8": [{**PROBE(8, 4194304, 1), "full_depth": 32, "full_resident": 19, "steps": 2}],
+    # Scaling on the 8-GPU machine (issue 9), lanes on disjoint GPUs, then all eight (benchmarks/scale_gpu.sh x8a):
+    # strong at 512K (1, 2, 4, 8 GPUs) and 1M (2, 4, 8); weak at 128K per GPU (128K, 256K, 512K, 1M).
+    # The one-GPU 512K row also runs with the attention's earlier call split (one call per KV group).
+    "s8_one": [SCALE(1, 524288), {**SCALE(1, 524288), "attn_budget": 2**31 - 1}],
+    "s8_small": [SCALE(1, 131072)],
+    "s8_two": [SCALE(2, 1048576)],
+    "s8_four": [SCALE(4, 524288), SCALE(4, 1048576)],
+    "s8_two_a": [SCALE(2, 262144)],
+    "s8_two_b": [SCALE(2, 524288)],
+    "s8_eight": [SCALE(8, 524288), SCALE(8, 1048576)],
     # The lean RMSNorm's effect on one recomputed layer's working set, against the plain norm in the same run.
     "lean": [{**PROBE(1, 262144, 1), "lean_norm": False}, PROBE(1, 262144, 1),
              {**PROBE(1, 262144, 2), "lean_norm": False}, PROBE(1, 262144, 2)],
@@ -181,6 +192,11 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     from longforge.train.loop import prepare
     from longforge.train.optim import StepInBackward, make_optimizer
 
+    began = time.perf_counter()
+    if case.get("attn_budget"):  # the attention's call budget (longforge.model.attention.CALL_ELEMENTS) for A/B runs
+        import longforge.model.attention as attention
+
+        attention.CALL_ELEMENTS = case["attn_budget"]
     sp = case.get("sp", case.get("gpus", 1))
     layout = init_layout(sp=sp, device=device.type) if case.get("gpus", 1) > 1 else Layout(1, 0, 1, 1, device)
     model = build(case, layout.device)
@@ -196,6 +212,8 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
     stepper = StepInBackward(engine.net, opt) if in_backward else None
     held = ballast(case, model.config, layout, opt) if case.get("full_depth") else None
+    if held and layout.is_main:
+        print(f"ballast {held['sizes']} ready after {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
     gen = torch.Generator(device="cpu").manual_seed(layout.dp_rank)
     ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), generator=gen).to(layout.device)
@@ -208,7 +226,9 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    setup = time.perf_counter() - began
     out = timed(step, case, model.config, layout)
+    out["setup_s"] = round(setup, 1)
     if held:
         out["ballast"] = held["sizes"]
     if engine.offload is not None:
@@ -279,10 +299,12 @@ def _reduce(value: float, layout: Any, op: str) -> float:
 
 
 def timed(step: Any, case: dict[str, Any], config: Any, layout: Any) -> dict[str, Any]:
-    """Warm up once, then time `steps` steps; tokens/s, MFU and peak memory (max over ranks)."""
-    import torch
+    """Warm up once (or count the first of `steps` as the warm-up), time the rest; tokens/s, MFU, peak memory (max over ranks).
 
-    from longforge.train.flops import flops_per_token, peak_flops
+    After every step the result so far is written to PARTIAL (when set), so a case stopped by its time limit
+    still reports the steps it finished.
+    """
+    import torch
 
     device = layout.device
     cuda = device.type == "cuda"
@@ -296,26 +318,50 @@ def timed(step: Any, case: dict[str, Any], config: Any, layout: Any) -> dict[str
     steps = case.get("steps", 3)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    first = None
     if case.get("warmup", True):
+        sync()
+        t0 = time.perf_counter()
         step()
         sync()
+        first = time.perf_counter() - t0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
+    times: list[float] = []
+    out: dict[str, Any] = {}
+    for i in range(steps):
         sync()
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
+        out = measure(times, first, case, config, layout)
+        if layout.is_main:
+            print(f"step {i + 1}/{steps}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
+            if PARTIAL is not None:
+                PARTIAL.write_text(json.dumps({**case, **out, "partial": i + 1 < steps}))
+    if case.get("profile") and cuda:
+        out["profile"] = profile_step(step)
+    return out
+
+
+def measure(times: list[float], first: float | None, case: dict[str, Any], config: Any, layout: Any) -> dict[str, Any]:
+    """Step time (median; without a warm-up the first step only counts when it is the only one), tokens/s, MFU, memory."""
+    import torch
+
+    from longforge.train.flops import flops_per_token, peak_flops
+
+    cuda = layout.device.type == "cuda"
+    counted = times[1:] if first is None and len(times) > 1 else times
+    dt = sorted(counted)[len(counted) // 2]
     tps = case["seq"] * layout.dp / dt
-    peak = peak_flops(device)
+    peak = peak_flops(layout.device)
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     gpu_reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     host = host_peak_gib()
-    prof = profile_step(step) if case.get("profile") and cuda else None
-    return {**({"profile": prof} if prof else {}), "step_s": round(dt, 3), "tokens_per_s": round(tps, 1),
+    return {"step_s": round(dt, 3), "step_times_s": [round(t, 3) for t in times],
+            **({"warmup_s": round(first, 3)} if first is not None else {}),
+            "compile_in_step": first is None and len(times) == 1, "tokens_per_s": round(tps, 1),
             "mfu": round(flops_per_token(config, case["seq"]) * tps / (peak * layout.world), 4) if peak else None,
             "peak_mem_gib": round(_reduce(gpu_peak, layout, "max"), 2) if cuda else None,
             "peak_reserved_gib": round(_reduce(gpu_reserved, layout, "max"), 2) if cuda else None,
@@ -344,8 +390,7 @@ def profile_step(step: Any) -> dict[str, Any]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    if layout.device.type == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
@@ -369,6 +414,9 @@ class OutOfMemoryOnRank(RuntimeError):
     def __init__(self, result: dict[str, Any]):
         super().__init__(result["detail"])
         self.result = result
+
+
+PARTIAL: Path | None = None  # where a case process writes its result so far (set by main)
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -396,18 +444,50 @@ def launch(case: dict[str, Any], tmp: Path, devices: list[str] | None, timeout: 
     cmd = [sys.executable, __file__, "--case", json.dumps(case), "--out", str(tmp)]
     if gpus > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] + cmd[1:]
+    partial = partial_path(tmp)
+    partial.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-600:]
-        return {**case, "error": f"timed out after {timeout:.0f} s: {tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # torchrun's workers run in sessions of their own and would keep holding the GPUs
+        stdout, stderr = proc.communicate()
+        done = json.loads(partial.read_text()) if partial.exists() else {}
+        return {**case, **done, "error": f"timed out after {timeout:.0f} s: {stderr[-600:]}"}
     wall = round(time.perf_counter() - t0, 1)
     if not tmp.exists():
-        return {**case, "error": f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-1200:], "wall_s": wall}
+        done = json.loads(partial.read_text()) if partial.exists() else {}
+        return {**case, **done, "error": f"exit {proc.returncode}: " + (stderr or stdout)[-1200:], "wall_s": wall}
     res = json.loads(tmp.read_text())
     tmp.unlink()
     return {**res, "wall_s": wall}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (found through /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def partial_path(out: Path) -> Path:
+    """Where the case process writing `out` keeps its result so far."""
+    return out.with_name(out.name + ".partial")
 
 
 def main() -> None:
@@ -419,6 +499,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.case:
+        global PARTIAL
+        PARTIAL = partial_path(args.out)
         try:
             res = run_case(json.loads(args.case))
         except OutOfMemoryOnRank as e:
@@ -449,6 +531,8 @@ def summary_line(r: dict[str, Any]) -> str:
         name += f" (fused ops {r['fused_ops']})"
     if r.get("in_backward"):
         name += " (optimizer in backward)"
+    if r.get("attn_budget"):
+        name += f" (attention calls <= {r['attn_budget']} query elements)"
     if r.get("full_depth"):
         name += f" (as {r['full_depth']} layers, {r.get('full_resident', 0)} resident)"
     if r.get("oom"):

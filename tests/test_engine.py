@@ -129,25 +129,38 @@ def test_selective_checkpointing_changes_nothing_numerically() -> None:
         torch.testing.assert_close(results[1][1][k], g, rtol=1e-5, atol=1e-6)
 
 
-def test_head_groups_keep_each_call_under_the_limit() -> None:
-    from longforge.model.attention import head_groups
+def test_head_split_keeps_each_call_within_the_budget() -> None:
+    from longforge.model.attention import head_split
 
-    # 512K tokens x 128 dims per head: 32 query heads (8 KV) pass 2^31 elements, 16 do not.
-    assert head_groups(32, 8, 524288 * 128) == 2
-    assert head_groups(32, 8, 262144 * 128) == 1
-    assert head_groups(32, 8, 2**31 // 2) == 8
-    assert head_groups(8, 8, 2**40) == 8  # nothing smaller than one KV head's group exists
+    per_head = 128
+    # 8B attention (32 query heads, 8 KV heads) on one GPU: whole at 64K tokens, 4 query heads per call at 512K.
+    assert head_split(32, 8, 65536 * per_head, 2**28) == (32, 8)
+    assert head_split(32, 8, 131072 * per_head, 2**28) == (16, 4)
+    assert head_split(32, 8, 524288 * per_head, 2**28) == (4, 1)
+    # 8-way sequence parallelism at 4M tokens: 4 query heads share 1 KV head; one query head per call.
+    assert head_split(4, 1, 4194304 * per_head, 2**28) == (1, 1)
+    assert head_split(4, 1, 4194304 * per_head, 2**30) == (2, 1)
+    assert head_split(4, 1, 4194304 * per_head, 2**31 - 1) == (2, 1)  # 4 heads = 2^31 elements: too many for int32
+    assert head_split(8, 8, 2**40, 2**28) == (1, 1)  # nothing smaller than one head exists
 
 
-def test_split_causal_attention_equals_one_call() -> None:
-    from longforge.model.attention import _sdpa_causal
+@pytest.mark.parametrize("budget", [2 * 40 * 16 * 4, 2 * 40 * 16 * 2, 2 * 40 * 16])  # 2 KV groups, 1, half of one
+def test_split_causal_attention_equals_one_call(budget: int) -> None:
+    from longforge.model.attention import _sdpa_causal, split_heads
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 8, 40, 16), torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
     for t in (q, k, v):
         t.requires_grad_(True)
     whole = _sdpa_causal(q, k, v, None)
-    split = _sdpa_causal(q, k, v, None, limit=2 * 40 * 16 * 2)  # forces 4 groups of 2 query heads
+    calls: list[tuple[int, int]] = []
+
+    def fn(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        calls.append((a.shape[1], b.shape[1]))
+        return _sdpa_causal(a, b, c, None)
+
+    split = split_heads(fn, q, k, v, budget)
+    assert len(calls) == 8 * 2 * 40 * 16 // budget and all(a * 2 * 40 * 16 <= budget for a, _ in calls)
     torch.testing.assert_close(split, whole)
     g = torch.randn_like(whole)
     for a, b in zip(torch.autograd.grad(whole, (q, k, v), g), torch.autograd.grad(split, (q, k, v), g)):

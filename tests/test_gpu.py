@@ -38,10 +38,15 @@ def test_training_on_cuda_follows_the_cpu_loss_curve(tmp_path: Path) -> None:
     assert gpu.last_loss == pytest.approx(cpu.last_loss, rel=0.05)
 
 
+@pytest.mark.parametrize("budget", [None, 2 * 512 * 64 * 2, 2 * 512 * 64], ids=["whole", "kv-groups", "one-head"])
 @pytest.mark.parametrize("backend", ["varlen", "flex", "sdpa"])
-def test_cuda_backends_match_the_dense_reference(backend: str) -> None:
+def test_cuda_backends_match_the_dense_reference(backend: str, budget: int | None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import longforge.model.attention as attention
     from longforge.model.attention import attend
 
+    if budget is not None:  # split into calls of 2 query heads (1 KV head each), or 1 query head
+        monkeypatch.setattr(attention, "CALL_ELEMENTS", budget)
     torch.manual_seed(0)
     b, h, kv, s, d = 2, 8, 2, 512, 64
     q, k, v = (torch.randn(b, n, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n in (h, kv, kv))

@@ -19,8 +19,12 @@ ATTN_NAME = "longforge"
 BACKENDS = ("auto", "dense", "sdpa", "varlen", "flex")
 _registered: set[str] = set()
 _cache: dict[str, Any] = {}
-# Largest tensor one attention kernel call is given (some kernels index with signed 32-bit offsets).
-MAX_ELEMENTS = 2**31 - 1
+# Query elements one attention call is given at most. Kernels index with signed 32-bit offsets in places (2^31 is
+# a hard limit), and a backward's scratch grows with its call: an fp32 query-gradient accumulator and, under GQA,
+# key/value gradients expanded to every query head. One call of 4 query heads over 4M tokens (8-way sequence
+# parallelism) asked for 16 GiB of it. 2^28 (64K tokens x 32 heads x 128) bounds that to ~2-4 GiB and still gives
+# each call tens of thousands of thread blocks; shorter sequences stay one call.
+CALL_ELEMENTS = 2**28
 
 
 def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
@@ -133,37 +137,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     if backend == "varlen" and q.dtype == torch.float32:
         backend = "flex"  # flash takes half precision only (fp32 queries reach here under bf16 autocast after RoPE)
     if backend == "varlen" and doc_ids is not None and q.shape[-2] == k.shape[-2]:
-        return _varlen(q, k, v, doc_ids, scale)
+        return split_heads(lambda a, b, c: _varlen(a, b, c, doc_ids, scale), q, k, v)
     # FlexAttention's kernels need a head dimension of at least 16; tiny models use the exact dense path.
     if backend == "flex" and q.shape[-2] == k.shape[-2] and q.shape[-1] >= 16:
         return _flex(q, k, v, doc_ids, scale)
     if backend == "sdpa" and doc_ids is None and mask is None and q.shape[-2] == k.shape[-2]:
-        return _sdpa_causal(q, k, v, scale)
+        return split_heads(lambda a, b, c: _sdpa_causal(a, b, c, scale), q, k, v)
     return _dense(q, k, v, doc_ids, mask, scale)
 
 
-def head_groups(q_heads: int, kv_heads: int, elements_per_q_head: int, limit: int = MAX_ELEMENTS) -> int:
-    """How many KV-aligned head groups keep every attention call's query under `limit` elements."""
-    for groups in range(1, kv_heads + 1):
-        if kv_heads % groups == 0 and (q_heads // groups) * elements_per_q_head <= limit:
-            return groups
-    return kv_heads
+def head_split(q_heads: int, kv_heads: int, elements_per_q_head: int, budget: int = CALL_ELEMENTS) -> tuple[int, int]:
+    """Query and KV heads per attention call: the fewest calls whose queries stay within `budget` elements.
 
-
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                 limit: int = MAX_ELEMENTS) -> torch.Tensor:
-    """Causal flash attention, split over KV head groups when a tensor would pass 2^31 elements.
-
-    Kernels index with 32-bit offsets in places; at 512K tokens x 32 heads x 128 the query alone has
-    2^31 elements, so one call per group of KV heads (with their query heads) keeps each call in range.
+    Whole groups of KV heads (with their query heads) while they fit; else part of one KV head's query heads,
+    down to one query head per call.
     """
-    gqa = q.shape[1] != k.shape[1]
-    groups = head_groups(q.shape[1], k.shape[1], q.numel() // q.shape[1], limit)
-    if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    parts = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
-             for qi, ki, vi in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1))]
-    return torch.cat(parts, dim=1)
+    ratio = q_heads // kv_heads
+    for kv in range(kv_heads, 0, -1):
+        if kv_heads % kv == 0 and kv * ratio * elements_per_q_head <= budget:
+            return kv * ratio, kv
+    for q in range(ratio, 0, -1):
+        if ratio % q == 0 and q * elements_per_q_head <= budget:
+            return q, 1
+    return 1, 1
+
+
+def split_heads(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    """fn(q, k, v) over head slices (see head_split; budget CALL_ELEMENTS unless given), outputs concatenated over heads."""
+    budget = CALL_ELEMENTS if budget is None else budget  # read at call time, so a benchmark can set it
+    nq, nkv = head_split(q.shape[1], k.shape[1], q.numel() // q.shape[1], budget)
+    if nq == q.shape[1]:
+        return fn(q, k, v)
+    span = nkv * q.shape[1] // k.shape[1]  # query heads per slice of nkv KV heads
+    ks, vs = k.split(nkv, dim=1), v.split(nkv, dim=1)
+    return torch.cat([fn(qi, ks[i * nq // span], vs[i * nq // span]) for i, qi in enumerate(q.split(nq, dim=1))], dim=1)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal flash attention (cuDNN or flash, as SDPA picks), one call per head slice."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def longforge_attention(
