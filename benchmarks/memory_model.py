@@ -216,7 +216,8 @@ def full_depth_report(folder: Path, gpu_gib: float) -> None:
             if res:
                 best = {"tokens": local * gpus, **res}
         label = f"{gpus} H200 ({host_total} GiB host){', optimizer in backward' if inb else ''}"
-        print(f"  {label:<45} {best}")
+        ran = max((r["seq"] for r in runs if r["gpus"] == gpus and bool(r.get("in_backward")) == inb), default=None)
+        print(f"  {label:<45} {best}; longest run: {ran}")
 
 
 def main() -> None:
