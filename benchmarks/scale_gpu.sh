@@ -6,10 +6,11 @@
 #   x8a (8 GPUs): lanes at once: 1 GPU (0), 2 GPUs (1,2), 4 GPUs (4-7, then two 2-GPU lanes there), and on GPU 3
 #       the GPU tests, the attention split benchmark and a 1-GPU case; then the 8-GPU cases on all eight.
 #   x8b (8 GPUs): the full-depth 8B step at 4M tokens on all eight (one layer run, the others as ballast).
+#   x8c (8 GPUs): a ballast step against a real 32-layer step at 1M tokens, same settings.
 # Each lane writes JSON and a log; all of them end up in $OUT/<phase>.tgz (the device tool returns few files),
 # and the logs are printed. NVLink multicast stays off.
 set -u
-PHASE=${1:?usage: scale_gpu.sh p1|p2|x8a|x8b}
+PHASE=${1:?usage: scale_gpu.sh p1|p2|x8a|x8b|x8c}
 OUT=${OUT:-scale-out}
 RAW=$(mktemp -d)
 mkdir -p "$OUT"
@@ -53,6 +54,8 @@ case $PHASE in
     LIMIT=$((560 - SECONDS)) lane eight 0,1,2,3,4,5,6,7 s8_eight ;;
   x8b)
     LIMIT=${LANE_SECONDS:-575} lane full8 0,1,2,3,4,5,6,7 full8 ;;
+  x8c)
+    LIMIT=${LANE_SECONDS:-585} lane check8 0,1,2,3,4,5,6,7 check8 ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 tar czf "$OUT/$PHASE.tgz" -C "$RAW" .

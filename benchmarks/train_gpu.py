@@ -119,6 +119,10 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     "full4b": [{**PROBE(4, 2621440, 1), "full_depth": 32, "full_resident": 12}],  # rerun: ballast pinned in pieces
     # Eight GPUs (issue 9): 4M tokens, 512K per GPU. Two steps: the first compiles, the second is timed.
     "full8": [{**PROBE(8, 4194304, 1), "full_depth": 32, "full_resident": 19, "steps": 2}],
+    # The ballast method checked against a real full-depth step (1M tokens on 8 GPUs, every layer input on the GPU):
+    # one layer run with 31 as ballast, then all 32 layers run, same settings, one step each.
+    "check8": [{**PROBE(8, 1048576, 1), "resident": 1, "full_depth": 32, "full_resident": 32},
+               {**PROBE(8, 1048576, 32), "resident": 32}],
     # Scaling on the 8-GPU machine (issue 9), lanes on disjoint GPUs, then all eight (benchmarks/scale_gpu.sh x8a):
     # strong at 512K (1, 2, 4, 8 GPUs) and 1M (2, 4, 8); weak at 128K per GPU (128K, 256K, 512K, 1M).
     # The one-GPU 512K row also runs with the attention's earlier call split (one call per KV group).
