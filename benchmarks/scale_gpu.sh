@@ -7,10 +7,11 @@
 #       the GPU tests, the attention split benchmark and a 1-GPU case; then the 8-GPU cases on all eight.
 #   x8b (8 GPUs): the full-depth 8B step at 4M tokens on all eight (one layer run, the others as ballast).
 #   x8c (8 GPUs): a ballast step against a real 32-layer step at 1M tokens, same settings.
+#   h1 (1 GPU): the same check at 128K and 256K tokens.
 # Each lane writes JSON and a log; all of them end up in $OUT/<phase>.tgz (the device tool returns few files),
 # and the logs are printed. NVLink multicast stays off.
 set -u
-PHASE=${1:?usage: scale_gpu.sh p1|p2|x8a|x8b|x8c}
+PHASE=${1:?usage: scale_gpu.sh p1|p2|x8a|x8b|x8c|h1}
 OUT=${OUT:-scale-out}
 RAW=$(mktemp -d)
 mkdir -p "$OUT"
@@ -56,6 +57,8 @@ case $PHASE in
     LIMIT=${LANE_SECONDS:-575} lane full8 0,1,2,3,4,5,6,7 full8 ;;
   x8c)
     LIMIT=${LANE_SECONDS:-585} lane check8 0,1,2,3,4,5,6,7 check8 ;;
+  h1)
+    LIMIT=${LANE_SECONDS:-585} lane check1 0 check1 ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 tar czf "$OUT/$PHASE.tgz" -C "$RAW" .

@@ -123,6 +123,11 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     # one layer run with 31 as ballast, then all 32 layers run, same settings, one step each.
     "check8": [{**PROBE(8, 1048576, 1), "resident": 1, "full_depth": 32, "full_resident": 32},
                {**PROBE(8, 1048576, 32), "resident": 32}],
+    # The same check on one GPU: 128K with every layer input on the GPU, 256K with 12 of 32 there and 20 offloaded.
+    "check1": [{**PROBE(1, 131072, 1), "resident": 1, "full_depth": 32, "full_resident": 32},
+               {**PROBE(1, 131072, 32), "resident": 32},
+               {**PROBE(1, 262144, 2), "resident": 1, "full_depth": 32, "full_resident": 12},
+               {**PROBE(1, 262144, 32), "resident": 12}],
     # Scaling on the 8-GPU machine (issue 9), lanes on disjoint GPUs, then all eight (benchmarks/scale_gpu.sh x8a):
     # strong at 512K (1, 2, 4, 8 GPUs) and 1M (2, 4, 8); weak at 128K per GPU (128K, 256K, 512K, 1M).
     # The one-GPU 512K row also runs with the attention's earlier call split (one call per KV group).
