@@ -11,7 +11,7 @@
 # Each lane writes JSON and a log; all of them end up in $OUT/<phase>.tgz (the device tool returns few files),
 # and the logs are printed. NVLink multicast stays off.
 set -u
-PHASE=${1:?usage: scale_gpu.sh p1|p2|x8a|x8b|x8c|h1}
+PHASE=${1:?usage: scale_gpu.sh p1|p2|x8a|x8b|x8c|h1|h1r}
 OUT=${OUT:-scale-out}
 RAW=$(mktemp -d)
 mkdir -p "$OUT"
@@ -59,6 +59,8 @@ case $PHASE in
     LIMIT=${LANE_SECONDS:-585} lane check8 0,1,2,3,4,5,6,7 check8 ;;
   h1)
     LIMIT=${LANE_SECONDS:-585} lane check1 0 check1 ;;
+  h1r)  # the real steps of h1 again, with the optimizer's moments made before the step
+    LIMIT=${LANE_SECONDS:-585} lane check1r 0 check1r ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 tar czf "$OUT/$PHASE.tgz" -C "$RAW" .
