@@ -278,6 +278,9 @@ def ballast(case: dict[str, Any], config: Any, layout: Any, opt: Any) -> dict[st
     layer_input = local * config.hidden_size * 2
     gpu_inputs = case.get("full_resident", 0) - case.get("resident", 0)
     host_inputs = missing - gpu_inputs
+    if not 0 <= gpu_inputs <= missing:
+        raise ValueError(f"full_resident {case.get('full_resident', 0)} must lie between resident "
+                         f"{case.get('resident', 0)} and resident + the {missing} missing layers")
     gpu_bytes = missing * LAYER_PARAMS * per_param // layout.world + gpu_inputs * layer_input
     gpu = torch.empty(gpu_bytes, dtype=torch.uint8, device=layout.device)
     from longforge.model.memory import to_host

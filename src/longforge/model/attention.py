@@ -22,8 +22,9 @@ _cache: dict[str, Any] = {}
 # Query elements one attention call is given at most. Kernels index with signed 32-bit offsets in places (2^31 is
 # a hard limit), and a backward's scratch grows with its call: an fp32 query-gradient accumulator and, under GQA,
 # key/value gradients expanded to every query head. One call of 4 query heads over 4M tokens (8-way sequence
-# parallelism) asked for 16 GiB of it. 2^28 (64K tokens x 32 heads x 128) bounds that to ~2-4 GiB and still gives
-# each call tens of thousands of thread blocks; shorter sequences stay one call.
+# parallelism) asked for 16 GiB of it. 2^28 (64K tokens x 32 heads x 128) bounds that to a few GiB, each call
+# still has thousands of thread blocks (benchmarks/attention_gpu.py --split: the same speed), and 64K tokens or
+# fewer per GPU stay one call.
 CALL_ELEMENTS = 2**28
 
 
