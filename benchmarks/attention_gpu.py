@@ -234,7 +234,7 @@ def split_case(hq: int, hkv: int, length: int, docs: int, label: str, budget: in
     """Forward + backward of the training attention at one shape and call budget: seconds and memory above inputs."""
     import longforge.model.attention as attention
 
-    attention.CALL_ELEMENTS = budget
+    before, attention.CALL_ELEMENTS = attention.CALL_ELEMENTS, budget
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, length, h, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
                .detach().requires_grad_() for h in (hq, hkv, hkv))
@@ -261,7 +261,8 @@ def split_case(hq: int, hkv: int, length: int, docs: int, label: str, budget: in
         del out, grads
     except Exception as e:  # noqa: BLE001 - a benchmark reports what it could not run
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-    attention.CALL_ELEMENTS = 2**28
+    finally:
+        attention.CALL_ELEMENTS = before
     del q, k, v, go
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)

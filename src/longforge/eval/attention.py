@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from longforge.model.attention import causal_sdpa
+
 SPLIT_MIN_QUERIES = 512  # below this a chunk is decoding-sized: one flash call beats two cuDNN calls and a merge
 CHECK_TOLERANCE = 2e-2  # relative to the largest output, bf16 (the kernels agree to ~3e-3 on the benchmark)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
@@ -32,14 +34,9 @@ _verdicts: dict[tuple[str, str, torch.dtype, int, int, int], bool] = {}
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Causal attention of the last q positions against k/v: (B, H, Lq, D) x (B, Hkv, Lk, D) -> (B, H, Lq, D)."""
     lq, lk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if not q.is_cuda:
-        # CPU (tests, the demo): one call; the math kernel handles grouped heads and an explicit mask.
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq) if 1 < lq != lk else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and lq > 1,
-                                              scale=scale, enable_gqa=gqa)
-    if lq == lk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=lq > 1, scale=scale, enable_gqa=gqa)
+    if not q.is_cuda or lq == lk:
+        # CPU (tests, the demo), or a square chunk (SDPA runs cuDNN on Hopper): one call.
+        return causal_sdpa(q, k, v, scale)
     for name in ("split", "flash") if lq >= SPLIT_MIN_QUERIES else ("flash",):
         if _usable(name, q, k):
             return KERNELS[name](q, k, v, scale)

@@ -52,12 +52,17 @@ def resolve_backend(backend: str, device: torch.device, document_mask: bool, hal
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
            mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    if doc_ids is not None:
+        mask = document_causal_mask(doc_ids.to(q.device), k.shape[-2])
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return causal_sdpa(q, k, v, scale)
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of the last q positions against k/v in one SDPA call, the mask aligned to the last key."""
     gqa = q.shape[1] != k.shape[1]
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    if doc_ids is not None:
-        mask = document_causal_mask(doc_ids.to(q.device), kv_len)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if q_len == kv_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=scale, enable_gqa=gqa)
     # Decoding against a cache: new queries see every cached key and the causal part of themselves.
