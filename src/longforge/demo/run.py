@@ -20,7 +20,7 @@ from longforge.demo.tokenizer import train_tokenizer
 from longforge.eval.passkey import FILLER, NEEDLE, QUESTION
 from longforge.hf import load_tokenizer, resolve_device
 from longforge.progress import say
-from longforge.report.build import collect, passkey_bands
+from longforge.report.build import build_report, collect, passkey_bands
 from longforge.runner import run_recipe, run_stage
 
 
@@ -210,6 +210,7 @@ def run_demo(out: Path, device: str = "auto", fresh: bool = False, seed: int = 0
     checks = demo_checks(out, profile.base.window)
     total = time.time() - t0
     (out / "demo_checks.json").write_text(json.dumps({"checks": checks, "seconds": round(total, 1)}, indent=1))
+    build_report(out)  # again, now that the checks exist: the report's verdict lists them
     for c in checks:
         mark = "[green]PASS[/]" if c["pass"] else "[red]MISS[/]"
         val = "-" if c["value"] is None else f"{c['value']:.0%}"

@@ -16,9 +16,14 @@ from rich.table import Table
 
 from longforge import __version__
 from longforge.errors import LongforgeError
+from longforge.files import read_json
 from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves, ruler_curves
+from longforge.report.verdict import verdict
 
 TASKS = ("passkey", "niah", "ruler", "ppl")
+# A run's own checks (the demo's targets) and which stages the last `longforge run` ran or found done.
+CHECKS = "demo_checks.json"
+TIMELINE = "timeline.json"
 
 
 def _read(path: Path) -> Any:
@@ -40,25 +45,46 @@ def passkey_bands(res: dict[str, Any], original: int) -> dict[str, float | None]
     }
 
 
+def _eval_folder(d: Path) -> dict[str, Any]:
+    """One model's results: summary.json and each task's JSON that exists."""
+    out = {"summary": _read(d / "summary.json")}
+    for task in TASKS:
+        if (d / f"{task}.json").is_file():
+            out[task] = _read(d / f"{task}.json")
+    return out
+
+
 def collect(run_dir: Path) -> dict[str, Any]:
-    """Gather every result a report shows from a run directory."""
-    evals = {}
-    for d in sorted((run_dir / "eval").glob("*")):
-        if (d / "summary.json").is_file():
-            evals[d.name] = {"summary": _read(d / "summary.json")}
-            for task in TASKS:
-                if (d / f"{task}.json").is_file():
-                    evals[d.name][task] = _read(d / f"{task}.json")
+    """Gather every result a report shows from a run directory, or from one folder written by `longforge eval`."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        one = _eval_folder(run_dir)
+        evals = {str(one["summary"].get("label") or run_dir.name): one}
+    else:
+        evals = {d.name: _eval_folder(d) for d in sorted((run_dir / "eval").glob("*")) if (d / "summary.json").is_file()}
     if not evals:
-        raise LongforgeError(f"{run_dir} has no evaluation results (eval/*/summary.json); run the eval stage first.")
-    stages = {}
-    for done in sorted(run_dir.glob("**/DONE.json")):
-        rec = _read(done)
-        stages[str(done.parent.relative_to(run_dir))] = rec
+        raise LongforgeError(f"{run_dir} has no evaluation results (summary.json, or eval/*/summary.json); pass a run "
+                             "directory or a folder written by `longforge eval`, or run the eval stage first.")
+    found = [(str(f.parent.relative_to(run_dir)), read_json(f)) for f in run_dir.glob("**/DONE.json")]
+    found = [(name, rec) for name, rec in found if isinstance(rec, dict)]  # a damaged marker is a stage not done
+    stages = dict(sorted(found, key=lambda item: _stage_order(item[0], item[1])))
     logs = {p.parent.name: p for p in sorted((run_dir / "train").glob("*/log.jsonl"))} if (run_dir / "train").is_dir() else {}
     manifest = _read(run_dir / "data" / "manifest.json") if (run_dir / "data" / "manifest.json").is_file() else None
     recipe = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
-    return {"evals": evals, "stages": stages, "logs": logs, "manifest": manifest, "recipe": recipe}
+    checks = read_json(run_dir / CHECKS)
+    timeline = read_json(run_dir / TIMELINE)
+    return {"evals": evals, "stages": stages, "logs": logs, "manifest": manifest, "recipe": recipe,
+            "checks": checks.get("checks") if isinstance(checks, dict) else None,
+            "timeline": timeline.get("stages", {}) if isinstance(timeline, dict) else {}}
+
+
+PIPELINE = ("data", "rope", "train", "merge", "eval", "report")
+
+
+def _stage_order(name: str, rec: dict[str, Any]) -> tuple[int, str]:
+    """Pipeline position of a stage folder (data, rope, train/*, eval/*), then finishing time within a kind."""
+    head = name.split("/")[0]
+    return (PIPELINE.index(head) if head in PIPELINE else len(PIPELINE), str(rec.get("finished", "")))
 
 
 def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -181,13 +207,19 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     if info["logs"]:
         images["Training loss"] = loss_curves(info["logs"], out / "loss.png")
     header, rows = summary_rows(info)
-    timing = [[name, f"{rec.get('seconds', 0):.1f}", rec.get("finished", "")] for name, rec in info["stages"].items()]
+    timing = [[name, f"{rec.get('seconds', 0):.1f}", rec.get("finished", ""), _status(info["timeline"].get(name))]
+              for name, rec in info["stages"].items()]
     sections = _sections(info, header, rows, timing)
     md = _markdown(sections, images, info)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(sections, images, info))
     (out / "summary.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     return {"md": out / "report.md", "html": out / "report.html", **{k: v for k, v in images.items()}}
+
+
+def _status(state: str | None) -> str:
+    """How the last `longforge run` met a stage: ran it, or found it done earlier (cached)."""
+    return {"ran": "ran", "cached": "cached (done earlier)"}.get(state or "", "-")
 
 
 def _sections(info: dict[str, Any], header: list[str], rows: list[list[str]], timing: list[list[str]]) -> dict[str, Any]:
@@ -205,7 +237,9 @@ def _sections(info: dict[str, Any], header: list[str], rows: list[list[str]], ti
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine,
         "summary": (header, rows),
-        "timing": (["stage", "seconds", "finished"], timing),
+        "timing": (["stage", "seconds", "finished", "last run"], timing),
+        "verdict": verdict(info["evals"], int(next(iter(info["evals"].values()))["summary"]["original_length"]),
+                           info["checks"]),
         "data": (["source", "docs seen", "kept", "dropped", "repeated", "tokens seen", "tokens written"], data_rows),
     }
 
@@ -214,9 +248,11 @@ def _markdown(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]
     parts = [
         "# longforge report",
         f"Generated {sec['generated']} by longforge {__version__} on {sec['machine']}.",
-        "## Before / after",
-        _md_table(*sec["summary"]),
     ]
+    if sec["verdict"]:
+        items = [ln for ln in sec["verdict"] if ln.startswith("- ")]
+        parts += ["## Verdict", *(["\n".join(items)] if items else []), *(ln for ln in sec["verdict"] if not ln.startswith("- "))]
+    parts += ["## Before / after", _md_table(*sec["summary"])]
     if sec["ruler"]:
         parts += ["## RULER", _md_table(*sec["ruler"])]
     for title, p in images.items():
@@ -227,6 +263,12 @@ def _markdown(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]
     if info["recipe"]:
         parts += ["## Recipe", "```yaml", info["recipe"].rstrip(), "```"]
     return "\n\n".join(parts) + "\n"
+
+
+def _md_bold(line: str) -> str:
+    """HTML-escape a line and turn its **bold** markers into <b>."""
+    parts = html.escape(line).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -241,7 +283,13 @@ def _html(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]) ->
              "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
              "pre{background:#f7f7f7;padding:1em;overflow:auto}")
     body = [f"<h1>longforge report</h1><p>Generated {html.escape(sec['generated'])} by longforge {__version__} "
-            f"on {html.escape(sec['machine'])}.</p>", "<h2>Before / after</h2>", _html_table(*sec["summary"])]
+            f"on {html.escape(sec['machine'])}.</p>"]
+    if sec["verdict"]:
+        items = [ln[2:] for ln in sec["verdict"] if ln.startswith("- ")]
+        prose = [ln for ln in sec["verdict"] if not ln.startswith("- ")]
+        body.append("<h2>Verdict</h2>" + ("<ul>" + "".join(f"<li>{_md_bold(ln)}</li>" for ln in items) + "</ul>" if items else "")
+                    + "".join(f"<p>{html.escape(ln)}</p>" for ln in prose))
+    body += ["<h2>Before / after</h2>", _html_table(*sec["summary"])]
     if sec["ruler"]:
         body += ["<h2>RULER</h2>", _html_table(*sec["ruler"])]
     for title, p in images.items():

@@ -32,9 +32,13 @@ def passkey_heatmaps(results: dict[str, dict[str, Any]], original_length: int, p
         acc = res["summary"]["accuracy"]
         ax.set_title(f"{label}: {acc * 100:.0f}% overall")
         if grid.size <= 150:
+            # Sized to the cell (about 4.2 inches over the rows) and dark on light cells, light on dark ones.
+            size = float(np.clip(200 / max(grid.shape), 7, 12))
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
-                    ax.text(j, i, f"{grid[i, j] * 100:.0f}", ha="center", va="center", fontsize=7)
+                    v = grid[i, j]
+                    ax.text(j, i, f"{v * 100:.0f}", ha="center", va="center", fontsize=size,
+                            color="white" if v < 0.2 or v > 0.85 else "black", fontweight="bold")
         inside = [i for i, x in enumerate(lengths) if x <= original_length]
         if inside and len(inside) < len(lengths):
             ax.axhline(max(inside) + 0.5, color="black", linewidth=1.5, linestyle="--")
@@ -107,12 +111,24 @@ def ppl_curves(results: dict[str, dict[str, Any]], original_length: int, path: P
     return path
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (a shorter window at the start), so the trend shows through noise."""
+    c = np.cumsum(np.concatenate([[0.0], np.asarray(values, dtype=float)]))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return ((c[idx] - c[lo]) / (idx - lo)).tolist()
+
+
 def loss_curves(logs: dict[str, Path], path: Path) -> Path:
-    """Training loss per step for each stage's log.jsonl."""
+    """Training loss per step for each stage's log.jsonl: raw and faint, with a trailing mean drawn over it."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, log in logs.items():
         recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label, linewidth=1)
+        steps, loss = [r["step"] for r in recs], [r["loss"] for r in recs]
+        window = max(1, len(loss) // 10)
+        (raw,) = ax.plot(steps, loss, linewidth=0.8, alpha=0.3)
+        ax.plot(steps, smooth(loss, window), color=raw.get_color(), linewidth=2,
+                label=f"{label} (mean of {window} steps)" if window > 1 else label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per target token)")
     ax.grid(True, alpha=0.3)
