@@ -283,7 +283,9 @@ def rope(
     if original_length is not None and original_length <= 0:
         raise LongforgeError(f"--original-length {original_length} must be a positive number of tokens.")
     if dry_run:
-        plan = plan_rope(AutoConfig.from_pretrained(check_checkpoint(model_dir)), spec, target_length, original_length)
+        # A dry run reads only config.json (it may be all a user fetched to plan); writing needs the whole checkpoint.
+        config = AutoConfig.from_pretrained(check_checkpoint(model_dir, weights=False))
+        plan = plan_rope(config, spec, target_length, original_length)
         _print_freq_table(plan, freq_table(plan))
         console.print(json.dumps(plan.rope_parameters), soft_wrap=True)
         for n in plan.notes:
@@ -473,10 +475,9 @@ def eval_cmd(
     seed: Annotated[int, typer.Option()] = 1234,
 ) -> None:
     """Evaluate one checkpoint: passkey/NIAH grids, RULER, perplexity against length."""
-    import yaml
     from transformers import AutoConfig
 
-    from longforge.config import EvalSpec
+    from longforge.config import EvalSpec, parse_yaml
     from longforge.eval.run import evaluate
     from longforge.hf import check_checkpoint, resolve_device
     from longforge.positions.rope import rope_info
@@ -486,7 +487,11 @@ def eval_cmd(
     if spec is not None:
         if not spec.is_file():
             raise LongforgeError(f"--spec {spec} does not exist; pass a YAML file holding the recipe's `eval` section.")
-        data = yaml.safe_load(spec.read_text()) or {}
+        try:
+            text = spec.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LongforgeError(f"--spec {spec} is not UTF-8 text; save it as UTF-8 YAML.") from None
+        data = parse_yaml(text, str(spec)) or {}
         data = data.get("eval", data) if isinstance(data, dict) else data
         ev = _validated(EvalSpec, data if isinstance(data, dict) else {"_": data}, str(spec))
         ev.resolve_paths(lambda p: None if p is None else (p if Path(p).is_absolute() else (spec.parent / p).resolve()))
@@ -614,3 +619,25 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted; run the same command again to resume.[/]")
         sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        # Last resort for writers not wrapped in files.writing (e.g. training checkpoints): a full disk is a user
+        # error, said in one sentence; anything else is a bug and keeps its traceback.
+        from longforge.files import full_disk_error
+
+        err = full_disk_error(e, getattr(e, "filename", None) or _out_arg(sys.argv[1:]))
+        if err is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _out_arg(args: list[str]) -> str:
+    """The output folder named on the command line (--out), else the current folder (where `run` writes runs/)."""
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return str(Path.cwd())

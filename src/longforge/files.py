@@ -55,15 +55,60 @@ def disk_error(e: OSError, path: Path | str) -> LongforgeError:
     return LongforgeError(f"could not write {path}: {e.strerror or e}; check the folder and run again.")
 
 
+# How writers that do not raise OSError report a full disk: safetensors (Rust) names the OS error in its text;
+# PyTorch's zip writer (torch.save, torch.distributed.checkpoint) says only that a write came up short.
+_NO_SPACE_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+_TORCH_WRITER_TEXT = ("unexpected pos", "pytorchstreamwriter failed", "file write failed")
+# Below this much free space, a short write is taken for a full disk.
+FULL_MARGIN = 16 << 20
+
+
+def free_space(path: Path | str) -> int | None:
+    """Bytes an ordinary user may still write on the filesystem holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    for q in (p, *p.parents):
+        try:
+            st = os.statvfs(q)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def full_disk_error(e: BaseException, path: Path | str) -> LongforgeError | None:
+    """The disk-full sentence when `e` is a write that failed for lack of space (whichever library wrote), else None."""
+    if isinstance(e, OSError) and e.errno in _FULL_DISK:
+        return disk_error(e, path)
+    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, LongforgeError)):
+        return None
+    text = str(e).lower()
+    if any(t in text for t in _NO_SPACE_TEXT):
+        return disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+    if any(t in text for t in _TORCH_WRITER_TEXT):
+        free = free_space(path)
+        if free is not None and free < FULL_MARGIN:
+            return disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+        said = next(ln.strip() for ln in str(e).splitlines() if any(t in ln.lower() for t in _TORCH_WRITER_TEXT))
+        return LongforgeError(f"could not write {path}: PyTorch's file writer failed ({said[:200]}), which usually means the "
+                              "disk is full; free space there (or choose another folder) and run the same command again.")
+    return None
+
+
 @contextlib.contextmanager
 def writing(path: Path | str) -> Iterator[None]:
-    """Turn an OSError raised while writing `path` (disk full, permissions) into one clear sentence."""
+    """Turn a failed write of `path` into one clear sentence: an OSError (disk full, permissions), or the disk-full
+    errors of writers that raise something else (PyTorch's RuntimeError, torch.distributed.checkpoint, safetensors)."""
     try:
         yield
     except OSError as e:
         if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) or e.errno is None:
             raise
         raise disk_error(e, path) from None
+    except BaseException as e:
+        err = full_disk_error(e, path)
+        if err is None:
+            raise
+        raise err from None
 
 
 def fsync_dir(folder: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from longforge.errors import LongforgeError
+from longforge.integrity import verify_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -24,23 +25,18 @@ TOKENIZER_FILES = (
 )
 
 
-def check_checkpoint(path: Path, what: str = "model") -> Path:
-    """Fail clearly unless `path` is a folder with a config.json."""
-    path = Path(path)
-    if not path.is_dir():
-        raise LongforgeError(f"{what} folder {path} does not exist; pass a Hugging Face checkpoint folder.")
-    if not (path / "config.json").is_file():
-        raise LongforgeError(f"{path} has no config.json; pass a Hugging Face checkpoint folder (config.json + weights).")
-    return path
+def check_checkpoint(path: Path, what: str = "model", weights: bool = True) -> Path:
+    """Fail with one sentence unless `path` is a whole checkpoint folder (config, weights, tokenizer files).
+
+    `weights=False` is for callers that read only config.json.
+    """
+    return verify_checkpoint(path, what, weights=weights)
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The raw config.json of a checkpoint folder."""
-    path = check_checkpoint(path)
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise LongforgeError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); repair or re-export it.") from None
+    """The raw config.json of a checkpoint folder (checked to parse and name a model_type)."""
+    path = check_checkpoint(path, weights=False)
+    return json.loads((path / "config.json").read_bytes())
 
 
 def resolve_device(device: str) -> torch.device:

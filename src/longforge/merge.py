@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from longforge.errors import LongforgeError
+from longforge.files import atomic_write_text, writing
 from longforge.hf import check_checkpoint, copy_tokenizer, read_config
 from longforge.progress import progress_bar
 
@@ -66,21 +67,24 @@ class StreamingWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
         self.expected = [(name, header[name]) for name, _, _ in specs]
-        self.fh = path.open("wb")
-        self.fh.write(struct.pack("<Q", len(blob)) + blob)
+        with writing(path):
+            self.fh = path.open("wb")
+            self.fh.write(struct.pack("<Q", len(blob)) + blob)
         self.next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor (in the order given to the constructor)."""
         want, spec = self.expected[self.next]
         assert name == want and list(tensor.shape) == spec["shape"] and DTYPES[tensor.dtype] == spec["dtype"], name
-        self.fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        with writing(self.path):
+            self.fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.next += 1
 
     def close(self) -> None:
         """Finish the file (every tensor must have been written)."""
         assert self.next == len(self.expected), "not every tensor was written"
-        self.fh.close()
+        with writing(self.path):
+            self.fh.close()
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
@@ -163,14 +167,15 @@ def merge(models: list[Path], weights: list[float], out: Path, method: str = "li
                 bar.update(task, advance=1)
             writer.close()
     src = models[config_from]
-    for name in ("config.json", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, tmp / name)
-    for idx in models[0].glob("*.safetensors.index.json"):
-        shutil.copy2(idx, tmp / idx.name)
-    copy_tokenizer(src, tmp)
+    with writing(out):
+        for name in ("config.json", "generation_config.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        for idx in models[0].glob("*.safetensors.index.json"):
+            shutil.copy2(idx, tmp / idx.name)
+        copy_tokenizer(src, tmp)
     info = {"method": method, "models": [str(m) for m in models], "weights": weights, "config_from": str(src)}
-    (tmp / "longforge_merge.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(tmp / "longforge_merge.json", json.dumps(info, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

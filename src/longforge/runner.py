@@ -116,6 +116,8 @@ def preflight(recipe: Recipe) -> int:
             raise LongforgeError(f"stage {st.name!r}: `sft.chat_template` {st.sft.chat_template} does not exist; give a Jinja file or remove the key.")
         if st.merge is not None and st.merge.other != "base" and not (Path(st.merge.other) / "config.json").is_file():
             raise LongforgeError(f"stage {st.name!r}: `merge.other` {st.merge.other} is not a checkpoint folder; use 'base' or a folder with config.json.")
+        if st.merge is not None and st.merge.other != "base":
+            check_checkpoint(Path(st.merge.other), f"stage {st.name!r}: `merge.other`")
         if st.data is not None and not (Path(st.data) / "index.json").is_file():
             raise LongforgeError(f"stage {st.name!r}: `data` {st.data} is not a longforge data folder; remove the key or run `longforge data build`.")
     resolve_device(recipe.device)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from longforge.errors import LongforgeError
+from longforge.files import atomic_write_text, writing
 
 TASKS = ("passkey", "niah", "ruler", "ppl")
 
@@ -107,7 +108,8 @@ def compare(a: Path, b: Path, out: Path) -> dict[str, Any]:
     ra, rb = load(fa), load(fb)
     la, lb = labels_for(fa, fb)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     rows = metric_rows(ra, rb)
     original = int(rb["summary"].get("original_length") or ra["summary"].get("original_length") or 0)
     plots: dict[str, str] = {}
@@ -122,11 +124,11 @@ def compare(a: Path, b: Path, out: Path) -> dict[str, Any]:
     if "ppl" in both:
         plots["ppl"] = str(ppl_curves(both["ppl"], original, out / "ppl.png"))
     result = {"a": {"label": la, "path": str(fa)}, "b": {"label": lb, "path": str(fb)}, "rows": rows, "plots": plots}
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=1))
     lines = [f"# {la} -> {lb}", "", f"A = {fa}, B = {fb}", "", f"| metric | {la} | {lb} | change |", "|---|---|---|---|"]
     lines += [f"| {r['metric']} | {fmt(r['a'], r['unit'])} | {fmt(r['b'], r['unit'])} | {_delta(r)} |" for r in rows]
     lines += [""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     return result
 
 

@@ -19,6 +19,7 @@ from longforge.eval.passkey import run_passkey
 from longforge.eval.ppl import run_ppl
 from longforge.eval.prompts import PromptFormat
 from longforge.eval.ruler import check_tasks, ruler_lengths, run_ruler
+from longforge.files import atomic_write_text, writing
 from longforge.hf import load_model, load_tokenizer
 
 TASK_FILES = ("passkey", "niah", "ruler", "ppl")
@@ -84,7 +85,8 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
     """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json."""
     check_inputs(spec)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, device, dtype)
     tok = load_tokenizer(model_dir)
@@ -140,7 +142,5 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
 
 
 def _write(path: Path, obj: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    """Write JSON atomically (a reader never sees half a file; a full disk is one sentence)."""
+    atomic_write_text(path, json.dumps(obj, indent=1))

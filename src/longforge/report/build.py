@@ -16,7 +16,7 @@ from rich.table import Table
 
 from longforge import __version__
 from longforge.errors import LongforgeError
-from longforge.files import read_json
+from longforge.files import atomic_write_text, read_json, writing
 from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves, ruler_curves
 from longforge.report.verdict import verdict
 
@@ -187,7 +187,8 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     info = collect(run_dir)
     out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     evals = info["evals"]
     original = int(next(iter(evals.values()))["summary"]["original_length"])
     images: dict[str, Path] = {}
@@ -211,9 +212,9 @@ def build_report(run_dir: Path) -> dict[str, Path]:
               for name, rec in info["stages"].items()]
     sections = _sections(info, header, rows, timing)
     md = _markdown(sections, images, info)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(sections, images, info))
-    (out / "summary.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", _html(sections, images, info))
+    atomic_write_text(out / "summary.json", json.dumps({"header": header, "rows": rows}, indent=1))
     return {"md": out / "report.md", "html": out / "report.html", **{k: v for k, v in images.items()}}
 
 

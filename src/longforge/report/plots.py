@@ -12,6 +12,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from longforge.files import writing  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a figure as PNG (a full disk is one sentence) and free it."""
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
 
 def passkey_heatmaps(results: dict[str, dict[str, Any]], original_length: int, path: Path,
                      metric: str = "passkey accuracy", title: str = "Passkey retrieval") -> Path:
@@ -44,8 +55,7 @@ def passkey_heatmaps(results: dict[str, dict[str, Any]], original_length: int, p
             ax.axhline(max(inside) + 0.5, color="black", linewidth=1.5, linestyle="--")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=metric)
     fig.suptitle(f"{title} (dashed line: original window {original_length})")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -87,8 +97,7 @@ def ruler_curves(results: dict[str, dict[str, Any]], original_length: int, path:
     bx.set_ylabel("score at the longest length (%)")
     bx.legend(fontsize=8)
     bx.set_title("RULER per task")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -106,8 +115,7 @@ def ppl_curves(results: dict[str, dict[str, Any]], original_length: int, path: P
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("Perplexity against length (held-out documents)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -133,6 +141,5 @@ def loss_curves(logs: dict[str, Path], path: Path) -> Path:
     ax.set_ylabel("loss (per target token)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
     return path
