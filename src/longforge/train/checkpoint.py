@@ -116,7 +116,12 @@ def _weights_only_load(path: Path, value: io.BytesIO | io.BufferedIOBase, **kwar
         return torch.load(value, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        name = found.group(1) if found else "unknown"
+        if found is None:
+            # torch's own text suggests weights_only=False, exactly what must not be done with a received file.
+            raise LongforgeError(f"checkpoint {path} holds a pickle longforge cannot read as plain data; it may be "
+                                 "damaged or not come from longforge (delete that checkpoint folder, or train into a "
+                                 "new --out).") from None
+        name = found.group(1)
         raise foreign_pickle(path, name if "." in name else f"builtins.{name}") from None
 
 
@@ -178,40 +183,37 @@ def load_rng(folder: Path, rank: int) -> None:
     """Restore this rank's RNG state from a checkpoint, if it holds one (a larger world has ranks without)."""
     from safetensors import SafetensorError, safe_open
 
-    path = folder / f"rng-{rank}.safetensors"
-    if path.is_file():
-        try:
+    path, legacy = folder / f"rng-{rank}.safetensors", folder / f"rng-{rank}.pt"
+    try:
+        if path.is_file():
             with safe_open(str(path), "pt") as fh:
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
                 scalars = json.loads((fh.metadata() or {})["longforge_rng"])
-        except (SafetensorError, OSError, KeyError, ValueError) as e:
-            raise LongforgeError(f"checkpoint {folder} has a damaged {path.name} ({e}); delete that checkpoint "
-                                 "folder to resume from the one before, or train into a new --out.") from None
+        elif legacy.is_file():
+            path = legacy
+            tensors, scalars = _legacy_rng(legacy)
+            say(f"{folder.name}: RNG state read from the older rng-{rank}.pt format as plain tensors (nothing in it is run)")
+        else:
+            return
         set_rng_state(tensors, scalars)
-        return
-    legacy = folder / f"rng-{rank}.pt"
-    if legacy.is_file():
-        set_rng_state(*_legacy_rng(legacy))
-        say(f"  {folder.name}: RNG state read from the older rng-{rank}.pt format as plain tensors (nothing in it is run)")
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise LongforgeError(f"checkpoint {folder} has a damaged {path.name} ({type(e).__name__}: {_first_line(e)}); "
+                             "delete that checkpoint folder to resume from the one before, or train into a new --out.") from None
 
 
 def _legacy_rng(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The RNG state of an older longforge's rng-<rank>.pt, read with weights_only (tensors and numpy's array only)."""
-    # numpy's state is a uint32 array: these four globals rebuild an empty array and fill it from bytes, nothing else.
-    rebuild = np._core.multiarray._reconstruct
+    # numpy's state is a uint32 array: these globals rebuild an empty array and fill it from bytes, nothing else.
+    rebuild = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct  # numpy 2 moved it
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), rebuild, (rebuild, "numpy.core.multiarray._reconstruct")]
     with torch.serialization.safe_globals(allowed), path.open("rb") as fh:
         state = _weights_only_load(path.parent, fh)
-    try:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        version, internal, gauss_next = state["python"]
-        tensors = {"torch": state["torch"], "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                   "python": torch.tensor(internal, dtype=torch.int64)}
-        for i, s in enumerate(state.get("cuda", [])):
-            tensors[f"cuda.{i}"] = s
-    except (TypeError, KeyError, ValueError) as e:
-        raise LongforgeError(f"checkpoint {path.parent} has an {path.name} longforge cannot read ({e}); delete that "
-                             "checkpoint folder to resume from the one before, or train into a new --out.") from None
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    tensors = {"torch": state["torch"], "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "python": torch.tensor(internal, dtype=torch.int64)}
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s
     return tensors, {"numpy": [name, int(pos), int(has_gauss), float(cached)], "python": [version, gauss_next]}
 
 
@@ -249,7 +251,8 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _barrier(layout: Layout) -> None:
+def barrier(layout: Layout) -> None:
+    """Wait for every process of the layout (nothing to wait for in one process)."""
     if layout.distributed:
         torch.distributed.barrier()
 
@@ -271,7 +274,7 @@ def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: to
             if tmp.exists():
                 shutil.rmtree(tmp)  # a temp folder of ours, left by an interrupted save of this step
             tmp.mkdir(parents=True)
-    _barrier(layout)
+    barrier(layout)
     model_sd, optim_sd = get_state_dict(net, optimizer)
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -281,7 +284,7 @@ def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: to
             raise disk_error(exc, tmp) from None
         raise
     save_rng(tmp / f"rng-{layout.rank}.safetensors")
-    _barrier(layout)
+    barrier(layout)
     if layout.is_main:
         # meta.json marks the checkpoint complete, so it is written (and flushed) after everything else.
         atomic_write_json(tmp / "meta.json", {"step": step, "world": layout.world, "sp": layout.sp, **extra})
@@ -292,7 +295,7 @@ def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: to
         for old in checkpoints(folder)[:-KEEP_CHECKPOINTS]:
             if _ours(old):
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier(layout)
+    barrier(layout)
     return final
 
 

@@ -24,7 +24,7 @@ from longforge.model.memory import ActivationOffload, apply_checkpointing, apply
 from longforge.model.parallel import Layout, SequenceParallel, all_reduce_sum, apply_fsdp, check_layout
 from longforge.progress import progress_bar, say
 from longforge.train.batches import Batch, BatchSource, targets
-from longforge.train.checkpoint import checkpoints, load_checkpoint, read_meta, save_checkpoint
+from longforge.train.checkpoint import barrier, checkpoints, load_checkpoint, read_meta, save_checkpoint
 from longforge.train.flops import attention_context, flops_per_token, peak_flops
 from longforge.train.optim import StepInBackward, make_optimizer
 from longforge.train.resume import check_resume, current_records
@@ -164,11 +164,6 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
     return Engine(net, layout, spec, backend, seq_len, autocast, offload)
 
 
-def _barrier(layout: Layout) -> None:
-    if layout.distributed:
-        torch.distributed.barrier()
-
-
 def export_final(engine: Engine, out: Path, tokenizer_from: Path | None, dtype: torch.dtype) -> Path:
     """Write the trained model as a plain HF safetensors checkpoint (gathered on the main process)."""
     lm = engine.net.lm
@@ -188,7 +183,7 @@ def export_final(engine: Engine, out: Path, tokenizer_from: Path | None, dtype: 
         fresh = type(lm)._from_config(config, dtype=dtype)
         fresh.load_state_dict({k[len("lm."):]: v for k, v in full.items()})
         save_model(fresh, out, tokenizer_from=tokenizer_from)
-    _barrier(engine.layout)
+    barrier(engine.layout)
     return out
 
 
@@ -218,12 +213,12 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     ck_dir = out / "checkpoints"
     if layout.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    _barrier(layout)
+    barrier(layout)
     records = current_records(spec, getattr(model, "_lf_source_dir", None), tokenizer_from)
     existing = checkpoints(ck_dir)
     last_good = existing[-1] if existing else None
-    meta = read_meta(last_good) if last_good else None
-    if meta is not None and last_good is not None:
+    meta = read_meta(last_good) if last_good is not None else None
+    if meta is not None:
         for note in check_resume(meta, records, spec, last_good):
             say(f"{label}: {note}")
         if _finished(out / "final", meta, spec):
@@ -238,9 +233,8 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     stepper = step_in_backward(engine, optimizer) if spec.optimizer_in_backward else None
     start = 0
     last_loss = float("nan")
-    if last_good is not None:
+    if meta is not None:
         load_checkpoint(last_good, engine.net, optimizer, layout)
-        assert meta is not None
         start, last_loss = int(meta["step"]), float(meta.get("loss", last_loss))
         if "loader" in meta and hasattr(source, "load_state_dict"):
             # The loader continues after the last sequence the checkpoint saw, even with another batch or world size.
@@ -287,8 +281,9 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     final = export_final(engine, out / "final", tokenizer_from, export_dtype)
     if layout.is_main:
         # Written after the export is whole: a re-run that finds it (and no newer checkpoint) has nothing to do.
-        atomic_write_json(final / FINAL_RECORD, {"step": spec.steps, "checkpoint": str(last_good), "loss": last_loss})
-    _barrier(layout)
+        atomic_write_json(final / FINAL_RECORD, {"step": spec.steps, "checkpoint": last_good.name if last_good else None,
+                                                  "loss": last_loss})
+    barrier(layout)
     return TrainResult(final, spec.steps, last_loss, tokens_done, time.time() - t_start)
 
 
