@@ -378,3 +378,21 @@ def test_a_damaged_meta_json_means_an_incomplete_checkpoint(tmp_path: Path) -> N
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert la == lb
+
+
+def test_resume_with_other_data_or_seed_is_still_refused(tmp_path: Path, tokenizer_dir: Path, tokenizer,  # noqa: ANN001
+                                                          corpus_dir: Path) -> None:
+    from longforge.config import DataSpec, SourceSpec
+    from longforge.data.build import build_data
+    from longforge.data.store import PackedDataset
+    from longforge.train.batches import PackedBatches
+
+    build_data(DataSpec(sources=[SourceSpec(name="long", path=corpus_dir / "long.jsonl")], plan="none", token_budget=1500),
+               tokenizer_dir, 64, tmp_path / "data")
+    ds = PackedDataset(tmp_path / "data")
+    two = StageSpec(steps=2, batch_size=1, lr=1e-3, save_every=1)
+    train_model(make_tiny_model(len(tokenizer)), PackedBatches(ds, 1, 1, seed=0), two, tmp_path / "run", CPU)
+    refused = r"the saved loader state has seed=0 but this run has 1; resume with the data and seed"
+    for spec in (two, StageSpec(steps=3, batch_size=1, lr=1e-3, save_every=1)):  # finished, and resumed further
+        with pytest.raises(LongforgeError, match=refused):
+            train_model(make_tiny_model(len(tokenizer)), PackedBatches(ds, 1, 1, seed=1), spec, tmp_path / "run", CPU)

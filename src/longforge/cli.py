@@ -27,9 +27,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Build packed training data from corpus files, or inspect a built data folder.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 analyze_app = typer.Typer(help="Analyses that inform data selection.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 TRUST_HELP = ("Let transformers import Python files shipped in the checkpoint (auto_map in config.json); "
               "that code runs with your rights, so pass it only for checkpoints you trust.")
-app.add_typer(analyze_app, name="analyze")
 
 
 @analyze_app.command("impactful")
