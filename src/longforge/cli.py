@@ -28,6 +28,8 @@ data_app = typer.Typer(help="Build packed training data from corpus files, or in
 app.add_typer(data_app, name="data")
 analyze_app = typer.Typer(help="Analyses that inform data selection.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
+TRUST_HELP = ("Let transformers import Python files shipped in the checkpoint (auto_map in config.json); "
+              "that code runs with your rights, so pass it only for checkpoints you trust.")
 
 
 @analyze_app.command("impactful")
@@ -43,6 +45,7 @@ def analyze_impactful(
     spacy_model: Annotated[str, typer.Option(help="spaCy model name for --tagger spacy.")] = "en_core_web_sm",
     text_field: Annotated[str, typer.Option(help="JSON field holding the text.")] = "text",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """LongRecipe's impactful-token analysis: which token types the extended model predicts better than the base."""
     import torch
@@ -56,7 +59,7 @@ def analyze_impactful(
         raise LongforgeError(f"--top {top} must be between 0 and 1 (LongRecipe keeps 0.2).")
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    tok = load_tokenizer(extended)
+    tok = load_tokenizer(extended, trust_remote_code)
     n = length or int(read_config(extended).get("max_position_embeddings", 4096))
     texts = []
     for doc in iter_documents(SourceSpec(name="analysis", path=data, text_field=text_field), Rejects()):
@@ -66,7 +69,8 @@ def analyze_impactful(
     type_fn = spacy_type_fn(tok, spacy_model) if tagger == "spacy" else None
     if tagger not in ("builtin", "spacy"):
         raise LongforgeError(f"--tagger {tagger!r} is not one of builtin, spacy.")
-    profile = analyze(load_model(base, dev, dtype), load_model(extended, dev, dtype), tok, texts, n, top, type_fn)
+    profile = analyze(load_model(base, dev, dtype, trust_remote_code), load_model(extended, dev, dtype, trust_remote_code),
+                      tok, texts, n, top, type_fn)
     paths = write_profile(profile, out)
     t = Table(title=f"impactful token types ({profile.meta['texts']} texts of {n} tokens, top {top:.0%})")
     for col in ("type", "impactful share", "overall share", "lift"):
@@ -267,12 +271,11 @@ def rope(
     theta: Annotated[Optional[float], typer.Option(help="New RoPE base for --method theta.")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="The model's pretraining window, if its config does not say.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the frequency table; write nothing.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Rewrite a checkpoint's RoPE config for a longer context (weights are hard-linked, not copied)."""
-    from transformers import AutoConfig
-
     from longforge.config import PositionSpec
-    from longforge.hf import check_checkpoint
+    from longforge.hf import load_config
     from longforge.positions.rope import apply_rope, freq_table, plan_rope
 
     spec = _validated(PositionSpec, {
@@ -284,8 +287,7 @@ def rope(
         raise LongforgeError(f"--original-length {original_length} must be a positive number of tokens.")
     if dry_run:
         # A dry run reads only config.json (it may be all a user fetched to plan); writing needs the whole checkpoint.
-        config = AutoConfig.from_pretrained(check_checkpoint(model_dir, weights=False))
-        plan = plan_rope(config, spec, target_length, original_length)
+        plan = plan_rope(load_config(model_dir, trust_remote_code, weights=False), spec, target_length, original_length)
         _print_freq_table(plan, freq_table(plan))
         console.print(json.dumps(plan.rope_parameters), soft_wrap=True)
         for n in plan.notes:
@@ -293,7 +295,7 @@ def rope(
         return
     if out is None:
         raise LongforgeError("rope needs --out OUT_DIR (or --dry-run to only print the table).")
-    plan = apply_rope(model_dir, out, spec, target_length, original_length)
+    plan = apply_rope(model_dir, out, spec, target_length, original_length, trust_remote_code)
     for n in plan.notes:
         say(n)
     say(f"wrote {out} with rope_parameters {json.dumps(plan.rope_parameters)}")
@@ -344,6 +346,7 @@ def train(
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Continual pretraining on packed long sequences; one or many GPUs via torchrun; re-running resumes."""
     from longforge.config import StageSpec
@@ -366,13 +369,13 @@ def train(
     if transform in ("pose", "pit") and not target_length:
         raise LongforgeError(f"--transform {transform} needs --target-length (the length the skipped positions should reach).")
     layout = init_layout(sp, device)
-    model = load_model(model_dir, "cpu")
+    model = load_model(model_dir, "cpu", trust_remote_code=trust_remote_code)
     ends = None
     if transform == "pit":
         from longforge.hf import load_tokenizer
         from longforge.positions.segments import sentence_end_mask
 
-        ends = sentence_end_mask(load_tokenizer(Path(ds.index.get("tokenizer") or model_dir)))
+        ends = sentence_end_mask(load_tokenizer(Path(ds.index.get("tokenizer") or model_dir), trust_remote_code))
     source = PackedBatches(ds, batch_size, grad_accum, seed, transform, target_length or ds.seq_len, document_mask,
                            rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
     res = train_model(model, source, spec, out, layout.device, tokenizer_from=model_dir, layout=layout)
@@ -386,9 +389,16 @@ def merge(
     out: Annotated[Path, typer.Option(help="Output checkpoint folder.")],
     weights: Annotated[str, typer.Option(help="Comma-separated weights, one per model.")] = "0.5,0.5",
     method: Annotated[str, typer.Option(help="linear (weighted mean) or slerp.")] = "linear",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Merge two checkpoints tensor by tensor (LongRecipe's merge); keeps the longer-context model's config."""
+    from longforge.hf import needs_own_code, own_code_error
     from longforge.merge import merge as merge_models
+
+    # Merging runs no checkpoint code, but its output would claim code it does not carry: refuse it unasked.
+    for m in (model_a, model_b):
+        if not trust_remote_code and needs_own_code(m):
+            raise own_code_error(m)
 
     try:
         w = [float(x) for x in weights.split(",")]
@@ -473,16 +483,15 @@ def eval_cmd(
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per forward pass (default 8192).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option()] = 1234,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Evaluate one checkpoint: passkey/NIAH grids, RULER, perplexity against length."""
-    from transformers import AutoConfig
-
     from longforge.config import EvalSpec, parse_yaml
     from longforge.eval.run import evaluate
-    from longforge.hf import check_checkpoint, resolve_device
+    from longforge.hf import load_config, resolve_device
     from longforge.positions.rope import rope_info
 
-    info = rope_info(AutoConfig.from_pretrained(check_checkpoint(model_dir)), original_length)
+    info = rope_info(load_config(model_dir, trust_remote_code), original_length)
     target = target_length or info.max_position_embeddings
     if spec is not None:
         if not spec.is_file():
@@ -510,7 +519,8 @@ def eval_cmd(
                  "ppl_stride": ppl_stride, "chat_template": chat_template or None, "kv_cache": kv_cache,
                  "prefill_chunk": prefill_chunk, "gpu_memory": gpu_memory}
         ev = _validated(EvalSpec, _eval_spec_from_flags(names, flags), "eval")
-    summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), model_dir.name)
+    summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), model_dir.name,
+                       trust_remote_code)
     for table in _eval_tables(model_dir.name, summary):
         console.print(table)
     written = [f"{out}/{t}.json" for t in ("passkey", "niah", "ruler", "ppl") if t in summary] + [f"{out}/summary.json"]

@@ -32,6 +32,10 @@ class ModelSpec(Strict):
     original_length: int | None = Field(
         default=None, gt=0, description="Pretraining window; read from the checkpoint's config when absent."
     )
+    trust_remote_code: bool = Field(
+        default=False, description="Let transformers import Python files shipped in the checkpoint (auto_map in "
+        "config.json), for models it does not know; such code runs with your rights, so set it only for checkpoints you trust."
+    )
 
 
 class SourceSpec(Strict):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from longforge.errors import LongforgeError
+from longforge.files import read_json
 from longforge.integrity import verify_checkpoint
 
 TOKENIZER_FILES = (
@@ -48,34 +49,86 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Load a causal LM from a checkpoint folder onto a device, in eval mode."""
+def own_code_error(path: Path, where: str = "config.json", what: str = "model") -> LongforgeError:
+    """The one sentence for a checkpoint that needs its own Python code while the user did not opt in."""
+    return LongforgeError(f"{path} ships its own {what} code (auto_map in {where}) and longforge does not run code "
+                          "from checkpoints; pass --trust-remote-code (or model.trust_remote_code: true) only if you trust it")
+
+
+def needs_own_code(path: Path) -> bool:
+    """Whether transformers would have to import Python files shipped in the checkpoint to build its config/model.
+
+    A known model_type is built by transformers' own classes even when config.json carries an auto_map.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = read_config(path)
+    return isinstance(config, dict) and bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _asks_for_code(e: BaseException) -> bool:
+    """Whether transformers refused because loading needs code from the checkpoint (trust_remote_code)."""
+    return "trust_remote_code" in str(e)
+
+
+def load_config(path: Path, trust_remote_code: bool = False, weights: bool = True) -> Any:
+    """A checkpoint's transformers config (the folder checked whole, or only its config with weights=False)."""
+    from transformers import AutoConfig
+
+    path = check_checkpoint(path, weights=weights)
+    if not trust_remote_code and needs_own_code(path):
+        raise own_code_error(path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if _asks_for_code(e) and not trust_remote_code:
+            raise own_code_error(path) from None
+        raise LongforgeError(f"could not read the config of {path}: {_first_line(e)}; repair or re-export config.json.") from None
+
+
+def load_model(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> Any:
+    """Load a causal LM from a checkpoint folder onto a device, in eval mode (checkpoint code only with trust_remote_code)."""
     from transformers import AutoModelForCausalLM
 
     path = check_checkpoint(path)
+    if not trust_remote_code and needs_own_code(path):
+        raise own_code_error(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LongforgeError(f"could not load a causal LM from {path}: {first}") from None
-    # Remember the dtype on disk so a trained model is exported the way it came (bf16 stays bf16).
+        if _asks_for_code(e) and not trust_remote_code:
+            raise own_code_error(path) from None
+        raise LongforgeError(f"could not load a causal LM from {path}: {_first_line(e)}") from None
+    # Remember the dtype on disk so a trained model is exported the way it came (bf16 stays bf16),
+    # and the folder it came from, so a resumed training can check it continues the same model.
     declared = read_config(path).get("dtype") or read_config(path).get("torch_dtype")
     model._lf_source_dtype = getattr(torch, declared) if isinstance(declared, str) and hasattr(torch, declared) else dtype
+    model._lf_source_dir = path
     return model.to(device).eval()
 
 
-def load_tokenizer(path: Path) -> Any:
-    """Load the tokenizer of a checkpoint (or tokenizer) folder."""
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer of a checkpoint (or tokenizer) folder (checkpoint code only with trust_remote_code)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise LongforgeError(f"tokenizer folder {path} does not exist; pass the model folder or a tokenizer folder.")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LongforgeError(f"could not load a tokenizer from {path}: {first}") from None
+        if _asks_for_code(e) and not trust_remote_code:
+            # The code transformers asked for is the tokenizer's own, or (to find the tokenizer class) the model's.
+            tok_config = read_json(path / "tokenizer_config.json")
+            if isinstance(tok_config, dict) and tok_config.get("auto_map"):
+                raise own_code_error(path, "tokenizer_config.json", "tokenizer") from None
+            raise own_code_error(path) from None
+        raise LongforgeError(f"could not load a tokenizer from {path}: {_first_line(e)}") from None
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -77,11 +77,10 @@ def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]]
 
 def original_length(recipe: Recipe) -> int:
     """The base model's pretraining window: the recipe's, or the checkpoint config's."""
-    from transformers import AutoConfig
-
+    from longforge.hf import load_config
     from longforge.positions.rope import rope_info
 
-    config = AutoConfig.from_pretrained(check_checkpoint(recipe.model.path))
+    config = load_config(recipe.model.path, recipe.model.trust_remote_code)
     return rope_info(config, recipe.model.original_length).original_length
 
 
@@ -136,13 +135,13 @@ def _file_stamp(st: Any) -> list[Any]:
     return [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files if Path(f).is_file()]
 
 
-def sft_source(st: Any, model_dir: Path, st_dir: Path, seed: int, layout: Any) -> Any:
+def sft_source(st: Any, model_dir: Path, st_dir: Path, seed: int, layout: Any, trust_remote_code: bool = False) -> Any:
     """Packed, assistant-masked conversations for an SFT stage (bad records go to the stage's rejects.jsonl)."""
     from longforge.hf import load_tokenizer
     from longforge.train.sft import SFTBatches, load_conversations, pack_conversations
 
     spec = st.sft
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, trust_remote_code)
     template = Path(spec.chat_template).read_text() if spec.chat_template else None
     data = load_conversations(spec.data, tok, spec.field, spec.seq_len, template, st_dir / "rejects.jsonl")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -181,7 +180,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     data_dir = run_dir / "data"
 
     def do_data() -> dict[str, Any]:
-        m = build_data(recipe.data, tok_dir, seq_len, data_dir, recipe.seed)
+        m = build_data(recipe.data, tok_dir, seq_len, data_dir, recipe.seed, recipe.model.trust_remote_code)
         return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
 
     if any(st.kind == "pretrain" and st.data is None for st in recipe.stages):
@@ -193,7 +192,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     rope_dir = run_dir / "rope"
 
     def do_rope() -> dict[str, Any]:
-        plan = apply_rope(recipe.model.path, rope_dir, recipe.positions, recipe.target_length, orig)
+        plan = apply_rope(recipe.model.path, rope_dir, recipe.positions, recipe.target_length, orig, recipe.model.trust_remote_code)
         for note in plan.notes:
             say(f"  {note}")
         return {"method": plan.method, "factor": plan.factor, "rope_parameters": plan.rope_parameters}
@@ -210,14 +209,14 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 
         def do_train(st=st, st_dir=st_dir, st_data=st_data, model_in=model_in) -> dict[str, Any]:
             layout = init_layout(st.sp, recipe.device)
-            model = load_model(model_in, "cpu")
+            model = load_model(model_in, "cpu", trust_remote_code=recipe.model.trust_remote_code)
             if st.kind == "sft":
-                source = sft_source(st, model_in, st_dir, recipe.seed, layout)
+                source = sft_source(st, model_in, st_dir, recipe.seed, layout, recipe.model.trust_remote_code)
             else:
                 # Replay is short text of the original distribution: plain positions, whatever the extension used.
                 transform = "contiguous" if st.dataset == "replay" else recipe.positions.transform
                 # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.
-                ends = sentence_end_mask(load_tokenizer(tok_dir)) if transform == "pit" else None
+                ends = sentence_end_mask(load_tokenizer(tok_dir, recipe.model.trust_remote_code)) if transform == "pit" else None
                 source = PackedBatches(PackedDataset(st_data), st.batch_size, st.grad_accum, recipe.seed,
                                        transform, recipe.target_length, st.document_mask,
                                        rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
@@ -245,7 +244,8 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         ev_fp = fingerprint([recipe.eval.model_dump(mode="json"), mfp, orig, recipe.target_length])
 
         def do_eval(label=label, path=path) -> dict[str, Any]:
-            return evaluate(path, recipe.eval, run_dir / "eval" / label, orig, recipe.target_length, device, label)
+            return evaluate(path, recipe.eval, run_dir / "eval" / label, orig, recipe.target_length, device, label,
+                            recipe.model.trust_remote_code)
 
         run_stage(f"eval/{label}", run_dir / "eval" / label, ev_fp, do_eval)
 

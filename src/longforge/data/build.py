@@ -243,12 +243,13 @@ def _estimates(spec: DataSpec, seq_len: int, backend: Any, nsep: int) -> dict[st
     return {s.name: estimate_source(s, spec, seq_len, lengths_of, nsep, rmax) for s in spec.sources}
 
 
-def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, seed: int = 0) -> dict[str, Any]:
+def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, seed: int = 0,
+               trust_remote_code: bool = False) -> dict[str, Any]:
     """Build packed shards (and the replay set) from the recipe's sources; returns (and writes) the manifest."""
     t0, c0 = time.time(), _cpu_seconds()
     for s in spec.sources:
         check_source(s)
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir, trust_remote_code)
     try:
         prefix, suffix = separator_tokens(spec.separator, tok)
     except ValueError as e:

@@ -81,15 +81,15 @@ def make_engine(model: Any, spec: EvalSpec) -> Engine:
 
 
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
-             device: torch.device, label: str) -> dict[str, Any]:
+             device: torch.device, label: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json."""
     check_inputs(spec)
     out = Path(out)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(model_dir, device, dtype)
-    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, device, dtype, trust_remote_code)
+    tok = load_tokenizer(model_dir, trust_remote_code)
     engine = make_engine(model, spec)
     inf = spec.inference
     fmt = PromptFormat(inf.chat_template, inf.system_prompt)

@@ -13,7 +13,7 @@ import numpy as np
 
 from longforge.config import PositionSpec
 from longforge.errors import LongforgeError
-from longforge.hf import check_checkpoint, copy_tokenizer, link_or_copy, weight_files
+from longforge.hf import check_checkpoint, copy_tokenizer, link_or_copy, load_config, weight_files
 
 
 @dataclass(frozen=True)
@@ -308,12 +308,11 @@ def freq_table(plan: RopePlan) -> list[dict[str, float]]:
     ]
 
 
-def apply_rope(model_dir: Path, out_dir: Path, spec: PositionSpec, target_length: int, original_length: int | None = None) -> RopePlan:
+def apply_rope(model_dir: Path, out_dir: Path, spec: PositionSpec, target_length: int, original_length: int | None = None,
+               trust_remote_code: bool = False) -> RopePlan:
     """Write a checkpoint whose config uses the planned rope; weights are hard-linked (or copied)."""
-    from transformers import AutoConfig
-
     model_dir = check_checkpoint(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir, trust_remote_code)
     plan = plan_rope(config, spec, target_length, original_length)
     out_dir = Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():

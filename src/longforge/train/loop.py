@@ -5,35 +5,33 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
-import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from longforge.config import StageSpec
 from longforge.errors import LongforgeError
+from longforge.files import atomic_write_json, atomic_write_text, read_json
 from longforge.hf import save_model
 from longforge.model.attention import resolve_backend, use_longforge_attention
 from longforge.model.fused import apply_fused_ops, fused_available
 from longforge.model.memory import ActivationOffload, apply_checkpointing, apply_lean_norms, apply_tiled_mlp
 from longforge.model.parallel import Layout, SequenceParallel, all_reduce_sum, apply_fsdp, check_layout
-from longforge.progress import progress_bar
+from longforge.progress import progress_bar, say
 from longforge.train.batches import Batch, BatchSource, targets
+from longforge.train.checkpoint import barrier, checkpoints, load_checkpoint, read_meta, save_checkpoint
 from longforge.train.flops import attention_context, flops_per_token, peak_flops
 from longforge.train.optim import StepInBackward, make_optimizer
+from longforge.train.resume import check_resume, current_records
 from longforge.train.schedule import lr_at
 
 LOSS_CHUNK = 4096
-KEEP_CHECKPOINTS = 2
+FINAL_RECORD = "longforge_train.json"
 
 
 @dataclass
@@ -45,6 +43,7 @@ class TrainResult:
     last_loss: float
     tokens: int
     seconds: float
+    done_before: bool = False  # the stage had already finished: nothing was trained or exported this time
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -165,84 +164,8 @@ def prepare(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> Engine
     return Engine(net, layout, spec, backend, seq_len, autocast, offload)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in step order (a checkpoint is complete once its meta.json exists)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
-
-
-def _barrier(layout: Layout) -> None:
-    if layout.distributed:
-        torch.distributed.barrier()
-
-
-def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
-                    extra: dict[str, Any]) -> Path:
-    """Save model, optimizer and RNG state with torch.distributed.checkpoint into a temp folder, then rename (atomic)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f".tmp-step-{step:07d}"
-    if layout.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier(layout)
-    model_sd, optim_sd = get_state_dict(net, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng-{layout.rank}.pt")
-    _barrier(layout)
-    if layout.is_main:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world": layout.world, "sp": layout.sp, **extra}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in _checkpoints(folder)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(layout)
-    return final
-
-
-def load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout) -> dict[str, Any]:
-    """Restore model, optimizer and RNG state saved by save_checkpoint; returns its meta."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    meta = json.loads((path / "meta.json").read_text())
-    # DCP reshards model and optimizer state to the current layout; RNG streams are per process.
-    model_sd, optim_sd = get_state_dict(net, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = path / f"rng-{layout.rank}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return meta
-
-
 def export_final(engine: Engine, out: Path, tokenizer_from: Path | None, dtype: torch.dtype) -> Path:
     """Write the trained model as a plain HF safetensors checkpoint (gathered on the main process)."""
-    from transformers import AutoModelForCausalLM
-
     lm = engine.net.lm
     if not engine.layout.distributed:
         lm.eval()
@@ -256,10 +179,11 @@ def export_final(engine: Engine, out: Path, tokenizer_from: Path | None, dtype: 
     if engine.layout.is_main:
         config = lm.config
         config._attn_implementation = "sdpa"
-        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # The class the model was loaded as: no auto-class lookup, so no checkpoint code is looked for or run.
+        fresh = type(lm)._from_config(config, dtype=dtype)
         fresh.load_state_dict({k[len("lm."):]: v for k, v in full.items()})
         save_model(fresh, out, tokenizer_from=tokenizer_from)
-    _barrier(engine.layout)
+    barrier(engine.layout)
     return out
 
 
@@ -289,28 +213,39 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
     ck_dir = out / "checkpoints"
     if layout.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    _barrier(layout)
+    barrier(layout)
+    records = current_records(spec, getattr(model, "_lf_source_dir", None), tokenizer_from)
+    existing = checkpoints(ck_dir)
+    last_good = existing[-1] if existing else None
+    meta = read_meta(last_good) if last_good is not None else None
+    if meta is not None:
+        for note in check_resume(meta, records, spec, last_good):
+            say(f"{label}: {note}")
+        if _finished(out / "final", meta, spec):
+            if "loader" in meta and hasattr(source, "load_state_dict"):
+                source.load_state_dict(meta["loader"])  # other data or another seed is refused, finished or not
+            say(f"{label}: already done at step {meta['step']} (checkpoint {last_good}); final model {out / 'final'}")
+            return TrainResult(out / "final", spec.steps, float(meta.get("loss", float("nan"))), 0, 0.0, done_before=True)
     export_dtype = _export_dtype(model)
     probe = source.batch(0, 0)
     engine = prepare(model, spec, layout, probe.input_ids.shape[1])
     optimizer = make_optimizer(engine.net, spec.optimizer, spec.lr, spec.betas, spec.weight_decay)
     stepper = step_in_backward(engine, optimizer) if spec.optimizer_in_backward else None
     start = 0
-    existing = _checkpoints(ck_dir)
-    if existing:
-        meta = load_checkpoint(existing[-1], engine.net, optimizer, layout)
-        start = int(meta["step"])
+    last_loss = float("nan")
+    if meta is not None:
+        load_checkpoint(last_good, engine.net, optimizer, layout)
+        start, last_loss = int(meta["step"]), float(meta.get("loss", last_loss))
         if "loader" in meta and hasattr(source, "load_state_dict"):
             # The loader continues after the last sequence the checkpoint saw, even with another batch or world size.
             source.load_state_dict(meta["loader"])
+        say(f"{label}: resuming from step {start} of {spec.steps} (checkpoint {last_good})")
     log_path = out / "log.jsonl"
     if layout.is_main:
         _truncate_log(log_path, start)
     peak = peak_flops(layout.device)
     t_start = time.time()
     tokens_done = 0
-    last_loss = float("nan")
-    last_good = existing[-1] if existing else None
     log = log_path.open("a") if layout.is_main else None
     board = _tensorboard(out / "tb") if spec.tensorboard and layout.is_main else None
     try:
@@ -334,7 +269,7 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
                             board.add_scalar(f"train/{key}", value, rec["step"])
                 bar.update(task, advance=1, description=f"{label}: loss {last_loss:.3f}")
                 if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
-                    extra: dict[str, Any] = {"loss": last_loss}
+                    extra: dict[str, Any] = {"loss": last_loss, **records}
                     if hasattr(source, "state_dict"):
                         extra["loader"] = source.state_dict(step + 1)
                     last_good = save_checkpoint(ck_dir, step + 1, engine.net, optimizer, layout, extra)
@@ -344,7 +279,19 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
         if board is not None:
             board.close()
     final = export_final(engine, out / "final", tokenizer_from, export_dtype)
+    if layout.is_main:
+        # Written after the export is whole: a re-run that finds it (and no newer checkpoint) has nothing to do.
+        atomic_write_json(final / FINAL_RECORD, {"step": spec.steps, "checkpoint": last_good.name if last_good else None,
+                                                  "loss": last_loss})
+    barrier(layout)
     return TrainResult(final, spec.steps, last_loss, tokens_done, time.time() - t_start)
+
+
+def _finished(final: Path, meta: dict[str, Any], spec: StageSpec) -> bool:
+    """Whether the newest checkpoint is the last step and final/ was exported from it (nothing left to do)."""
+    record = read_json(final / FINAL_RECORD)
+    return (int(meta["step"]) == spec.steps and isinstance(record, dict) and record.get("step") == spec.steps
+            and (final / "config.json").is_file())
 
 
 def step_in_backward(engine: Engine, optimizer: torch.optim.Optimizer) -> StepInBackward:
@@ -427,8 +374,15 @@ def _doc_lengths(micro: list[Batch]) -> list[int]:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step, so a resumed run's log reads as one uninterrupted run."""
+    """Drop log lines past the resumed step (and a line cut by a crash), so the log reads as one uninterrupted run."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(ln)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
