@@ -96,7 +96,7 @@ def test_stage_folder_holding_user_files_is_refused_not_cleared(micro_recipe: di
     run = claim_dir(tmp_path / "run", "run folder")
     (run / "rope").mkdir()
     (run / "rope" / "mine.safetensors").write_text("not longforge's")
-    with pytest.raises(LongforgeError, match=r"stage folder rope .* already holds files longforge did not write \(mine\.safetensors\)"):
+    with pytest.raises(LongforgeError, match=r"the rope stage's folder .*rope already holds files longforge did not write \(mine\.safetensors\)"):
         run_recipe(parse_recipe(_quick(micro_recipe)), run)
     assert (run / "rope" / "mine.safetensors").read_text() == "not longforge's"
 
@@ -298,4 +298,39 @@ def test_interrupted_stage_says_so_not_inputs_changed(micro_recipe: dict, tmp_pa
     recipe["stages"][0]["lr"] = 5e-4  # a real change still says so
     said.clear()
     run_recipe(parse_recipe(recipe), run)
-    assert any("extend: inputs changed since the last run" in m for m in said), said
+    assert any("train/extend: inputs changed since the last run" in m for m in said), said
+
+
+def test_run_folder_of_an_earlier_longforge_keeps_working(micro_recipe: dict, tmp_path: Path) -> None:
+    recipe = _quick(micro_recipe)
+    run = tmp_path / "run"
+    run_recipe(parse_recipe(recipe), run)
+    for mark in run.rglob(OWNER_MARK):  # what a longforge that wrote no marks left behind
+        mark.unlink()
+    (run / "resolved_recipe.yaml").rename(run / "recipe.yaml")
+    first = _done_times(run)
+    recipe["stages"][0]["lr"] = 5e-4
+    run_recipe(parse_recipe(recipe), run)
+    again = _done_times(run)
+    assert again["data"] == first["data"] and again["train/extend"] != first["train/extend"]
+    assert (run / "train" / "extend" / OWNER_MARK).is_file() and (run / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("key, where", [("model", "rope/base"), ("ppl", "eval/final/heldout.jsonl"),
+                                        ("sft", "train/sft/chat.jsonl"), ("source", "..")])
+def test_inputs_a_run_would_clear_or_read_back_are_refused(micro_recipe: dict, tmp_path: Path, key: str, where: str) -> None:
+    from longforge.runner import check_run_folder
+
+    run = tmp_path / "run"
+    path = str((run / where).resolve())
+    if key == "model":
+        micro_recipe["model"]["path"] = path
+    elif key == "ppl":
+        micro_recipe["eval"]["ppl"]["source"] = path
+    elif key == "sft":
+        micro_recipe["stages"].append({"name": "sft", "kind": "sft", "steps": 1, "sft": {"data": path}})
+    else:
+        micro_recipe["data"]["sources"][0]["path"] = path
+    expect = "lies inside .* the folder this run's" if key != "source" else "the run folder .* lies inside `data.sources.0.path`"
+    with pytest.raises(LongforgeError, match=expect):
+        check_run_folder(parse_recipe(micro_recipe), run)

@@ -71,9 +71,10 @@ def stage_done(folder: Path, fp: str) -> bool:
     return isinstance(rec, dict) and rec.get("fingerprint") == fp
 
 
-def _stage_what(folder: Path) -> str:
-    return f"stage folder {folder.name}" if folder.parent.name not in ("train", "eval") else \
-        f"stage folder {folder.parent.name}/{folder.name}"
+def stage_label(folder: Path) -> str:
+    """A stage's short name from its folder: rope, data, train/extend, eval/final."""
+    folder = Path(folder)
+    return f"{folder.parent.name}/{folder.name}" if folder.parent.name in ("train", "eval") else folder.name
 
 
 def prepare_stage(folder: Path, fp: str, keep_partial: bool) -> None:
@@ -81,8 +82,8 @@ def prepare_stage(folder: Path, fp: str, keep_partial: bool) -> None:
 
     Only a folder longforge wrote is cleared; one holding other files is refused, never deleted.
     """
-    what = _stage_what(folder)
-    name = folder.name
+    name = stage_label(folder)
+    what = f"the {name} stage's folder"
     if folder.is_dir():
         started = read_json(folder / STARTED)
         same = isinstance(started, dict) and started.get("fingerprint") == fp
