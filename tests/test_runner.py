@@ -19,7 +19,7 @@ def _done(run: Path) -> dict[str, str]:
 def test_run_end_to_end_then_skip_then_rerun_changed_stage(micro_recipe: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     out = run_recipe(parse_recipe(micro_recipe), run)
-    for f in ("recipe.yaml", "data/index.json", "data/manifest.json", "rope/config.json", "rope/longforge_rope.json",
+    for f in ("resolved_recipe.yaml", "data/index.json", "data/manifest.json", "rope/config.json", "rope/longforge_rope.json",
               "train/extend/final/model.safetensors", "train/extend/log.jsonl", "eval/base/passkey.json",
               "eval/final/ppl.json", "report/report.md", "report/report.html", "report/passkey.png", "report/ppl.png"):
         assert (run / f).is_file(), f

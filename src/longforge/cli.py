@@ -125,10 +125,13 @@ def lab(
 @app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a preset name (see `longforge recipes`).")],
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>): a new or empty folder, or an earlier run's.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: KEY=VALUE, e.g. model.path=/models/x or stages.0.lr=1e-5.")] = None,
 ) -> None:
-    """Run every stage of a recipe into a run directory; finished stages are skipped, an interrupted one resumes."""
+    """Run every stage of a recipe into a run directory; finished stages are skipped, an interrupted one resumes.
+
+    The run directory is locked while the run lasts, and longforge clears only folders it wrote there.
+    """
     from longforge.config import load_preset, load_recipe
     from longforge.recipes import resolve_recipe_arg
     from longforge.runner import run_recipe

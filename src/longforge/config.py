@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from longforge.errors import LongforgeError
+from longforge.files import safe_name
 
 RopeMethod = Literal["none", "pi", "ntk", "theta", "dynamic", "yarn", "llama3"]
 PositionTransform = Literal["contiguous", "pose", "pit"]
@@ -234,6 +235,11 @@ class StageSpec(Strict):
         default="auto", description="Fuse SwiGLU, RoPE and RMSNorm into single kernels with torch.compile; auto = on CUDA with Triton.")
     tensorboard: bool = Field(default=False, description="Also write the step log as TensorBoard scalars (tb/).")
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str) -> str:
+        return safe_name(v, "stage name")  # the stage's folder is train/<name> inside the run folder
+
     @model_validator(mode="after")
     def _kind_settings(self) -> "StageSpec":
         if self.dataset == "replay" and self.kind != "pretrain":
@@ -408,6 +414,11 @@ class Recipe(Strict):
     positions: PositionSpec = Field(default_factory=PositionSpec)
     stages: list[StageSpec] = Field(min_length=1)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str) -> str:
+        return safe_name(v, "recipe name")  # the default run folder is runs/<name>
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> "Recipe":

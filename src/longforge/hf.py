@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from longforge.errors import LongforgeError
-from longforge.files import read_json
+from longforge.files import OWNER_MARK, claim_dir, clear_dir, fsync_dir, read_json, remove_dir, writing
 from longforge.integrity import verify_checkpoint
 
 TOKENIZER_FILES = (
@@ -140,13 +140,22 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / name)
 
 
-def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link a file (no extra disk) or copy it when linking is impossible; returns which."""
-    if dst.exists():
+# Linux's FICLONE ioctl (_IOW(0x94, 9, int)): a copy-on-write clone of a whole file on btrfs, XFS and similar.
+FICLONE = 0x40049409
+
+
+def clone_or_copy(src: Path, dst: Path) -> str:
+    """Reflink a file (no extra disk, yet independent of the source) or copy it; returns which.
+
+    Never a hard link: editing the source in place must not change a checkpoint longforge wrote.
+    """
+    if dst.exists() or dst.is_symlink():
         dst.unlink()
     try:
-        os.link(src, dst)
-        return "linked"
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
+        shutil.copystat(src, dst)
+        return "reflinked"
     except OSError:
         shutil.copy2(src, dst)
         return "copied"
@@ -159,16 +168,49 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def save_model(model: Any, out: Path, tokenizer_from: Path | None = None) -> Path:
-    """Save a model as a plain HF safetensors checkpoint (plus the tokenizer files when given)."""
+def longforge_checkpoint(folder: Path) -> bool:
+    """Whether a folder is a checkpoint an earlier longforge wrote and may replace.
+
+    Marked folders, folders with longforge's own notes (longforge_rope.json, longforge_merge.json), and the `final/`
+    of a training stage written before folders were marked (its stage folder holds STARTED.json or log.jsonl).
+    """
+    folder = Path(folder)
+    if (folder / OWNER_MARK).is_file() or any(folder.glob("longforge_*.json")):
+        return True
+    parent = folder.parent
+    return (folder / "config.json").is_file() and any((parent / n).is_file() for n in ("STARTED.json", "DONE.json", "log.jsonl"))
+
+
+def begin_checkpoint(out: Path, what: str) -> Path:
+    """Check that `out` may be (re)written and return an empty temp folder beside it, marked as longforge's.
+
+    A folder at `out` holding files longforge did not write is refused with one sentence, before any work.
+    """
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer_from is not None:
-        copy_tokenizer(tokenizer_from, tmp)
     if out.exists():
-        shutil.rmtree(out)
+        claim_dir(out, what, ours=longforge_checkpoint)
+    return clear_dir(out.with_name(f".{out.name}.longforge-tmp"), f"temporary {what}")
+
+
+def finish_checkpoint(tmp: Path, out: Path, what: str) -> Path:
+    """Put a finished temp folder in place of `out`, replacing only a folder longforge wrote (or an empty one)."""
+    out = Path(out)
+    if out.exists():
+        remove_dir(claim_dir(out, what, ours=longforge_checkpoint), what)
     tmp.rename(out)
+    fsync_dir(out.parent)
     return out
+
+
+def save_model(model: Any, out: Path, tokenizer_from: Path | None = None) -> Path:
+    """Save a model as a plain HF safetensors checkpoint (plus the tokenizer files when given).
+
+    The folder is written beside `out`, marked as longforge's, then renamed into place; an existing `out` is replaced
+    only when longforge wrote it.
+    """
+    tmp = begin_checkpoint(out, "model output folder")
+    with writing(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_from is not None:
+            copy_tokenizer(tokenizer_from, tmp)
+    return finish_checkpoint(tmp, out, "model output folder")

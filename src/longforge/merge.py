@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from longforge.errors import LongforgeError
-from longforge.files import atomic_write_text, writing
-from longforge.hf import check_checkpoint, copy_tokenizer, read_config
+from longforge.files import atomic_write_json, is_inside, writing
+from longforge.hf import begin_checkpoint, check_checkpoint, copy_tokenizer, finish_checkpoint, read_config
 from longforge.progress import progress_bar
 
 ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -143,10 +143,10 @@ def merge(models: list[Path], weights: list[float], out: Path, method: str = "li
         lens = [read_config(m).get("max_position_embeddings", 0) for m in models]
         config_from = lens.index(max(lens))
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    for m in models:
+        if is_inside(m, out) or is_inside(out, m):
+            raise LongforgeError(f"merge output {out} overlaps the input checkpoint {m}; choose a new output folder.")
+    tmp = begin_checkpoint(out, "merge output folder")
     by_file: dict[Path, list[str]] = {}
     for k, f in maps[0].items():
         by_file.setdefault(f, []).append(k)
@@ -175,10 +175,8 @@ def merge(models: list[Path], weights: list[float], out: Path, method: str = "li
             shutil.copy2(idx, tmp / idx.name)
         copy_tokenizer(src, tmp)
     info = {"method": method, "models": [str(m) for m in models], "weights": weights, "config_from": str(src)}
-    atomic_write_text(tmp / "longforge_merge.json", json.dumps(info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    atomic_write_json(tmp / "longforge_merge.json", info)
+    finish_checkpoint(tmp, out, "merge output folder")
     return info
 
 

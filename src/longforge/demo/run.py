@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +17,11 @@ from longforge.demo.corpus import build_corpus
 from longforge.demo.retrieval import RetrievalDocs
 from longforge.demo.tokenizer import train_tokenizer
 from longforge.eval.passkey import FILLER, NEEDLE, QUESTION
+from longforge.files import claim_dir
 from longforge.hf import load_tokenizer, resolve_device
 from longforge.progress import say
 from longforge.report.build import build_report, collect, passkey_bands
-from longforge.runner import run_recipe, run_stage
+from longforge.runner import discard, old_cache_folder, old_run_folder, run_recipe, run_stage
 
 
 @dataclass(frozen=True)
@@ -195,14 +195,14 @@ def run_demo(out: Path, device: str = "auto", fresh: bool = False, seed: int = 0
     profile = PROFILES["cuda" if dev.type == "cuda" else "cpu"]
     cache = cache_root() / f"demo-{profile.name}-{fingerprint(asdict(profile))}"
     out = Path(out)
-    if fresh:
-        for p in (cache, out):
-            if p.exists():
-                shutil.rmtree(p)
+    if fresh:  # only folders longforge created (or recognises as an earlier demo's) are deleted
+        discard(cache, "demo cache", ours=old_cache_folder)
+        discard(out, "demo run folder", ours=old_run_folder)
+    claim_dir(cache, "demo cache", ours=old_cache_folder)
     say(f"[bold]longforge demo[/] ({profile.name} profile): base window {profile.base.window} -> {profile.target_length} tokens; cache {cache}")
     assets = build_assets(profile, cache, dev, seed)
     recipe_dict = demo_recipe(profile, assets, dev.type, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, "demo run folder", ours=old_run_folder)
     import yaml
 
     (out / "demo.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))

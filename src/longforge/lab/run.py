@@ -4,7 +4,7 @@ evaluate every arm the same way, and write a table, plots and the papers' claims
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,9 +14,10 @@ import numpy as np
 
 from longforge.config import EvalSpec, PositionSpec, fingerprint, parse_recipe
 from longforge.errors import LongforgeError
+from longforge.files import claim_dir
 from longforge.lab.arms import KEY_ARMS, PROFILES, Arm, LabProfile, arms, schedule, train_length
 from longforge.progress import say
-from longforge.runner import run_recipe, run_stage
+from longforge.runner import discard, old_cache_folder, run_recipe, run_stage
 
 
 def lab_cache(profile: LabProfile) -> Path:
@@ -297,6 +298,13 @@ def select_arms(profile: LabProfile, names: list[str] | None) -> list[Arm]:
     return [a for a in every if a.name in want]
 
 
+def old_lab_folder(folder: Path) -> bool:
+    """A lab folder written by a longforge that did not mark its folders: results, report and seed folders only."""
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    seeds = [n for n in names if re.fullmatch(r"seed\d+", n)]
+    return set(names) - set(seeds) <= {"results.json", "report"} and bool(seeds or "results.json" in names)
+
+
 def run_lab(out: Path, device: str = "auto", profile_name: str = "auto", seeds: list[int] | None = None,
             arm_names: list[str] | None = None, second_seed_arms: str = "key", fresh: bool = False) -> dict[str, Any]:
     """Run the lab into `out`: every arm for the first seed, the key arms (or all) for the others; then the report."""
@@ -309,11 +317,11 @@ def run_lab(out: Path, device: str = "auto", profile_name: str = "auto", seeds: 
     seeds = seeds or [0, 1]
     out = Path(out)
     cache = lab_cache(profile)
-    if fresh:
-        for p in (cache, out):
-            if p.exists():
-                shutil.rmtree(p)
-    out.mkdir(parents=True, exist_ok=True)
+    if fresh:  # only folders longforge created (or recognises as an earlier lab's) are deleted
+        discard(cache, "lab cache", ours=old_cache_folder)
+        discard(out, "lab folder", ours=old_lab_folder)
+    claim_dir(cache, "lab cache", ours=old_cache_folder)
+    claim_dir(out, "lab folder", ours=old_lab_folder)
     say(f"[bold]longforge lab[/] ({profile.name} profile): base window {profile.window} -> {profile.target} tokens, "
         f"{profile.ext_steps} steps x {profile.tokens_per_step} tokens per arm; seeds {seeds}; cache {cache}")
     assets = build_lab_assets(profile, cache, dev)

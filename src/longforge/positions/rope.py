@@ -13,7 +13,7 @@ import numpy as np
 
 from longforge.config import PositionSpec
 from longforge.errors import LongforgeError
-from longforge.hf import check_checkpoint, copy_tokenizer, link_or_copy, load_config, weight_files
+from longforge.hf import check_checkpoint, clone_or_copy, copy_tokenizer, load_config, weight_files
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ def freq_table(plan: RopePlan) -> list[dict[str, float]]:
 
 def apply_rope(model_dir: Path, out_dir: Path, spec: PositionSpec, target_length: int, original_length: int | None = None,
                trust_remote_code: bool = False) -> RopePlan:
-    """Write a checkpoint whose config uses the planned rope; weights are hard-linked (or copied)."""
+    """Write a checkpoint whose config uses the planned rope; weights are reflinked where the disk allows, else copied."""
     model_dir = check_checkpoint(model_dir)
     config = load_config(model_dir, trust_remote_code)
     plan = plan_rope(config, spec, target_length, original_length)
@@ -321,10 +321,12 @@ def apply_rope(model_dir: Path, out_dir: Path, spec: PositionSpec, target_length
     config.rope_parameters = plan.rope_parameters
     config.max_position_embeddings = plan.max_position_embeddings
     config.save_pretrained(out_dir)
-    how = {link_or_copy(f, out_dir / f.name) for f in weight_files(model_dir)}
+    # Never hard links: editing the base in place would silently change this checkpoint too.
+    how = {clone_or_copy(f, out_dir / f.name) for f in weight_files(model_dir)}
     if not how:
         raise LongforgeError(f"{model_dir} has no weight files (*.safetensors or pytorch_model*.bin); pass a complete checkpoint.")
     copy_tokenizer(model_dir, out_dir)
-    plan.notes.append(f"weights {' and '.join(sorted(how))} from {model_dir}")
+    plan.notes.append(f"weights {' and '.join(sorted(how))} from {model_dir}"
+                      + (" (copy-on-write: no extra disk until one side changes)" if how == {"reflinked"} else ""))
     (out_dir / "longforge_rope.json").write_text(json.dumps(plan.summary(), indent=2))
     return plan

@@ -70,7 +70,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
     stages = dict(sorted(found, key=lambda item: _stage_order(item[0], item[1])))
     logs = {p.parent.name: p for p in sorted((run_dir / "train").glob("*/log.jsonl"))} if (run_dir / "train").is_dir() else {}
     manifest = _read(run_dir / "data" / "manifest.json") if (run_dir / "data" / "manifest.json").is_file() else None
-    recipe = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
+    # The resolved recipe; runs written before it had its own name kept it as recipe.yaml.
+    recipe_file = next((f for f in (run_dir / "resolved_recipe.yaml", run_dir / "recipe.yaml") if f.is_file()), None)
+    recipe = recipe_file.read_text() if recipe_file is not None else None
     checks = read_json(run_dir / CHECKS)
     timeline = read_json(run_dir / TIMELINE)
     return {"evals": evals, "stages": stages, "logs": logs, "manifest": manifest, "recipe": recipe,
