@@ -154,6 +154,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     """Run every stage of a recipe into run_dir; returns the path of the report and the final checkpoint."""
     from longforge.data.build import build_data
     from longforge.data.store import PackedDataset
+    from longforge.data.verify import check_data_for_model
     from longforge.eval.run import evaluate
     from longforge.hf import load_model, load_tokenizer
     from longforge.merge import merge
@@ -212,6 +213,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
             if st.kind == "sft":
                 source = sft_source(st, model_in, st_dir, recipe.seed, layout)
             else:
+                check_data_for_model(st_data, model_in)
                 # Replay is short text of the original distribution: plain positions, whatever the extension used.
                 transform = "contiguous" if st.dataset == "replay" else recipe.positions.transform
                 # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.

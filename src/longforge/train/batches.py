@@ -110,7 +110,21 @@ class PackedBatches:
             ids.append(tokens)
             docs.append(d)
             pos.append(p)
+        self._check_ids(rows, ids)
         return Batch(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(docs)), torch.from_numpy(np.stack(pos)))
+
+    def _check_ids(self, rows: np.ndarray, ids: list[np.ndarray]) -> None:
+        """One sentence, not an IndexError in the embedding, for a token id the data's vocabulary does not have."""
+        vocab = self.dataset.vocab_size
+        if vocab is None:
+            return
+        for r, tokens in zip(rows, ids):
+            top = int(tokens.max()) if len(tokens) else -1
+            if top >= vocab or (len(tokens) and int(tokens.min()) < 0):
+                bad = top if top >= vocab else int(tokens.min())
+                raise LongforgeError(
+                    f"sequence {int(r)} of {self.dataset.root} holds token id {bad}, outside its vocabulary of {vocab}: "
+                    f"the folder is damaged; run `longforge data verify {self.dataset.root}` and rebuild it.")
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """What a checkpoint saved before `step` needs to resume reading exactly there (JSON-serialisable)."""
