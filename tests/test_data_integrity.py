@@ -392,8 +392,13 @@ def test_an_interrupted_build_resumes_to_an_identical_folder(tokenizer_dir: Path
     monkeypatch.setattr(build._Build, "_save_state", real)
     assert (out / "build-state.json").is_file() and not (out / "index.json").exists()
     first = (out / "tokens-00000.bin").stat()
-    resumed = []
-    monkeypatch.setattr(build, "_resumed", lambda *a: resumed.append(build_resumed(*a)) or resumed[-1])
+    real_resumed, resumed = build._resumed, []
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        resumed.append(real_resumed(*args))
+        return resumed[-1]
+
+    monkeypatch.setattr(build, "_resumed", spy)
     build_data(spec, tokenizer_dir, 64, out, seed=4)
     assert resumed[0] is not None  # it continued, and did not write the first shard again
     assert (out / "tokens-00000.bin").stat().st_mtime_ns == first.st_mtime_ns
@@ -401,7 +406,38 @@ def test_an_interrupted_build_resumes_to_an_identical_folder(tokenizer_dir: Path
     assert verify_folder(out).ok and verify_folder(out / "replay").ok
 
 
-build_resumed = build._resumed
+
+def test_a_build_killed_after_a_shard_resumes_to_an_identical_folder(tokenizer_dir: Path, tmp_path: Path,
+                                                                    small_batches: None) -> None:
+    """A real crash: the process ends at once (no cleanup, buffers unwritten), like kill -9."""
+    import subprocess
+    import sys
+
+    spec = _spec(_resume_corpus(tmp_path / "corpus"))
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    script = (
+        "import os, sys; from pathlib import Path\n"
+        "from longforge.config import DataSpec\n"
+        "from longforge.data import build, pipeline\n"
+        "pipeline.FIRST_BATCH_BYTES, pipeline.BATCH_BYTES = 512, 2048\n"
+        "real, calls = build._Build._save_state, []\n"
+        "def crash(self):\n"
+        "    real(self); calls.append(1)\n"
+        "    if len(calls) == 4: os._exit(9)\n"
+        "build._Build._save_state = crash\n"
+        "spec = DataSpec.model_validate_json(Path(sys.argv[1]).read_text())\n"
+        "build.build_data(spec, Path(sys.argv[2]), 64, Path(sys.argv[3]), seed=4)\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(build.__file__).parents[2])}
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spec.json"), str(tokenizer_dir), str(tmp_path / "cut")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 9, res.stderr
+    assert (tmp_path / "cut" / "build-state.json").is_file()
+    first = (tmp_path / "cut" / "tokens-00000.bin").stat().st_mtime_ns
+    build_data(spec, tokenizer_dir, 64, tmp_path / "cut", seed=4)
+    assert (tmp_path / "cut" / "tokens-00000.bin").stat().st_mtime_ns == first  # continued, not started again
+    build_data(spec, tokenizer_dir, 64, tmp_path / "whole", seed=4)
+    _same_folder(tmp_path / "whole", tmp_path / "cut")
 
 
 def test_an_interrupted_build_with_other_settings_starts_afresh(tokenizer_dir: Path, tmp_path: Path, small_batches: None,

@@ -8,6 +8,7 @@ import json
 import resource
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,18 @@ from longforge.data.pack import Packer, separator_tokens
 from longforge.data.pipeline import SourcePipeline, TokenBatch, batch_target, encode_pool
 from longforge.data.sampling import BUCKET_NAMES, DROP_REASONS, bucket_index, mix_budgets, plan_copies, source_budgets
 from longforge.data.sources import Rejects, check_source, iter_items
-from longforge.data.store import FORMAT_VERSION, INDEX, ShardWriter, token_dtype
+from longforge.data.store import BUILD_STATE, FORMAT_VERSION, INDEX, ShardWriter, token_dtype
 from longforge.data.verify import vocabulary_id
 from longforge.errors import LongforgeError
 from longforge.files import LOCK_FILE, FolderLock, atomic_write_json, atomic_write_text, claim_dir, content_stamp, read_json
 from longforge.hf import load_tokenizer
 from longforge.progress import progress_bar, say
 
-# Where an interrupted build records how to continue, after each complete shard; removed when the build ends.
-STATE = "build-state.json"
+# The layout of the build-state record; a record of another version is not continued.
 STATE_VERSION = 1
 STORE_PATTERNS = ("tokens-*.bin", "tokens-*.npy", "starts-*.npy", "offsets-*.npy", "costs-*.npy", INDEX, INDEX + ".tmp",
-                  "manifest.json", "rejects.jsonl", "length_histogram.png", STATE,
-                  f".{INDEX}.tmp-*", ".manifest.json.tmp-*", f".{STATE}.tmp-*")
+                  "manifest.json", "rejects.jsonl", "length_histogram.png", BUILD_STATE,
+                  f".{INDEX}.tmp-*", ".manifest.json.tmp-*", f".{BUILD_STATE}.tmp-*")
 # A recipe run's stage markers, which it writes into its data folder.
 RUN_MARKS = ("STARTED.json", "DONE.json")
 # A budget above this multiple of the estimated maximum is refused before any work (estimates err by far less).
@@ -358,7 +358,7 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
         build.run()
         manifest = build.finish(t0, c0)
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
-        (out / STATE).unlink(missing_ok=True)
+        (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
 
 
@@ -371,9 +371,9 @@ def _fingerprint(spec: DataSpec, tokenizer_dir: Path, vocab_id: str, seq_len: in
                         pipeline.BATCH_BYTES, pipeline.FIRST_BATCH_BYTES, sources.MAX_DOCUMENT_BYTES])
 
 
-def _resumed(out: Path, fp: str, new_build: Any) -> _Build | None:
+def _resumed(out: Path, fp: str, new_build: Callable[[], _Build]) -> _Build | None:
     """The interrupted build recorded in `out`, restored to its last complete shard; None to start afresh."""
-    state = read_json(out / STATE)
+    state = read_json(out / BUILD_STATE)
     if state is None:
         return None
     if not isinstance(state, dict) or state.get("fingerprint") != fp or state.get("version") != STATE_VERSION:
@@ -450,7 +450,7 @@ class _Build:
 
     def _save_state(self) -> None:
         """Record (atomically) how to continue from here: called at the first batch boundary after a shard completes."""
-        atomic_write_json(self.out / STATE, self.state())
+        atomic_write_json(self.out / BUILD_STATE, self.state())
         self._saved_shards = self._shards()
 
     def restore(self, state: dict[str, Any]) -> str | None:

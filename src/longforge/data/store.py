@@ -26,6 +26,8 @@ from longforge.errors import LongforgeError
 from longforge.files import atomic_write_text, writing
 
 INDEX = "index.json"
+# Where an interrupted `data build` records how to continue, after each complete shard; removed when the build ends.
+BUILD_STATE = "build-state.json"
 FORMAT_VERSION = 3
 FILE_ROLES = ("tokens", "starts", "offsets", "costs")
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
@@ -231,6 +233,9 @@ def read_index(root: Path) -> dict[str, Any]:
     root = Path(root)
     path = root / INDEX
     if not path.is_file():
+        if (root / BUILD_STATE).is_file():
+            raise LongforgeError(f"{root} holds a data build that was interrupted (no {INDEX} yet); run the same "
+                                 "`longforge data build` again to finish it.")
         raise LongforgeError(f"{root} is not a longforge data folder (no {INDEX}); run `longforge data build` first.")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))

@@ -68,7 +68,8 @@ def check_data_for_model(data: Path | PackedDataset, model_dir: Path) -> PackedD
     if vocab is not None:
         if ds.vocab_size is not None and ds.vocab_size > vocab:
             raise LongforgeError(f"data {ds.root} was tokenized with a vocabulary of {ds.vocab_size:,} tokens, but model "
-                                 f"{model_dir} has {vocab:,} token embeddings (config vocab_size); {fix}.")
+                                 f"{model_dir} has {vocab:,} token embeddings (config vocab_size); {fix}, or resize "
+                                 "the model's embeddings to its tokenizer.")
         tops = [s["max_token"] for s in index["shards"] if isinstance(s.get("max_token"), int)]
         if tops and max(tops) >= vocab:
             raise LongforgeError(f"data {ds.root} holds token id {max(tops):,}, beyond the {vocab:,} token embeddings of "
