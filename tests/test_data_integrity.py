@@ -502,3 +502,17 @@ def test_the_summary_says_where_a_budget_stopped_reading(corpus_dir: Path, token
     unbudgeted = build_data(spec.model_copy(update={"token_budget": None}), tokenizer_dir, 64, tmp_path / "e")
     assert unbudgeted["sources"]["s"]["budget_full_at"] is None and unbudgeted["rejects"] == {"s": {"malformed JSON": 1}}
     assert unbudgeted["sources"]["s"]["records_read"] == 401
+
+
+def test_data_verify_reads_format_1_folders(tmp_path: Path) -> None:
+    toks = np.arange(24, dtype=np.uint16).reshape(3, 8)
+    np.save(tmp_path / "tokens-00000.npy", toks)
+    np.save(tmp_path / "starts-00000.npy", np.array([0, 0, 4, 0], dtype=np.int32))
+    np.save(tmp_path / "offsets-00000.npy", np.array([0, 1, 3, 4]))
+    (tmp_path / "index.json").write_text(json.dumps({"format": 1, "seq_len": 8, "dtype": "uint16", "num_sequences": 3,
+                                                     "shards": [{"tokens": "tokens-00000.npy", "starts": "starts-00000.npy",
+                                                                 "offsets": "offsets-00000.npy", "num_sequences": 3}]}))
+    rep = verify_folder(tmp_path)
+    assert rep.ok and not rep.checksums and rep.notes
+    np.save(tmp_path / "tokens-00000.npy", toks[:2])
+    assert verify_folder(tmp_path).shards[0].problems == ["tokens-00000.npy holds an array of shape (2, 8), not (3, 8)"]

@@ -261,6 +261,8 @@ def data_verify(
         console.print(t)
         for problem in rep.problems:
             console.print(f"[red]{root}:[/] {problem}")
+        for note in rep.notes:
+            console.print(f"[yellow]{root}: {note}[/]")
         if not rep.checksums:
             console.print(f"[yellow]{root} has no checksums (written by an older longforge, format {rep.format}): sizes, counts, "
                 "token ids and document starts were checked, but changed bytes cannot be found; rebuild it to add them.[/]")

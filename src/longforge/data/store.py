@@ -10,6 +10,7 @@ that wrote it. Format 2 (the same without checksums) and format 1 (`tokens-k.npy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -44,6 +45,13 @@ def token_dtype(vocab_size: int) -> type:
 def new_hash() -> Any:
     """The hash used for shard checksums."""
     return hashlib.blake2b(digest_size=32)
+
+
+def new_hash_of(data: bytes) -> str:
+    """The checksum of some bytes."""
+    h = new_hash()
+    h.update(data)
+    return h.hexdigest()
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -161,10 +169,8 @@ class ShardWriter:
     def abandon(self) -> None:
         """Close the open token file without finishing the shard (the build stopped; a resume truncates it)."""
         if self._fh is not None:
-            try:
+            with contextlib.suppress(OSError):  # a full disk may refuse the last buffered bytes: they are cut anyway
                 self._fh.close()
-            except OSError:
-                pass
             self._fh = None
 
     def state(self) -> dict[str, Any]:
@@ -177,7 +183,10 @@ class ShardWriter:
 
     def restore(self, state: dict[str, Any]) -> str | None:
         """Continue from `state()`: drop what was written after it; returns why that is impossible, or None."""
-        shards = state["shards"]
+        shards, n = state["shards"], int(state["in_shard"])
+        if not (len(state["starts"]) == len(state["costs"]) == n
+                and int(state["tokens_bytes"]) == n * self.seq_len * np.dtype(self.dtype).itemsize):
+            return "its record of the shard being written does not add up"
         for s in shards:
             for role in FILE_ROLES:
                 p = self.out / s[role]
@@ -215,13 +224,6 @@ class ShardWriter:
             m = re.match(r"^(tokens|starts|offsets|costs)-(\d+)\.(bin|npy)$", f.name)
             if m and int(m.group(2)) >= k:
                 f.unlink()
-
-
-def new_hash_of(data: bytes) -> str:
-    """The checksum of some bytes."""
-    h = new_hash()
-    h.update(data)
-    return h.hexdigest()
 
 
 def _damaged_index(path: Path, why: str) -> LongforgeError:

@@ -110,6 +110,7 @@ class FolderReport:
     checksums: bool  # whether the index records hashes (format 3); older folders cannot show bit flips
     problems: list[str] = field(default_factory=list)
     shards: list[ShardReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be checked
 
     @property
     def ok(self) -> bool:
@@ -125,7 +126,7 @@ def verify_folder(root: Path) -> FolderReport:
     shards = index["shards"]
     report = FolderReport(root, fmt, bool(shards) and all("blake2b" in s for s in shards), folder_problems(root, index))
     if index.get("vocab_size") is None:
-        report.problems.append(f"{INDEX} records no vocab_size, so token ids cannot be checked against it")
+        report.notes.append(f"its {INDEX} records no vocab_size (format {fmt}), so token ids were not checked against one")
     for s in shards:
         report.shards.append(ShardReport(s["tokens"], s["num_sequences"], _shard_problems(root, index, s)))
     return report
@@ -163,6 +164,8 @@ def _token_problems(root: Path, index: dict[str, Any], shard: dict[str, Any]) ->
     top = -1
     if path.suffix == ".npy":
         arr = np.load(path, mmap_mode="r")
+        if arr.shape != (shard["num_sequences"], index["seq_len"]):
+            return [f"{path.name} holds an array of shape {arr.shape}, not ({shard['num_sequences']}, {index['seq_len']})"]
         top = int(arr.max()) if arr.size else -1
         digest = None
     else:
