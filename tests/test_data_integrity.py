@@ -94,13 +94,20 @@ def test_a_shard_of_another_size_than_recorded_is_refused_on_load(tmp_path: Path
         PackedDataset(root)
 
 
-@pytest.mark.parametrize("content", ["{\"seq_len\": 16, \"shar", "[1, 2]", "\xff\xfe", "{}",
-                                     "{\"format\": 3, \"seq_len\": 16, \"dtype\": \"uint16\", \"num_sequences\": 1, "
-                                     "\"shards\": [{\"tokens\": \"../../etc/passwd\", \"starts\": \"s\", \"offsets\": \"o\", "
-                                     "\"costs\": \"c\", \"num_sequences\": 1}]}"])
-def test_a_damaged_index_is_one_sentence(tmp_path: Path, content: str) -> None:
+DAMAGED_INDEXES = {
+    "cut short": b'{"seq_len": 16, "shar',
+    "not an object": b"[1, 2]",
+    "not text": b"\xff\xfe",
+    "empty object": b"{}",
+    "a shard outside the folder": json.dumps({"format": 3, "seq_len": 16, "dtype": "uint16", "num_sequences": 1, "shards": [
+        {"tokens": "../../etc/passwd", "starts": "s", "offsets": "o", "costs": "c", "num_sequences": 1}]}).encode(),
+}
+
+
+@pytest.mark.parametrize("content", DAMAGED_INDEXES.values(), ids=DAMAGED_INDEXES.keys())
+def test_a_damaged_index_is_one_sentence(tmp_path: Path, content: bytes) -> None:
     root = _store(tmp_path / "d")
-    (root / "index.json").write_bytes(content.encode("utf-8", "surrogateescape") if content != "\xff\xfe" else b"\xff\xfe")
+    (root / "index.json").write_bytes(content)
     with pytest.raises(LongforgeError, match=r"index.json is damaged \(.*\); rebuild the folder with `longforge data build`"):
         PackedDataset(root)
     res = CliRunner().invoke(app, ["data", "verify", str(root)])
