@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Build packed training data from corpus files, or inspect a built data folder.", no_args_is_help=True)
+data_app = typer.Typer(help="Build packed training data from corpus files, or inspect or verify a built data folder.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 analyze_app = typer.Typer(help="Analyses that inform data selection.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
@@ -248,6 +248,40 @@ def data_inspect(
     say(f"length histogram: {png}")
 
 
+@data_app.command("verify")
+def data_verify(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `longforge data build` (its replay/ set is checked too).")],
+) -> None:
+    """Check a data folder in full: every shard's checksum, token ids, document starts and counts; exit 2 on damage."""
+    from longforge.data.store import INDEX
+    from longforge.data.verify import verify_folder
+
+    roots = [folder] + ([folder / "replay"] if (folder / "replay" / INDEX).is_file() else [])
+    damaged = []
+    for root in roots:
+        rep = verify_folder(root)
+        t = Table(title=f"{root}: format {rep.format}, {len(rep.shards)} shards")
+        for col in ("shard", "sequences", "result"):
+            t.add_column(col, justify="right" if col == "sequences" else "left", overflow="fold")
+        for s in rep.shards:
+            t.add_row(s.name, f"{s.sequences:,}", "ok" if s.ok else "[red]damaged:[/] " + "; ".join(s.problems))
+        console.print(t)
+        for problem in rep.problems:
+            console.print(f"[red]{root}:[/] {problem}")
+        for note in rep.notes:
+            console.print(f"[yellow]{root}: {note}[/]")
+        if not rep.checksums:
+            console.print(f"[yellow]{root} has no checksums (written by an older longforge, format {rep.format}): sizes, counts, "
+                "token ids and document starts were checked, but changed bytes cannot be found; rebuild it to add them.[/]")
+        if not rep.ok:
+            damaged.append(f"{root} ({sum(not s.ok for s in rep.shards)} of {len(rep.shards)} shards damaged"
+                           + (f", {len(rep.problems)} folder problem(s)" if rep.problems else "") + ")")
+        else:
+            console.print(f"[green]{root}: every shard is whole[/]")
+    if damaged:
+        raise LongforgeError(f"damaged data: {'; '.join(damaged)}; rebuild it with `longforge data build`.")
+
+
 def _print_manifest(m: dict, by_length: bool = False) -> None:
     from longforge.data.report import length_table, source_table, summary_lines
 
@@ -354,6 +388,7 @@ def train(
     """Continual pretraining on packed long sequences; one or many GPUs via torchrun; re-running resumes."""
     from longforge.config import StageSpec
     from longforge.data.store import PackedDataset
+    from longforge.data.verify import check_data_for_model
     from longforge.hf import load_model
     from longforge.model.parallel import init_layout
     from longforge.train.batches import PackedBatches
@@ -369,6 +404,7 @@ def train(
     if transform not in ("contiguous", "pose", "pit"):
         raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose, pit.")
     ds = PackedDataset(data)
+    check_data_for_model(ds, model_dir)
     if transform in ("pose", "pit") and not target_length:
         raise LongforgeError(f"--transform {transform} needs --target-length (the length the skipped positions should reach).")
     layout = init_layout(sp, device)

@@ -12,7 +12,7 @@ import torch
 
 from longforge.errors import LongforgeError
 from longforge.files import OWNER_MARK, claim_dir, clear_dir, fsync_dir, read_json, remove_dir, writing
-from longforge.integrity import verify_checkpoint
+from longforge.integrity import check_side_files, verify_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -119,6 +119,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise LongforgeError(f"tokenizer folder {path} does not exist; pass the model folder or a tokenizer folder.")
+    check_side_files(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -33,10 +33,15 @@ def verify_checkpoint(path: Path | str, what: str = "model", weights: bool = Tru
     check_config(path / "config.json")
     if weights:
         check_weights(path)
-        for name in JSON_SIDE_FILES:
-            if (path / name).is_file():
-                _check_json_file(path / name, "is damaged")
+        check_side_files(path)
     return path
+
+
+def check_side_files(path: Path) -> None:
+    """Refuse a damaged tokenizer or generation JSON file in a checkpoint or tokenizer folder."""
+    for name in JSON_SIDE_FILES:
+        if (path / name).is_file():
+            _check_json_file(path / name, "is damaged")
 
 
 def check_config(path: Path) -> dict[str, Any]:

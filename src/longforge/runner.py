@@ -307,6 +307,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
     """Every stage of the recipe, skipping those done with the same inputs (settings, paths and contents)."""
     from longforge.data.build import build_data
     from longforge.data.store import PackedDataset
+    from longforge.data.verify import check_data_for_model
     from longforge.eval.run import evaluate
     from longforge.hf import load_model, load_tokenizer
     from longforge.merge import merge
@@ -335,7 +336,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
         return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
 
     if builds_data(recipe):
-        run_stage("data", data_dir, data_fp, do_data)
+        run_stage("data", data_dir, data_fp, do_data, resumable=True)  # build_data resumes after its last whole shard
     else:
         say("[dim]data: every training stage names its own `data` folder; the data stage has nothing to build[/]")
 
@@ -367,6 +368,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
             if st.kind == "sft":
                 source = sft_source(st, model_in, st_dir, recipe.seed, layout, recipe.model.trust_remote_code)
             else:
+                check_data_for_model(st_data, model_in)
                 # Replay is short text of the original distribution: plain positions, whatever the extension used.
                 transform = "contiguous" if st.dataset == "replay" else recipe.positions.transform
                 # PIT cuts at sentence ends, judged by the tokenizer that wrote the data's token ids.

@@ -3,31 +3,40 @@ with a manifest of what was seen, kept, repeated and dropped, per source and len
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import resource
-import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from longforge.config import DataSpec, SourceSpec
+from longforge.config import DataSpec, SourceSpec, fingerprint
+from longforge.data import pipeline, sources
 from longforge.data.estimate import SourceEstimate, estimate_source
 from longforge.data.filters import SentenceSelection, vocab_tables
 from longforge.data.pack import Packer, separator_tokens
-from longforge.data.pipeline import SourcePipeline, TokenBatch, encode_pool
+from longforge.data.pipeline import SourcePipeline, TokenBatch, batch_target, encode_pool
 from longforge.data.sampling import BUCKET_NAMES, DROP_REASONS, bucket_index, mix_budgets, plan_copies, source_budgets
 from longforge.data.sources import Rejects, check_source, iter_items
-from longforge.data.store import INDEX, ShardWriter, token_dtype
+from longforge.data.store import BUILD_STATE, FORMAT_VERSION, INDEX, ShardWriter, token_dtype
+from longforge.data.verify import vocabulary_id
 from longforge.errors import LongforgeError
+from longforge.files import LOCK_FILE, FolderLock, atomic_write_json, atomic_write_text, claim_dir, content_stamp, read_json
 from longforge.hf import load_tokenizer
 from longforge.progress import progress_bar, say
 
+# The layout of the build-state record; a record of another version is not continued.
+STATE_VERSION = 1
 STORE_PATTERNS = ("tokens-*.bin", "tokens-*.npy", "starts-*.npy", "offsets-*.npy", "costs-*.npy", INDEX, INDEX + ".tmp",
-                  "manifest.json", "rejects.jsonl", "length_histogram.png")
+                  "manifest.json", "rejects.jsonl", "length_histogram.png", BUILD_STATE,
+                  f".{INDEX}.tmp-*", ".manifest.json.tmp-*", f".{BUILD_STATE}.tmp-*")
+# A recipe run's stage markers, which it writes into its data folder.
+RUN_MARKS = ("STARTED.json", "DONE.json")
 # A budget above this multiple of the estimated maximum is refused before any work (estimates err by far less).
 IMPOSSIBLE_MARGIN = 2.0
 
@@ -70,6 +79,19 @@ class SourceStats:
         self.after["documents"][b] += 1
         self.after["tokens"][b] += n
 
+    def state(self) -> dict[str, Any]:
+        """Every counter, to continue after a restart."""
+        return {"counts": dict(self.counts), "dropped_by_reason": dict(self.dropped_by_reason),
+                "before": {k: v.tolist() for k, v in self.before.items()}, "after": {k: v.tolist() for k, v in self.after.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`."""
+        self.counts = Counter({k: int(v) for k, v in state["counts"].items()})
+        self.dropped_by_reason = Counter({k: int(v) for k, v in state["dropped_by_reason"].items()})
+        for table, saved in ((self.before, state["before"]), (self.after, state["after"])):
+            for k in table:
+                table[k] = np.asarray(saved[k], dtype=np.int64)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: totals, reasons and the non-empty length buckets before (original length) and after (written)."""
         c = self.counts
@@ -100,6 +122,34 @@ class _Source:
     stats: SourceStats = field(default_factory=SourceStats)
     bytes_read: int = 0  # text bytes of the batches consumed
     rate_guess: float = 0.5  # tokens written per text byte, until measured
+    items: int = 0  # documents and rejects of the batches consumed: where a resumed build goes on reading
+    batches: int = 0  # batches consumed (their size grows with each)
+    records: int = 0  # records read (joined into documents, or rejected)
+    last_location: str = ""  # where the last batch consumed ended
+    budget_full_at: str | None = None  # where reading stopped because the budget was full
+
+    def consumed(self, tb: TokenBatch) -> None:
+        """Count a batch read, to resume after it and to say how far the source was read."""
+        self.items += tb.items
+        self.batches += 1
+        self.records += tb.records
+        self.bytes_read += tb.nbytes
+        if tb.docs or tb.rejects:
+            self.last_location = tb.docs[-1].location if tb.docs else tb.rejects[-1].location
+
+    def state(self) -> dict[str, Any]:
+        """How far the source was read and what was made of it, to continue after a restart."""
+        return {"name": self.spec.name, "emitted": self.emitted, "done": self.done, "bytes_read": self.bytes_read,
+                "items": self.items, "batches": self.batches, "records": self.records, "last_location": self.last_location,
+                "budget_full_at": self.budget_full_at, "stats": self.stats.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`."""
+        assert state["name"] == self.spec.name
+        self.emitted, self.done, self.bytes_read = int(state["emitted"]), bool(state["done"]), int(state["bytes_read"])
+        self.items, self.batches, self.records = int(state["items"]), int(state["batches"]), int(state["records"])
+        self.last_location, self.budget_full_at = str(state["last_location"]), state["budget_full_at"]
+        self.stats.restore(state["stats"])
 
     def wants_more(self, ahead_bytes: int) -> bool:
         """Whether to tokenize more ahead: not when the text in flight should already cover the rest of the budget."""
@@ -140,6 +190,22 @@ class _Replay:
     emitted: int = 0
     by_source: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
+    def state(self) -> dict[str, Any]:
+        """The replay set's writer, packer, random stream and counts, to continue after a restart."""
+        return {"writer": self.writer.state(), "packer": self.packer.state(), "rng": self.rng.bit_generator.state,
+                "emitted": self.emitted, "by_source": {k: dict(v) for k, v in self.by_source.items()}}
+
+    def restore(self, state: dict[str, Any]) -> str | None:
+        """Continue from `state()`; returns why that is impossible, or None."""
+        why = self.writer.restore(state["writer"])
+        if why is not None:
+            return why
+        self.packer.restore(state["packer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.emitted = int(state["emitted"])
+        self.by_source = defaultdict(Counter, {k: Counter(v) for k, v in state["by_source"].items()})
+        return None
+
     def offer(self, source: str, ids: np.ndarray) -> None:
         """Take the document with keep_prob when it is short enough, from an eligible source, within budget."""
         sp = self.spec
@@ -174,16 +240,33 @@ def _choose(sources: list[_Source], rng: np.random.Generator) -> _Source | None:
     return live[int(rng.choice(len(live), p=w / w.sum()))]
 
 
+def _store_file(p: Path) -> bool:
+    """Whether a path is a file a data build writes."""
+    return p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in STORE_PATTERNS)
+
+
+def is_data_folder(folder: Path) -> bool:
+    """Whether an unmarked folder holds only what a longforge data build (of any version) writes: its output."""
+    for p in Path(folder).iterdir():
+        if p.name == LOCK_FILE or (p.name in RUN_MARKS and p.is_file()) or _store_file(p):
+            continue
+        if p.name == "replay" and p.is_dir() and not p.is_symlink() and all(_store_file(q) for q in p.iterdir()):
+            continue
+        return False
+    return True
+
+
 def _clean(out: Path) -> None:
-    """Remove what an earlier build wrote here (and only that), so no stale shard survives."""
+    """Remove what an earlier build wrote in this folder longforge owns (and only that), so no stale shard survives."""
     for folder in (out, out / "replay"):
-        if not folder.is_dir():
+        if not folder.is_dir() or folder.is_symlink():
             continue
         for pattern in STORE_PATTERNS:
             for f in folder.glob(pattern):
-                f.unlink()
-    if (out / "replay").is_dir() and not any((out / "replay").iterdir()):
-        shutil.rmtree(out / "replay")
+                if f.is_file():
+                    f.unlink()
+    if (out / "replay").is_dir() and not (out / "replay").is_symlink() and not any((out / "replay").iterdir()):
+        (out / "replay").rmdir()
 
 
 def _budgets(spec: DataSpec) -> list[int | None]:
@@ -245,7 +328,11 @@ def _estimates(spec: DataSpec, seq_len: int, backend: Any, nsep: int) -> dict[st
 
 def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, seed: int = 0,
                trust_remote_code: bool = False) -> dict[str, Any]:
-    """Build packed shards (and the replay set) from the recipe's sources; returns (and writes) the manifest."""
+    """Build packed shards (and the replay set) from the recipe's sources; returns (and writes) the manifest.
+
+    The output folder is claimed (a folder of user files is refused) and locked for the build; an interrupted
+    build run again with the same settings and inputs continues after its last complete shard.
+    """
     t0, c0 = time.time(), _cpu_seconds()
     for s in spec.sources:
         check_source(s)
@@ -257,28 +344,70 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
     budgets = _budgets(spec)
     estimates = _estimates(spec, seq_len, tok.backend_tokenizer, len(prefix) + len(suffix))
     _check_budgets(spec, seq_len, budgets, estimates)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean(out)
-    build = _Build(spec, seq_len, tok, Path(tokenizer_dir), out, seed, budgets, estimates, (prefix, suffix))
-    build.run()
-    manifest = build.finish(t0, c0)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    out = claim_dir(Path(out), "data folder", ours=is_data_folder)
+    with FolderLock(out, "data folder"):
+        vocab_id = vocabulary_id(tok)
+        fp = _fingerprint(spec, Path(tokenizer_dir), vocab_id, seq_len, seed)
+
+        def new_build() -> _Build:
+            return _Build(spec, seq_len, tok, Path(tokenizer_dir), out, seed, budgets, estimates, (prefix, suffix), vocab_id, fp)
+
+        build = _resumed(out, fp, new_build)
+        if build is None:
+            _clean(out)
+            build = new_build()
+        build.run()
+        manifest = build.finish(t0, c0)
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
+
+
+def _fingerprint(spec: DataSpec, tokenizer_dir: Path, vocab_id: str, seq_len: int, seed: int) -> str:
+    """What a build's output depends on: settings, the sources' and tokenizer's content, and how text is batched."""
+    sf = spec.sentence_filter
+    return fingerprint([STATE_VERSION, FORMAT_VERSION, json.loads(spec.model_dump_json()), str(tokenizer_dir),
+                        content_stamp(tokenizer_dir), vocab_id, seq_len, seed, [content_stamp(s.path) for s in spec.sources],
+                        content_stamp(sf.profile) if sf is not None and sf.profile is not None else None,
+                        pipeline.BATCH_BYTES, pipeline.FIRST_BATCH_BYTES, sources.MAX_DOCUMENT_BYTES])
+
+
+def _resumed(out: Path, fp: str, new_build: Callable[[], _Build]) -> _Build | None:
+    """The interrupted build recorded in `out`, restored to its last complete shard; None to start afresh."""
+    state = read_json(out / BUILD_STATE)
+    if state is None:
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fp or state.get("version") != STATE_VERSION:
+        say(f"[yellow]data: {out} holds an interrupted build of other settings or inputs; starting afresh[/]")
+        return None
+    build = new_build()
+    try:
+        why = build.restore(state)
+    except (KeyError, TypeError, ValueError, AssertionError, OSError) as e:
+        why = f"its record is damaged ({type(e).__name__}: {e})"
+    if why is not None:
+        build.abandon()
+        say(f"[yellow]data: cannot continue the interrupted build in {out} ({why}); starting afresh[/]")
+        return None
+    w = build.writer
+    say(f"data: continuing the interrupted build in {out} after {len(w.shards)} complete shard(s) "
+        f"({w.num_sequences:,} sequences written)")
+    return build
 
 
 class _Build:
     """One build in progress: the sources, the plan's random draws, the sentence filter, the packers and writers."""
 
     def __init__(self, spec: DataSpec, seq_len: int, tok: Any, tokenizer_dir: Path, out: Path, seed: int,
-                 budgets: list[int | None], estimates: dict[str, SourceEstimate], separators: tuple[list[int], list[int]]):
-        self.spec, self.seq_len, self.estimates = spec, seq_len, estimates
+                 budgets: list[int | None], estimates: dict[str, SourceEstimate], separators: tuple[list[int], list[int]],
+                 vocab_id: str, fp: str):
+        self.spec, self.seq_len, self.estimates, self.out, self.fp = spec, seq_len, estimates, out, fp
         self.backend = tok.backend_tokenizer
         prefix, suffix = separators
         self.nsep = len(prefix) + len(suffix)
         vocab, dtype = len(tok), token_dtype(len(tok))
-        meta = {"separator": spec.separator, "seed": seed, "tokenizer": str(tokenizer_dir), "batch_order": spec.batch_order,
-                "plan": spec.plan}
+        meta = {"separator": spec.separator, "seed": seed, "tokenizer": str(tokenizer_dir), "tokenizer_vocab": vocab_id,
+                "batch_order": spec.batch_order, "plan": spec.plan}
         self.writer = ShardWriter(out, seq_len, vocab, spec.shard_sequences, meta=meta)
         # ProLong packs long and short data apart, so a sequence is either one long document or many short ones.
         self.mix = spec.plan == "long_short_mix"
@@ -305,16 +434,80 @@ class _Build:
             est = estimates.get(src.spec.name)
             if est is not None and est.text_bytes > 0:
                 src.rate_guess = max(est.plan_tokens / est.text_bytes, 1e-3)
+        self._saved_shards = 0  # complete shards when the state was last recorded
+
+    def _shards(self) -> int:
+        """Complete shards of the training set and the replay set."""
+        return len(self.writer.shards) + (len(self.replay.writer.shards) if self.replay is not None else 0)
+
+    def state(self) -> dict[str, Any]:
+        """Everything the build's output still depends on, at a batch boundary (files flushed to disk)."""
+        return {"version": STATE_VERSION, "fingerprint": self.fp, "writer": self.writer.state(),
+                "packers": {r: p.state() for r, p in self.packers.items()},
+                "rng": self.rng.bit_generator.state, "filter_rng": self.filter_rng.bit_generator.state,
+                "role_sequences": dict(self.role_sequences), "by_domain": dict(self.by_domain),
+                "rejects": self.rejects.state(), "sources": [s.state() for s in self.sources],
+                "replay": self.replay.state() if self.replay is not None else None}
+
+    def _save_state(self) -> None:
+        """Record (atomically) how to continue from here: called at the first batch boundary after a shard completes."""
+        atomic_write_json(self.out / BUILD_STATE, self.state())
+        self._saved_shards = self._shards()
+
+    def restore(self, state: dict[str, Any]) -> str | None:
+        """Continue from a recorded state: files cut back to it; returns why that is impossible, or None."""
+        why = self.writer.restore(state["writer"])
+        if why is None and self.replay is not None:
+            why = self.replay.restore(state["replay"])
+        if why is not None:
+            return why
+        rej = state["rejects"]
+        have = self.rejects.path.stat().st_size if self.rejects.path is not None and self.rejects.path.is_file() else 0
+        if have < int(rej["bytes"]):
+            return "rejects.jsonl is shorter than recorded"
+        self.rejects.restore(rej)
+        for r, p in self.packers.items():
+            p.restore(state["packers"][r])
+        self.rng.bit_generator.state = state["rng"]
+        self.filter_rng.bit_generator.state = state["filter_rng"]
+        self.role_sequences = Counter({k: int(v) for k, v in state["role_sequences"].items()})
+        self.by_domain = Counter({k: int(v) for k, v in state["by_domain"].items()})
+        if len(state["sources"]) != len(self.sources):
+            return "its sources differ"
+        for src, st in zip(self.sources, state["sources"]):
+            src.restore(st)
+        for name in (INDEX, "manifest.json"):  # a folder being built is not complete
+            (self.out / name).unlink(missing_ok=True)
+            (self.out / "replay" / name).unlink(missing_ok=True)
+        self._saved_shards = self._shards()
+        return None
+
+    def abandon(self) -> None:
+        """Close the files of a build that stops here (a later run cuts them back to the recorded state)."""
+        self.writer.abandon()
+        if self.replay is not None:
+            self.replay.writer.abandon()
+        self.rejects.close()
 
     def run(self) -> None:
         """Read every source until it ends or its budget is spent, mixing them by what each still wants."""
         with encode_pool() as pool, progress_bar() as bar:
             for src in self.sources:
-                src.pipeline = SourcePipeline(iter_items(src.spec), self.backend, pool, wants_more=src.wants_more)
+                if src.done:
+                    continue
+                first = batch_target(src.batches, pipeline.BATCH_BYTES, pipeline.FIRST_BATCH_BYTES)
+                src.pipeline = SourcePipeline(iter_items(src.spec), self.backend, pool, batch_bytes=pipeline.BATCH_BYTES,
+                                              wants_more=src.wants_more, first_bytes=first, skip_items=src.items)
             task = bar.add_task("data: read, tokenize, sample, pack", total=self.spec.token_budget)
+            bar.update(task, advance=sum(s.emitted for s in self.sources))
             try:
                 while (src := _choose(self.sources, self.rng)) is not None:
                     bar.update(task, advance=self._next_batch(src))
+                    if self._shards() > self._saved_shards:
+                        self._save_state()
+            except BaseException:
+                self.abandon()
+                raise
             finally:
                 for src in self.sources:
                     src.finish()
@@ -329,9 +522,10 @@ class _Build:
             return 0
         for r in tb.rejects:
             self.rejects.add_reject(r)
-        src.bytes_read += tb.nbytes
+        src.consumed(tb)
         written = self._consume(src, tb)
         if src.full():
+            src.budget_full_at = src.last_location  # what comes after was never read, so never checked
             src.finish()
         return written
 
@@ -422,7 +616,8 @@ def _manifest(spec: DataSpec, sources: list[_Source], rejects: Rejects, pending:
     for s in sources:
         st = s.stats.as_dict()
         st.update(domain=s.spec.domain, role=s.spec.role, weight=s.spec.weight, budget=s.budget,
-                  short_of_budget=max(s.budget - s.emitted, 0) if s.budget is not None else 0)
+                  short_of_budget=max(s.budget - s.emitted, 0) if s.budget is not None else 0,
+                  records_read=s.records, budget_full_at=s.budget_full_at)
         if s.spec.name in estimates:
             st["estimate"] = estimates[s.spec.name].as_dict()
         per_source[s.spec.name] = st

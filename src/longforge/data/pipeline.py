@@ -5,6 +5,7 @@ in order, so the output does not depend on thread timing."""
 from __future__ import annotations
 
 import array
+import itertools
 import os
 import queue
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from longforge.data.sources import Document, Item, Reject
+from longforge.errors import LongforgeError
 
 BATCH_BYTES = 2 << 20
 # Batches grow from this size to BATCH_BYTES, so a source asked for a few tokens is not read and tokenized by the MB.
@@ -31,6 +33,11 @@ class TextBatch:
     docs: list[Document] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     nbytes: int = 0
+
+    @property
+    def items(self) -> int:
+        """Items of the source (documents and rejects) the batch holds: how far it takes the reading."""
+        return len(self.docs) + len(self.rejects)
 
 
 @dataclass
@@ -47,6 +54,21 @@ class TokenBatch:
     def lengths(self) -> np.ndarray:
         """Token count of every document."""
         return np.diff(self.offsets)
+
+    @property
+    def items(self) -> int:
+        """Items of the source the batch was read from (a document the tokenizer refused became a reject)."""
+        return len(self.docs) + len(self.rejects)
+
+    @property
+    def records(self) -> int:
+        """Records read for the batch: those joined into its documents, and the rejected ones."""
+        return sum(d.records for d in self.docs) + len(self.rejects)
+
+
+def batch_target(k: int, max_bytes: int = BATCH_BYTES, first_bytes: int = FIRST_BATCH_BYTES) -> int:
+    """The text size the k-th batch of a source (from 0) is cut at: first_bytes, doubling up to max_bytes."""
+    return min(first_bytes << min(k, 62), max_bytes)
 
 
 def text_batches(items: Iterator[Item], max_bytes: int = BATCH_BYTES, first_bytes: int = FIRST_BATCH_BYTES) -> Iterator[TextBatch]:
@@ -104,8 +126,13 @@ class SourcePipeline:
     """One source's token batches, read ahead by a thread and tokenized ahead on a shared pool, in file order."""
 
     def __init__(self, items: Iterator[Item], backend: Any, pool: ThreadPoolExecutor, batch_bytes: int = BATCH_BYTES,
-                 lookahead: int | None = None, wants_more: Callable[[int], bool] | None = None):
+                 lookahead: int | None = None, wants_more: Callable[[int], bool] | None = None,
+                 first_bytes: int = FIRST_BATCH_BYTES, skip_items: int = 0):
         self._items = items
+        # A resumed build skips the items its finished batches held (read, not tokenized) and goes on with the
+        # batch size it had reached, so the batches, and the random draws made per batch, are those of one run.
+        self._skip = skip_items
+        self._first_bytes = first_bytes
         # Asked with the text bytes being tokenized ahead; False stops reading ahead (the budget is nearly met).
         # It only changes how much is tokenized and thrown away, never what is kept.
         self._wants_more = wants_more or (lambda ahead: True)
@@ -123,7 +150,11 @@ class SourcePipeline:
 
     def _read(self) -> None:
         try:
-            for tb in text_batches(self._items, self._batch_bytes):
+            skipped = sum(1 for _ in itertools.islice(self._items, self._skip))
+            if skipped < self._skip:
+                raise LongforgeError(f"the source holds {skipped} items, fewer than the {self._skip} an interrupted build "
+                                     "read from it; it changed since: build into a new folder.")
+            for tb in text_batches(self._items, self._batch_bytes, min(self._first_bytes, self._batch_bytes)):
                 if not self._put(tb):
                     return
             self._put(_END)

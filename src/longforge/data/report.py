@@ -60,6 +60,9 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
         if st.get("records_joined") or st.get("document_pieces"):
             lines.append(f"{name}: {st['records_joined']:,} records joined into groups; {st['document_pieces']:,} documents "
                          "are pieces (a group that came back, or a file or group above 64 MiB)")
+        if st.get("budget_full_at"):
+            lines.append(f"{name}: reading stopped at {st['budget_full_at']} after {st.get('records_read', 0):,} records, "
+                         "as its budget was full; records after it were not read, so not checked")
         if st.get("short_of_budget"):
             lines.append(f"[yellow]{name} fell {st['short_of_budget']:,} tokens short of its budget of {st['budget']:,}[/]")
     if "mix" in m:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import threading
 import zlib
 from collections import Counter
@@ -77,6 +78,29 @@ class Rejects:
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
+
+    def state(self) -> dict[str, Any]:
+        """The counts and the size of the rejects file, flushed to disk, to continue after a restart."""
+        with self._lock:
+            size = 0
+            if self._fh is not None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                size = self._fh.buffer.tell()
+            return {"bytes": size, "counts": [[src, reason, n] for (src, reason), n in sorted(self.counts.items())]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`: the file cut back to its recorded size (records after it are read again)."""
+        with self._lock:
+            self.counts = Counter({(src, reason): int(n) for src, reason, n in state["counts"]})
+            size = int(state["bytes"])
+            if self.path is None:
+                return
+            if size == 0:
+                self.path.unlink(missing_ok=True)  # created again by the first reject, as in a build never stopped
+                return
+            os.truncate(self.path, size)
+            self._fh = self.path.open("a")
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Rejected record counts per source and reason."""
@@ -400,7 +424,8 @@ def _text_records(spec: SourceSpec, path: Path) -> Iterator[Record | Reject]:
 
 
 def _file_pieces(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, bytes) pieces of at most MAX_DOCUMENT_BYTES, cut after a newline when there is one."""
+    """(byte offset, bytes) pieces of at most MAX_DOCUMENT_BYTES, cut after a newline when there is one, else
+    between two UTF-8 characters (so valid text stays valid)."""
     with path.open("rb") as fh:
         offset, carry = 0, b""
         while True:
@@ -410,10 +435,23 @@ def _file_pieces(path: Path) -> Iterator[tuple[int, bytes]]:
                 if data:
                     yield offset, data
                 return
-            cut = data.rfind(b"\n") + 1 or len(data)
+            cut = data.rfind(b"\n") + 1 or _char_boundary(data)
             yield offset, data[:cut]
             offset += cut
             carry = data[cut:]
+
+
+def _char_boundary(data: bytes) -> int:
+    """Where to cut `data` so no UTF-8 character is split: before a character the bytes end inside of, else the end."""
+    end = len(data)
+    i = end - 1
+    while i >= 0 and end - i <= 3 and data[i] & 0xC0 == 0x80:  # step back over continuation bytes (10xxxxxx)
+        i -= 1
+    if i <= 0:
+        return end
+    lead = data[i]
+    need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+    return i if i + need > end else end
 
 
 def iter_records(spec: SourceSpec) -> Iterator[Record | Reject]:

@@ -254,7 +254,7 @@ def run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, se
         return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
 
     run_stage(f"lab/data {data_key} (sequences of {seq})", data_dir,
-              fingerprint([recipe["data"], seed, assets["tok_fp"]]), do_data)
+              fingerprint([recipe["data"], seed, assets["tok_fp"]]), do_data, resumable=True)
     if "replay" in arm.after:
         rspec = replay_spec(profile, assets)
 
@@ -267,7 +267,7 @@ def run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, se
             return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
 
         run_stage(f"lab/replay data (sequences of {profile.window})", seed_dir / "data" / "replay",
-                  fingerprint([rspec, seed, assets["tok_fp"]]), do_replay)
+                  fingerprint([rspec, seed, assets["tok_fp"]]), do_replay, resumable=True)
     run_recipe(parse_recipe(recipe, arm.name), arm_dir)
     tokens, seconds = 0, 0.0
     done_names: list[str] = []

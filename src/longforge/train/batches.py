@@ -102,6 +102,7 @@ class PackedBatches:
         ids, docs, pos = [], [], []
         for r in rows:
             tokens, starts = self.dataset.get(int(r))
+            self._check_ids(int(r), tokens)  # before the ids index anything (the 'pit' mask, the embeddings)
             d = doc_ids_from_starts(starts, len(tokens))
             rng = np.random.default_rng([self.seed, step, int(r)])
             # Sentence boundaries come from the tokens at batch time, so one data build serves every transform.
@@ -111,6 +112,17 @@ class PackedBatches:
             docs.append(d)
             pos.append(p)
         return Batch(torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(docs)), torch.from_numpy(np.stack(pos)))
+
+    def _check_ids(self, row: int, tokens: np.ndarray) -> None:
+        """One sentence, not an IndexError in the embedding, for a token id the data's vocabulary does not have."""
+        vocab = self.dataset.vocab_size
+        if vocab is None or not len(tokens):
+            return
+        bad = [int(t) for t in (tokens.max(), tokens.min()) if not 0 <= t < vocab]
+        if bad:
+            root = self.dataset.root
+            raise LongforgeError(f"sequence {row} of {root} holds token id {bad[0]}, outside its vocabulary of {vocab}: "
+                                 f"the folder is damaged; run `longforge data verify {root}` and rebuild it.")
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """What a checkpoint saved before `step` needs to resume reading exactly there (JSON-serialisable)."""
