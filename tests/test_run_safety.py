@@ -334,3 +334,54 @@ def test_inputs_a_run_would_clear_or_read_back_are_refused(micro_recipe: dict, t
     expect = "lies inside .* the folder this run's" if key != "source" else "the run folder .* lies inside `data.sources.0.path`"
     with pytest.raises(LongforgeError, match=expect):
         check_run_folder(parse_recipe(micro_recipe), run)
+
+
+# ---------------------------------------------------------------- stage commands' own output folders
+
+
+def test_train_out_of_user_files_is_refused_and_a_second_trainer_waits_its_turn(tmp_path: Path) -> None:
+    import torch
+    from test_train import _Source, _spec, make_tiny_model
+
+    from longforge.train.loop import train_model
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.md").write_text("mine")
+    with pytest.raises(LongforgeError, match=r"training output folder .*user already holds files longforge did not write \(notes\.md\)"):
+        train_model(make_tiny_model(50), _Source(50, 2), _spec(), user, torch.device("cpu"))
+    assert sorted(p.name for p in user.iterdir()) == ["notes.md"]
+    out = tmp_path / "out"
+    claim_dir(out, "training output folder")
+    with FolderLock(out, "training output folder"):  # another `longforge train` into the same --out
+        with pytest.raises(LongforgeError, match=r"training output folder .*out is in use by pid"):
+            train_model(make_tiny_model(50), _Source(50, 2), _spec(), out, torch.device("cpu"))
+    assert not (out / "checkpoints").exists()
+    res = train_model(make_tiny_model(50), _Source(50, 2), _spec(), out, torch.device("cpu"))
+    assert (res.final / "config.json").is_file()
+
+
+def test_rope_out_of_user_files_is_refused_and_an_interrupted_rope_leaves_nothing(model_dir: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    import longforge.positions.rope as rope
+    from longforge.positions.rope import apply_rope
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    with pytest.raises(LongforgeError, match=r"rope output folder .*user already holds files longforge did not write"):
+        apply_rope(model_dir, user, PositionSpec(method="yarn"), 256)
+    assert (user / "config.json").read_text() == '{"mine": true}'
+    with pytest.raises(LongforgeError, match="--out must differ from the model folder and lie outside it"):
+        apply_rope(model_dir, model_dir / "sub", PositionSpec(method="yarn"), 256)
+
+    def crash(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rope, "copy_tokenizer", crash)
+    with pytest.raises(KeyboardInterrupt):
+        apply_rope(model_dir, tmp_path / "new", PositionSpec(method="yarn"), 256)
+    assert not (tmp_path / "new").exists()  # only a hidden temp folder, never a checkpoint that looks whole
+    monkeypatch.undo()
+    apply_rope(model_dir, tmp_path / "new", PositionSpec(method="yarn"), 256)
+    assert (tmp_path / "new" / "longforge_rope.json").is_file() and (tmp_path / "new" / "model.safetensors").is_file()

@@ -12,8 +12,9 @@ from longforge.config import parse_recipe
 from longforge.runner import run_recipe
 
 
-def _done(run: Path) -> dict[str, str]:
-    return {str(p.parent.relative_to(run)): json.loads(p.read_text())["finished"] for p in run.glob("**/DONE.json")}
+def _done(run: Path) -> dict[str, int]:
+    """When each stage's DONE.json was written (ns: `finished` has whole seconds, and a tiny stage re-runs within one)."""
+    return {str(p.parent.relative_to(run)): p.stat().st_mtime_ns for p in run.glob("**/DONE.json")}
 
 
 def test_run_end_to_end_then_skip_then_rerun_changed_stage(micro_recipe: dict, tmp_path: Path) -> None:
@@ -34,10 +35,15 @@ def test_run_end_to_end_then_skip_then_rerun_changed_stage(micro_recipe: dict, t
 
     run_recipe(parse_recipe(micro_recipe), run)
     assert _done(run) == first  # nothing re-ran
+    assert json.loads((run / "timeline.json").read_text())["stages"] == {s: "cached" for s in first}
+    assert "| rope | " in (md := (run / "report" / "report.md").read_text()) and "cached (done earlier)" in md
+    assert md.index("| data |") < md.index("| rope |") < md.index("| train/extend |") < md.index("| eval/base |")
 
     micro_recipe["stages"][0]["lr"] = 5e-4
     run_recipe(parse_recipe(micro_recipe), run)
     again = _done(run)
+    assert json.loads((run / "timeline.json").read_text())["stages"] == {
+        "data": "cached", "rope": "cached", "train/extend": "ran", "eval/base": "cached", "eval/final": "ran"}
     assert again["data"] == first["data"] and again["rope"] == first["rope"] and again["eval/base"] == first["eval/base"]
     assert again["train/extend"] != first["train/extend"] and again["eval/final"] != first["eval/final"]
 

@@ -310,7 +310,7 @@ def rope(
     dry_run: Annotated[bool, typer.Option(help="Print the frequency table; write nothing.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
-    """Rewrite a checkpoint's RoPE config for a longer context (weights are hard-linked, not copied)."""
+    """Rewrite a checkpoint's RoPE config for a longer context (weights reflinked where the disk allows, else copied)."""
     from longforge.config import PositionSpec
     from longforge.hf import load_config
     from longforge.positions.rope import apply_rope, freq_table, plan_rope

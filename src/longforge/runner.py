@@ -30,8 +30,9 @@ DONE = "DONE.json"
 STARTED = "STARTED.json"
 # The resolved recipe (every default filled in) has its own name, so a recipe.yaml of the user's is never overwritten.
 RESOLVED = "resolved_recipe.yaml"
+TIMELINE = "timeline.json"  # which stages the last run ran and which it found done
 # What a run folder holds; recipe.yaml is the resolved recipe of runs written before RESOLVED existed.
-RUN_ENTRIES = {RESOLVED, "recipe.yaml", "data", "rope", "train", "eval", "report", "demo.yaml", "demo_checks.json"}
+RUN_ENTRIES = {RESOLVED, TIMELINE, "recipe.yaml", "data", "rope", "train", "eval", "report", "demo.yaml", "demo_checks.json"}
 REPORT_FILE = re.compile(r"^(report\.md|report\.html|summary\.json|[A-Za-z0-9_-]+\.png)$")
 
 
@@ -115,15 +116,19 @@ def _barrier() -> None:
 
 
 def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]], resumable: bool = False,
-              all_ranks: bool = False) -> dict[str, Any]:
-    """Run one stage unless it is already done with the same inputs; record its time.
+              all_ranks: bool = False, timeline: dict[Path, str] | None = None) -> dict[str, Any]:
+    """Run one stage unless it is already done with the same inputs; record its time (and in `timeline`, whether it ran).
 
     Under torchrun only rank 0 runs a stage, the others wait, unless `all_ranks` (training) asks for every process.
     """
     main = _rank() == 0
     if stage_done(folder, fp):
         say(f"[green]✓[/] {name} [dim](done earlier, skipped)[/]")
+        if timeline is not None:
+            timeline[folder] = "cached"
         return read_json(folder / DONE)
+    if timeline is not None:
+        timeline[folder] = "ran"
     say(f"[bold cyan]▶ {name}[/]")
     if main:
         prepare_stage(folder, fp, keep_partial=resumable)
@@ -319,6 +324,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
     from longforge.train.loop import train_model
 
     say(f"[bold]longforge run[/] {recipe.name}: {recipe.model.path} from {orig} to {recipe.target_length} tokens on {device}, into {run_dir}")
+    timeline: dict[Path, str] = {}  # which stages this run ran and which it found done: the report says so
 
     seq_len = recipe.data.seq_len or recipe.target_length
     tok_dir = recipe.data.tokenizer or recipe.model.path
@@ -336,7 +342,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
         return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
 
     if builds_data(recipe):
-        run_stage("data", data_dir, data_fp, do_data, resumable=True)  # build_data resumes after its last whole shard
+        run_stage("data", data_dir, data_fp, do_data, resumable=True, timeline=timeline)  # build_data resumes after its last whole shard
     else:
         say("[dim]data: every training stage names its own `data` folder; the data stage has nothing to build[/]")
 
@@ -351,7 +357,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
             say(f"  {note}")
         return {"method": plan.method, "factor": plan.factor, "rope_parameters": plan.rope_parameters}
 
-    run_stage("rope", rope_dir, rope_fp, do_rope)
+    run_stage("rope", rope_dir, rope_fp, do_rope, timeline=timeline)
 
     model_in, model_fp = rope_dir, rope_fp
     for st in recipe.stages:
@@ -388,10 +394,10 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
             return {"final": str(st_dir / "final"), **info}
 
         if st.kind == "merge":
-            run_stage(f"merge/{st.name}", st_dir, st_fp, do_merge)
+            run_stage(f"merge/{st.name}", st_dir, st_fp, do_merge, timeline=timeline)
             model_in, model_fp = st_dir / "final", st_fp
             continue
-        run_stage(f"train/{st.name}", st_dir, st_fp, do_train, resumable=True, all_ranks=True)
+        run_stage(f"train/{st.name}", st_dir, st_fp, do_train, resumable=True, all_ranks=True, timeline=timeline)
         model_in, model_fp = st_dir / "final", st_fp
 
     models = {"base": (recipe.model.path, fingerprint([str(recipe.model.path), base_stamp])), "final": (model_in, model_fp)}
@@ -405,8 +411,10 @@ def _run_stages(recipe: Recipe, run_dir: Path, orig: int, device: Any) -> dict[s
             return evaluate(path, recipe.eval, ev_dir, orig, recipe.target_length, device, label,
                             recipe.model.trust_remote_code)
 
-        run_stage(f"eval/{label}", ev_dir, ev_fp, do_eval)
+        run_stage(f"eval/{label}", ev_dir, ev_fp, do_eval, timeline=timeline)
 
+    if _rank() == 0:
+        atomic_write_json(run_dir / TIMELINE, {"stages": {str(f.relative_to(run_dir)): s for f, s in timeline.items()}})
     if not recipe.eval.models:
         say("[dim]report: `eval.models` is empty, so there is nothing to report[/]")
         return {"report": None, "html": None, "final": str(model_in)}

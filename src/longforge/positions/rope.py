@@ -13,7 +13,9 @@ import numpy as np
 
 from longforge.config import PositionSpec
 from longforge.errors import LongforgeError
-from longforge.hf import check_checkpoint, clone_or_copy, copy_tokenizer, load_config, weight_files
+from longforge.files import atomic_write_text, is_inside, writing
+from longforge.hf import (begin_checkpoint, check_checkpoint, clone_or_copy, copy_tokenizer, finish_checkpoint, load_config,
+                          weight_files)
 
 
 @dataclass(frozen=True)
@@ -315,18 +317,23 @@ def apply_rope(model_dir: Path, out_dir: Path, spec: PositionSpec, target_length
     config = load_config(model_dir, trust_remote_code)
     plan = plan_rope(config, spec, target_length, original_length)
     out_dir = Path(out_dir)
-    if out_dir.resolve() == model_dir.resolve():
-        raise LongforgeError("--out must differ from the model folder; longforge never rewrites the input checkpoint.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_inside(out_dir, model_dir) or is_inside(model_dir, out_dir):
+        raise LongforgeError(f"--out must differ from the model folder and lie outside it ({out_dir} overlaps "
+                             f"{model_dir}); longforge never rewrites the input checkpoint: choose a new output folder.")
+    if not weight_files(model_dir):
+        raise LongforgeError(f"{model_dir} has no weight files (*.safetensors or pytorch_model*.bin); pass a complete checkpoint.")
+    # Written whole into a temp folder, then renamed: an interrupted rope never leaves a checkpoint that looks done,
+    # and an existing --out is replaced only when longforge wrote it.
+    tmp = begin_checkpoint(out_dir, "rope output folder")
     config.rope_parameters = plan.rope_parameters
     config.max_position_embeddings = plan.max_position_embeddings
-    config.save_pretrained(out_dir)
-    # Never hard links: editing the base in place would silently change this checkpoint too.
-    how = {clone_or_copy(f, out_dir / f.name) for f in weight_files(model_dir)}
-    if not how:
-        raise LongforgeError(f"{model_dir} has no weight files (*.safetensors or pytorch_model*.bin); pass a complete checkpoint.")
-    copy_tokenizer(model_dir, out_dir)
+    with writing(tmp):
+        config.save_pretrained(tmp)
+        # Never hard links: editing the base in place would silently change this checkpoint too.
+        how = {clone_or_copy(f, tmp / f.name) for f in weight_files(model_dir)}
+        copy_tokenizer(model_dir, tmp)
     plan.notes.append(f"weights {' and '.join(sorted(how))} from {model_dir}"
                       + (" (copy-on-write: no extra disk until one side changes)" if how == {"reflinked"} else ""))
-    (out_dir / "longforge_rope.json").write_text(json.dumps(plan.summary(), indent=2))
+    atomic_write_text(tmp / "longforge_rope.json", json.dumps(plan.summary(), indent=2))
+    finish_checkpoint(tmp, out_dir, "rope output folder")
     return plan

@@ -19,11 +19,11 @@ from longforge.errors import LongforgeError
 from longforge.files import atomic_write_text, read_json, writing
 from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves, ruler_curves
 from longforge.report.verdict import verdict
+from longforge.runner import TIMELINE
 
 TASKS = ("passkey", "niah", "ruler", "ppl")
-# A run's own checks (the demo's targets) and which stages the last `longforge run` ran or found done.
+# A run's own checks (the demo's targets), read into the verdict.
 CHECKS = "demo_checks.json"
-TIMELINE = "timeline.json"
 
 
 def _read(path: Path) -> Any:

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longforge.config import StageSpec
 from longforge.errors import LongforgeError
-from longforge.files import atomic_write_json, atomic_write_text, read_json
+from longforge.files import FolderLock, atomic_write_json, atomic_write_text, claim_dir, read_json
 from longforge.hf import save_model
 from longforge.model.attention import resolve_backend, use_longforge_attention
 from longforge.model.fused import apply_fused_ops, fused_available
@@ -31,6 +31,8 @@ from longforge.train.resume import check_resume, current_records
 from longforge.train.schedule import lr_at
 
 LOSS_CHUNK = 4096
+# What a training output folder holds (the runner adds its markers and an SFT stage its rejects).
+TRAIN_ENTRIES = {"checkpoints", "final", "log.jsonl", "tb", "STARTED.json", "DONE.json", "rejects.jsonl"}
 FINAL_RECORD = "longforge_train.json"
 
 
@@ -205,15 +207,35 @@ def forward_loss(model: Any, batch: Batch, document_mask: bool) -> tuple[torch.T
     return chunked_lm_loss(out.last_hidden_state, model.get_output_embeddings(), labels, weights), weights.sum()
 
 
+def old_train_folder(folder: Path) -> bool:
+    """A training output written before folders were marked: only what train_model and the runner put there."""
+    return all(p.name in TRAIN_ENTRIES for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, device: torch.device,
                 tokenizer_from: Path | None = None, label: str = "train", layout: Layout | None = None) -> TrainResult:
-    """Train for spec.steps, resuming from the newest checkpoint in out/checkpoints; export out/final."""
+    """Train for spec.steps, resuming from the newest checkpoint in out/checkpoints; export out/final.
+
+    `out` is claimed (a folder of user files is refused) and locked while training, so two runs never mix in it.
+    """
     layout = layout or Layout(1, 0, 1, 1, device)
     out = Path(out)
-    ck_dir = out / "checkpoints"
+    lock = None
     if layout.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(layout)
+        claim_dir(out, "training output folder", ours=old_train_folder)
+        lock = FolderLock(out, "training output folder").acquire()
+    try:
+        barrier(layout)
+        return _train(model, source, spec, out, tokenizer_from, label, layout)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model: Any, source: BatchSource, spec: StageSpec, out: Path, tokenizer_from: Path | None, label: str,
+           layout: Layout) -> TrainResult:
+    """train_model's work, in a folder it holds."""
+    ck_dir = out / "checkpoints"
     records = current_records(spec, getattr(model, "_lf_source_dir", None), tokenizer_from)
     existing = checkpoints(ck_dir)
     last_good = existing[-1] if existing else None

@@ -82,7 +82,7 @@ def load_conversations(path: Path, tokenizer: Any, field_name: str, max_tokens: 
     if not path.is_file():
         raise LongforgeError(f"SFT data {path} does not exist; point `sft.data` at a JSONL of chat messages.")
     if template is None and not getattr(tokenizer, "chat_template", None):
-        raise LongforgeError(f"the tokenizer has no chat template; give one with `sft.chat_template` (a Jinja file).")
+        raise LongforgeError("the tokenizer has no chat template; give one with `sft.chat_template` (a Jinja file).")
     rejects = Rejects(rejects_path)
     out = []
     with path.open("rb") as fh:
