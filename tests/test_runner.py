@@ -144,3 +144,22 @@ def test_replay_stage_needs_a_replay_set(micro_recipe: dict) -> None:
     micro_recipe["stages"].append({"name": "replay", "dataset": "replay", "steps": 1})
     with pytest.raises(LongforgeError, match="`data.replay` is not set"):
         preflight(parse_recipe(micro_recipe))
+
+
+def test_eval_lengths_are_checked_before_any_stage(micro_recipe: dict, tmp_path: Path) -> None:
+    import pytest
+
+    from longforge.errors import LongforgeError
+
+    micro_recipe["eval"]["passkey"]["lengths"] = [8, 256]
+    with pytest.raises(LongforgeError, match=r"`eval\.passkey\.lengths`: a passkey prompt needs at least \d+ tokens with "
+                                             r"this tokenizer even with no haystack; raise the shortest length above 8"):
+        run_recipe(parse_recipe(micro_recipe), tmp_path / "run")
+    micro_recipe["eval"]["passkey"] = None
+    micro_recipe["eval"]["niah"] = {"lengths": [16, 256], "depths": 1}
+    with pytest.raises(LongforgeError, match=r"`eval\.niah\.lengths`: a needle-in-a-haystack prompt needs at least"):
+        run_recipe(parse_recipe(micro_recipe), tmp_path / "run")
+    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "rope").exists()
+    micro_recipe["eval"]["niah"]["lengths"] = [128, -512]
+    with pytest.raises(LongforgeError, match=r"`eval\.niah\.lengths\.1` input should be greater than 0 \(got -512\)"):
+        parse_recipe(micro_recipe)

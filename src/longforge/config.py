@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,8 @@ RopeMethod = Literal["none", "pi", "ntk", "theta", "dynamic", "yarn", "llama3"]
 PositionTransform = Literal["contiguous", "pose", "pit"]
 SamplingPlan = Literal["none", "upsample_long", "length_thresholds", "long_short_mix"]
 SourceFormat = Literal["auto", "jsonl", "parquet", "text", "hf_disk"]
+# Prompt or window lengths in tokens: at least one, each positive.
+Lengths = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]
 
 
 class Strict(BaseModel):
@@ -286,7 +288,7 @@ RulerTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_mul
 class PasskeySpec(Strict):
     """The passkey retrieval grid (lengths x depths x trials), exact match of the first integer."""
 
-    lengths: list[int] | None = Field(default=None, description="Prompt lengths in tokens; spread over [min_length, max_length] when absent.")
+    lengths: Lengths | None = Field(default=None, description="Prompt lengths in tokens; spread over [min_length, max_length] when absent.")
     num_lengths: int = Field(default=40, gt=0, description="Lengths in the grid (Fu et al./UltraLong: 40).")
     min_length: int | None = Field(default=None, gt=0, description="Shortest prompt; a quarter of the original window when absent.")
     max_length: int | None = Field(default=None, gt=0, description="Longest prompt; target_length when absent.")
@@ -301,7 +303,7 @@ class PasskeySpec(Strict):
 class NiahSpec(Strict):
     """Needle in a haystack (Fu et al./UltraLong): a sentence needle, lengths x depths, ROUGE-1 F1."""
 
-    lengths: list[int] | None = Field(default=None, description="Prompt lengths; spread over [min_length, max_length] when absent.")
+    lengths: Lengths | None = Field(default=None, description="Prompt lengths; spread over [min_length, max_length] when absent.")
     num_lengths: int = Field(default=40, gt=0)
     min_length: int | None = Field(default=None, gt=0, description="Shortest prompt; a quarter of the original window when absent.")
     max_length: int | None = Field(default=None, gt=0, description="Longest prompt; target_length when absent.")
@@ -321,7 +323,7 @@ class RulerSpec(Strict):
     """RULER's tasks at several lengths, with per-task scores, their average and the effective length."""
 
     tasks: list[RulerTask] | None = Field(default=None, description="Tasks to run; the 11 synthetic ones (+ qa_1/qa_2 when their files are given) when absent.")
-    lengths: list[int] | None = Field(default=None, description="Prompt lengths; 4K, 8K, ... up to target_length when absent.")
+    lengths: Lengths | None = Field(default=None, description="Prompt lengths; 4K, 8K, ... up to target_length when absent.")
     samples: int = Field(default=25, gt=0, description="Samples per task and length (RULER uses 500).")
     essays: Path | None = Field(default=None, description="Essay haystack (text file/folder or JSONL) for niah_single_2/3, multikey_1, multivalue, multiquery.")
     squad: Path | None = Field(default=None, description="SQuAD dev JSON for qa_1.")
@@ -344,7 +346,7 @@ class PplSpec(Strict):
 
     source: Path = Field(description="JSONL or text file/folder of long documents.")
     text_field: str = "text"
-    lengths: list[int] | None = None
+    lengths: Lengths | None = None
     num_docs: int = Field(default=8, gt=0)
     stride: int | None = Field(default=None, gt=0, description="Sliding-window stride; one window per document when absent.")
 

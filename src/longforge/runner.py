@@ -219,9 +219,13 @@ def preflight(recipe: Recipe, run_dir: Path | None = None) -> int:
     for s in recipe.data.sources:
         check_source(s)
     if recipe.eval.models:
-        from longforge.eval.run import check_inputs
+        from longforge.eval.run import check_inputs, check_prompts
+        from longforge.hf import load_tokenizer
 
         check_inputs(recipe.eval)
+        # Prompts are built with the evaluated models' tokenizer: the base model's, which every stage keeps.
+        check_prompts(recipe.eval, load_tokenizer(recipe.model.path, recipe.model.trust_remote_code), orig,
+                      recipe.target_length)
     seq_len = recipe.data.seq_len or recipe.target_length
     if recipe.positions.transform != "contiguous" and seq_len > recipe.target_length:
         raise LongforgeError(

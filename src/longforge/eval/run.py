@@ -14,10 +14,10 @@ from longforge.data.sources import Rejects, iter_documents
 from longforge.errors import LongforgeError
 from longforge.eval.generate import Engine
 from longforge.eval.grid import spread_lengths
-from longforge.eval.niah import Needle, run_niah
-from longforge.eval.passkey import run_passkey
+from longforge.eval.niah import Needle, build_niah, run_niah
+from longforge.eval.passkey import build_grid, run_passkey
 from longforge.eval.ppl import run_ppl
-from longforge.eval.prompts import PromptFormat
+from longforge.eval.prompts import PromptFormat, TextHaystack
 from longforge.eval.ruler import check_tasks, ruler_lengths, run_ruler
 from longforge.files import atomic_write_text, writing
 from longforge.hf import load_model, load_tokenizer
@@ -73,6 +73,33 @@ def check_inputs(spec: EvalSpec) -> None:
         check_tasks(r.task_list(), r.essays, r.squad, r.hotpotqa)
 
 
+def check_prompts(spec: EvalSpec, tokenizer: Any, original_length: int, target_length: int) -> None:
+    """Fail before any work when the shortest passkey or NIAH length cannot hold the task's prompt with this tokenizer.
+
+    Builds one prompt of each grid task at its shortest length (no model needed), so a length too short for the
+    task's own text is refused in preflight, not after data, rope and training ran.
+    """
+    fmt = PromptFormat(spec.inference.chat_template, spec.inference.system_prompt)
+    if spec.passkey is not None:
+        shortest = min(passkey_lengths(spec, original_length, target_length))
+        hay = TextHaystack.load(spec.passkey.haystack, max_words=4 * shortest + 1000) if spec.passkey.haystack else None
+        _shortest_prompt("eval.passkey", lambda: build_grid(tokenizer, [shortest], [0.0], 1, spec.seed, fmt, hay))
+    if spec.niah is not None:
+        nh = spec.niah
+        shortest = min(grid_lengths(nh, original_length, target_length))
+        hay = TextHaystack.load(nh.haystack, max_words=4 * shortest + 1000) if nh.haystack else None
+        needle = Needle(nh.needle, nh.question, nh.answer_prefix)
+        _shortest_prompt("eval.niah", lambda: build_niah(tokenizer, [shortest], [0.5], 1, needle, hay, fmt, spec.seed))
+
+
+def _shortest_prompt(key: str, build: Any) -> None:
+    """Run a prompt builder; its 'raise the shortest length' error names the recipe key."""
+    try:
+        build()
+    except LongforgeError as e:
+        raise LongforgeError(f"`{key}.lengths`: {e}") from None
+
+
 def make_engine(model: Any, spec: EvalSpec) -> Engine:
     """The generation engine with the recipe's inference settings."""
     inf = spec.inference
@@ -84,12 +111,13 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
              device: torch.device, label: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json."""
     check_inputs(spec)
+    tok = load_tokenizer(model_dir, trust_remote_code)
+    check_prompts(spec, tok, original_length, target_length)
     out = Path(out)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, device, dtype, trust_remote_code)
-    tok = load_tokenizer(model_dir, trust_remote_code)
     engine = make_engine(model, spec)
     inf = spec.inference
     fmt = PromptFormat(inf.chat_template, inf.system_prompt)
