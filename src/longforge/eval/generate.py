@@ -12,6 +12,7 @@ transformers' DynamicCache and the model's own attention. Both compute logits fo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
@@ -246,6 +247,20 @@ def _accepts_attention(model: Any) -> bool:
     return True
 
 
+def cache_keyword(model: Any) -> str:
+    """The name the model's forward takes its KV cache by: `cache` where it has one, else `past_key_values`.
+
+    Newer transformers (5.24 here) renamed the argument, warn on the old name and drop it in 5.40; older ones
+    (5.17) know only the old name. A forward naming neither (checkpoint code taking **kwargs) gets the old name,
+    which checkpoint code written for either kind of version understands.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature (a C extension, a partial)
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def eos_ids(model: Any) -> set[int]:
     """End-of-sequence token ids from the model's generation config (or config)."""
     gen = getattr(model, "generation_config", None)
@@ -271,6 +286,7 @@ class Engine:
             attention = "longforge" if supports_longforge_path(model) and _accepts_attention(model) else "hf"
         self.path: AttentionPath = attention
         self.stop_ids = eos_ids(model) if stop_on_eos else set()
+        self.cache_kw = cache_keyword(model)  # read once: the signature does not change while the engine lives
         self.pool = HostPool()
         self.last: dict[str, float] = {}  # timings of the last generate call (benchmarks read them)
         self.placement: dict[str, int] = {}  # where the last store kept each layer's keys and values
@@ -403,7 +419,7 @@ class Engine:
         logits = None
         for start in range(0, n, self.prefill_chunk):
             chunk = prompts[:, start:start + self.prefill_chunk]
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
         assert logits is not None
         nxt = logits[:, -1].argmax(-1)
         rows: list[list[int]] = [[] for _ in range(b)]
@@ -412,7 +428,7 @@ class Engine:
             done = self._finished(rows, nxt, done, stop)
             if all(done) or i + 1 == max_new_tokens:
                 break
-            logits = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=nxt[:, None], use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
             nxt = logits[:, -1].argmax(-1)
         return rows
 
