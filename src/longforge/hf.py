@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from longforge.errors import LongforgeError
 from longforge.files import OWNER_MARK, claim_dir, clear_dir, fsync_dir, read_json, remove_dir, writing
-from longforge.integrity import check_side_files, verify_checkpoint
+from longforge.integrity import REFETCH, check_side_files, verify_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -112,6 +113,15 @@ def load_model(path: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     return model.to(device).eval()
 
 
+# Files a tokenizer can be built from besides tokenizer.json and a vocab.json + merges.txt pair; the slow ones need
+# a package transformers does not require to be converted.
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TIKTOKEN_FILES = ("tokenizer.tiktoken",)
+VOCAB_FILES = (*SENTENCEPIECE_FILES, "vocab.txt", *TIKTOKEN_FILES)
+SETTINGS_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+NO_TOKENIZER_FIX = "copy the tokenizer files of the model it came from into it, or pass a folder that has them"
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer of a checkpoint (or tokenizer) folder (checkpoint code only with trust_remote_code)."""
     from transformers import AutoTokenizer
@@ -122,14 +132,60 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     check_side_files(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    # transformers and the tokenizers library fail on a folder's content with many types (OSError, ValueError,
+    # KeyError, AttributeError, tokenizers' plain Exception): each is the folder's problem, said in one sentence.
+    except Exception as e:  # noqa: BLE001
         if _asks_for_code(e) and not trust_remote_code:
             # The code transformers asked for is the tokenizer's own, or (to find the tokenizer class) the model's.
             tok_config = read_json(path / "tokenizer_config.json")
             if isinstance(tok_config, dict) and tok_config.get("auto_map"):
                 raise own_code_error(path, "tokenizer_config.json", "tokenizer") from None
             raise own_code_error(path) from None
-        raise LongforgeError(f"could not load a tokenizer from {path}: {_first_line(e)}") from None
+        raise LongforgeError(_tokenizer_problem(path) or f"could not load a tokenizer from {path} ({_one_line(e)}); "
+                             "re-download or re-export its tokenizer files.") from None
+
+
+def _tokenizer_problem(path: Path) -> str | None:
+    """What is wrong with a tokenizer folder transformers could not load, in one sentence, when it can be told."""
+    has_json = (path / "tokenizer.json").is_file()
+    vocab, merges = (path / "vocab.json").is_file(), (path / "merges.txt").is_file()
+    if not has_json and not any((path / f).is_file() for f in VOCAB_FILES) and not (vocab and merges):
+        if vocab or merges:
+            have, lack = ("vocab.json", "merges.txt") if vocab else ("merges.txt", "vocab.json")
+            return (f"{path} has {have} but no {lack} (and no tokenizer.json or tokenizer.model), so it holds no whole "
+                    f"tokenizer; {NO_TOKENIZER_FIX}.")
+        return (f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt); "
+                f"{NO_TOKENIZER_FIX}.")
+    if not has_json:
+        # A slow-only tokenizer is converted by a package transformers does not require.
+        for files, package in ((SENTENCEPIECE_FILES, "sentencepiece"), (TIKTOKEN_FILES, "tiktoken")):
+            found = [f for f in files if (path / f).is_file()]
+            if found and importlib.util.find_spec(package) is None:
+                return (f"{path} has only a slow tokenizer ({found[0]}, no tokenizer.json), and reading it needs the "
+                        f"{package} package; pip install {package}, or copy the model's tokenizer.json into it.")
+    else:
+        content = read_json(path / "tokenizer.json")
+        if not isinstance(content, dict):
+            return f"{path / 'tokenizer.json'} holds a JSON {_json_kind(content)}, not a tokenizer; {REFETCH}."
+        missing = [f"`{k}`" for k in ("model", "added_tokens") if k not in content]
+        if missing:
+            return f"{path / 'tokenizer.json'} is not a whole tokenizer (it has no {' or '.join(missing)}); {REFETCH}."
+    for name in SETTINGS_FILES:
+        if (path / name).is_file() and not isinstance(content := read_json(path / name), dict):
+            return f"{path / name} holds a JSON {_json_kind(content)}, not an object of settings; {REFETCH}."
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value's kind in JSON's words (list, string, number, ...)."""
+    kinds = {list: "list", str: "string", int: "number", float: "number", bool: "true/false value", dict: "object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's whole message on one line (transformers' messages run over several), or its type's name."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
