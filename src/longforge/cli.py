@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import click
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from longforge.errors import LongforgeError
@@ -18,12 +20,45 @@ from longforge.progress import console, err_console, say
 if TYPE_CHECKING:
     from longforge.positions.rope import RopePlan
 
-app = typer.Typer(
-    help="Extend the context window of a pretrained causal LM: data, RoPE scaling, long-sequence training, evaluation, report.",
+app = typer.Typer(  # its help is the docstring of the callback below
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version_line() -> str:
+    """longforge's version, with the versions of Python, torch and transformers it runs on (for bug reports)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from longforge import __version__
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"longforge {__version__} (Python {platform.python_version()}, torch {of('torch')}, "
+            f"transformers {of('transformers')})")
+
+
+def _print_version(value: bool) -> None:
+    """--version: print the version line and stop before any command runs."""
+    if value:
+        sys.stdout.write(_version_line() + "\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
+    """Extend the context window of a pretrained causal LM: data, RoPE scaling, long-sequence training, evaluation, report."""
+
+
 data_app = typer.Typer(help="Build packed training data from corpus files, or inspect or verify a built data folder.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 analyze_app = typer.Typer(help="Analyses that inform data selection.", no_args_is_help=True)
@@ -86,7 +121,7 @@ def analyze_impactful(
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory for the demo's stages and report.")] = Path("longforge-demo"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda; cuda runs a larger default.")] = "auto",
-    fresh: Annotated[bool, typer.Option(help="Rebuild everything: the cached corpus, tokenizer, base model and the run.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything: the cached corpus, tokenizer, base model and the run.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and sampling.")] = 0,
 ) -> None:
     """Build a corpus, tokenizer and short-window base model from this machine's files, extend it 8x, evaluate, report."""
@@ -103,7 +138,7 @@ def lab(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; the first runs every arm.")] = "0,1",
     arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms (default: all); see docs/lab.md.")] = None,
     second_seed_arms: Annotated[str, typer.Option(help="'key' (the arms the claims compare) or 'all'.")] = "key",
-    fresh: Annotated[bool, typer.Option(help="Rebuild the cached base model and rerun every arm.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild the cached base model and rerun every arm.")] = False,
 ) -> None:
     """Pretrain a small base model, extend it 16x by every method on equal token budgets, evaluate, compare with the papers."""
     from longforge.lab.arms import PROFILES
@@ -187,8 +222,9 @@ def _parse_source(text: str, i: int) -> dict[str, object]:
 
 @data_app.command("build")
 def data_build(
-    source: Annotated[list[str], typer.Option(help="PATH[,name=N][,domain=D][,weight=W][,field=F][,format=jsonl|parquet|text|hf_disk]"
-                                                   "[,group_by=FIELD][,role=long|short]; repeat for several sources.")],
+    source: Annotated[list[str], typer.Option(help="A corpus file or folder, PATH[,key=value...] with keys name, domain, weight, "
+                                                   "field (the JSON text field), format (jsonl, parquet, text or hf_disk), "
+                                                   "group_by and role (long or short); repeat for several sources.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer (or model) folder.")],
     seq_len: Annotated[int, typer.Option(help="Packed sequence length in tokens.")],
     out: Annotated[Path, typer.Option(help="Output data folder.")],
@@ -207,7 +243,7 @@ def data_build(
     replay_seq_len: Annotated[Optional[int], typer.Option(help="Sequence length of the replay set (the original window).")] = None,
     batch_order: Annotated[str, typer.Option(help="shuffle, or ssq: order each global batch by sum of squared document lengths (ProLong).")] = "shuffle",
     shard_sequences: Annotated[int, typer.Option(help="Sequences per shard file.")] = 4096,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, repeating and shuffling documents.")] = 0,
 ) -> None:
     """Read, tokenize, sample and pack sources into memory-mapped shards with document boundaries (and a replay set)."""
     from longforge.config import DataSpec
@@ -307,7 +343,7 @@ def rope(
     high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
     theta: Annotated[Optional[float], typer.Option(help="New RoPE base for --method theta.")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="The model's pretraining window, if its config does not say.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the frequency table; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the frequency table; write nothing.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Rewrite a checkpoint's RoPE config for a longer context (weights reflinked where the disk allows, else copied)."""
@@ -354,6 +390,11 @@ def _print_freq_table(plan: RopePlan, rows: list[dict[str, Any]]) -> None:
     console.print(t)
 
 
+# train's options in three panels: each panel sizes its own columns, so long option names fit in 80 columns.
+POSITIONS = "Positions and masking"
+SPEED = "Memory and speed"
+
+
 @app.command()
 def train(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint to train (usually the output of `longforge rope`).")],
@@ -363,26 +404,26 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch and data-parallel replica.")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
-    warmup_steps: Annotated[int, typer.Option()] = 0,
+    warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup to the peak learning rate.")] = 0,
     schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
-    document_mask: Annotated[bool, typer.Option(help="Forbid attention across packed documents.")] = True,
-    transform: Annotated[str, typer.Option(help="Position ids: contiguous, pose or pit.")] = "contiguous",
-    target_length: Annotated[Optional[int], typer.Option(help="Target length for --transform pose/pit.")] = None,
-    sp: Annotated[int, typer.Option(help="Sequence-parallel degree (launch with torchrun; processes / sp = data-parallel replicas).")] = 1,
-    attention: Annotated[str, typer.Option(help="auto, dense, sdpa, varlen or flex.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16-mixed or bf16.")] = "auto",
+    document_mask: Annotated[bool, typer.Option(rich_help_panel=POSITIONS, help="Forbid attention across packed documents.")] = True,
+    transform: Annotated[str, typer.Option(rich_help_panel=POSITIONS, help="Position ids: contiguous, pose or pit.")] = "contiguous",
+    target_length: Annotated[Optional[int], typer.Option(rich_help_panel=POSITIONS, help="Target length for --transform pose/pit.")] = None,
+    sp: Annotated[int, typer.Option(rich_help_panel=SPEED, help="Sequence-parallel degree (launch with torchrun; processes / sp = data-parallel replicas).")] = 1,
+    attention: Annotated[str, typer.Option(rich_help_panel=SPEED, help="auto, dense, sdpa, varlen or flex.")] = "auto",
+    precision: Annotated[str, typer.Option(rich_help_panel=SPEED, help="auto, fp32, bf16-mixed or bf16.")] = "auto",
     optimizer: Annotated[str, typer.Option(help="adamw or adamw_bf16 (with --precision bf16).")] = "adamw",
-    activation_checkpointing: Annotated[str, typer.Option(help="auto, on or off.")] = "auto",
-    checkpoint_policy: Annotated[str, typer.Option(help="full, or save_attention (faster backward, more memory).")] = "full",
-    offload_activations: Annotated[bool, typer.Option(help="Keep checkpointed activations in CPU memory.")] = False,
-    resident_layers: Annotated[int, typer.Option(help="With --offload-activations: the last N layers keep their inputs on the GPU.")] = 0,
-    optimizer_in_backward: Annotated[bool, typer.Option(help="Update each parameter during backward (no full set of gradients; needs --clip-grad 0, one process).")] = False,
+    activation_checkpointing: Annotated[str, typer.Option(rich_help_panel=SPEED, help="auto, on or off.")] = "auto",
+    checkpoint_policy: Annotated[str, typer.Option(rich_help_panel=SPEED, help="full, or save_attention (faster backward, more memory).")] = "full",
+    offload_activations: Annotated[bool, typer.Option("--offload-activations", rich_help_panel=SPEED, help="Keep checkpointed activations in CPU memory.")] = False,
+    resident_layers: Annotated[int, typer.Option(rich_help_panel=SPEED, help="With --offload-activations: the last N layers keep their inputs on the GPU.")] = 0,
+    optimizer_in_backward: Annotated[bool, typer.Option("--optimizer-in-backward", rich_help_panel=SPEED, help="Update each parameter during backward (no full set of gradients; needs --clip-grad 0, one process).")] = False,
     clip_grad: Annotated[float, typer.Option(help="Clip the global gradient norm to this (0 = off).")] = 1.0,
-    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars under OUT/tb.")] = False,
-    mlp_tile: Annotated[int, typer.Option(help="Run MLPs in tiles of this many tokens (0 = off).")] = 0,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars under OUT/tb.")] = False,
+    mlp_tile: Annotated[int, typer.Option(rich_help_panel=SPEED, help="Run MLPs in tiles of this many tokens (0 = off).")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the data order and position transforms.")] = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Continual pretraining on packed long sequences; one or many GPUs via torchrun; re-running resumes."""
@@ -498,6 +539,9 @@ def _eval_spec_from_flags(tasks: list[str], f: dict[str, object]) -> dict[str, o
 def eval_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint to evaluate.")],
     out: Annotated[Path, typer.Option(help="Folder for <task>.json and summary.json.")],
+    label: Annotated[Optional[str], typer.Option(help="The model's name in tables, summary.json, `eval compare` and the "
+                                                      "report (default: its folder's name, with the folder above for "
+                                                      "final, rope or step-N).")] = None,
     target_length: Annotated[Optional[int], typer.Option(help="Longest prompt (default: the model's max_position_embeddings).")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="Window before extension (for the report's bands).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: passkey, niah, ruler, ppl (default: passkey, plus ppl with --ppl-source).")] = None,
@@ -521,15 +565,18 @@ def eval_cmd(
     gpu_memory: Annotated[Optional[float], typer.Option(help="GiB of GPU memory the engine may use with --kv-cache auto (default 90%).")] = None,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per forward pass (default 8192).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option()] = 1234,
+    seed: Annotated[int, typer.Option(help="Seed for the prompts: needles, passkeys and where they sit.")] = 1234,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Evaluate one checkpoint: passkey/NIAH grids, RULER, perplexity against length."""
     from longforge.config import EvalSpec, parse_yaml
-    from longforge.eval.run import evaluate
+    from longforge.eval.run import evaluate, model_label
     from longforge.hf import load_config, resolve_device
     from longforge.positions.rope import rope_info
 
+    if label is not None and not label.strip():
+        raise LongforgeError("--label is empty; give the model a name (e.g. --label base), or leave it out.")
+    name = label.strip() if label is not None else model_label(model_dir)
     info = rope_info(load_config(model_dir, trust_remote_code), original_length)
     target = target_length or info.max_position_embeddings
     if spec is not None:
@@ -558,9 +605,9 @@ def eval_cmd(
                  "ppl_stride": ppl_stride, "chat_template": chat_template or None, "kv_cache": kv_cache,
                  "prefill_chunk": prefill_chunk, "gpu_memory": gpu_memory}
         ev = _validated(EvalSpec, _eval_spec_from_flags(names, flags), "eval")
-    summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), model_dir.name,
+    summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), name,
                        trust_remote_code)
-    for table in _eval_tables(model_dir.name, summary):
+    for table in _eval_tables(name, summary):
         console.print(table)
     written = [f"{out}/{t}.json" for t in ("passkey", "niah", "ruler", "ppl") if t in summary] + [f"{out}/summary.json"]
     say("results: " + ", ".join(written))
@@ -568,6 +615,7 @@ def eval_cmd(
 
 def _eval_tables(name: str, summary: dict) -> list[Table]:
     """Per-length scores of the grid tasks and perplexity, and RULER per task and length."""
+    name = escape(name)  # a label is the user's text, not rich markup
     tables = []
     per = {t: summary.get(t, {}).get("per_length", {}) for t in ("passkey", "niah")}
     ppl = summary.get("ppl", {})
@@ -609,9 +657,9 @@ def eval_compare(
 
     res = compare(a, b, out)
     la, lb = res["a"]["label"], res["b"]["label"]
-    t = Table(title=f"longforge eval compare: {la} -> {lb}")
+    t = Table(title=f"longforge eval compare: {escape(la)} -> {escape(lb)}")
     for col in ("metric", la, lb, "change"):
-        t.add_column(col, justify="left" if col == "metric" else "right")
+        t.add_column(Text(col), justify="left" if col == "metric" else "right")
     for r in res["rows"]:
         t.add_row(r["metric"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]), _delta(r))
     console.print(t)

@@ -44,8 +44,12 @@ def load(folder: Path) -> dict[str, Any]:
     return out
 
 
-def labels_for(a: Path, b: Path) -> tuple[str, str]:
-    """Short distinct names for the two sides: folder names, else run/folder, else A and B."""
+def labels_for(a: Path, b: Path, given: tuple[Any, Any] = (None, None)) -> tuple[str, str]:
+    """Short distinct names for the two sides: the labels their evaluations were given, else folder names, else
+    run/folder, else A and B."""
+    ga, gb = (str(g).strip() if isinstance(g, str) else "" for g in given)
+    if ga and gb and ga != gb:
+        return ga, gb
     if a.name != b.name:
         return a.name, b.name
     la, lb = f"{a.parent.parent.name}/{a.name}", f"{b.parent.parent.name}/{b.name}"
@@ -106,7 +110,7 @@ def compare(a: Path, b: Path, out: Path) -> dict[str, Any]:
 
     fa, fb = resolve(a), resolve(b)
     ra, rb = load(fa), load(fb)
-    la, lb = labels_for(fa, fb)
+    la, lb = labels_for(fa, fb, (ra["summary"].get("label"), rb["summary"].get("label")))
     out = Path(out)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)

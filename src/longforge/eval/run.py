@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,25 @@ from longforge.files import atomic_write_text, writing
 from longforge.hf import load_model, load_tokenizer
 
 TASK_FILES = ("passkey", "niah", "ruler", "ppl")
+# Folder names longforge itself gives checkpoints (a stage's final/, a run's rope/, a training checkpoint and the folder
+# holding those): they say what a model is only together with the folder above them.
+GENERIC_NAMES = re.compile(r"^(final|rope|checkpoints|step-\d+)$")
+
+
+def model_label(model_dir: Path) -> str:
+    """A model's name for tables and reports: its folder's name, with the folders above while that name is generic.
+
+    `.../base/final` is "base/final" and `runs/x/train/extend/final` is "extend/final", not both "final".
+    """
+    # Absolute and without `.` or `..`, but symlinks kept: the name is the one the user gave, not the link's target.
+    path = Path(os.path.abspath(model_dir))
+    parts = path.parts[1:]  # without the root, which names nothing
+    if not parts:
+        return str(path)
+    i = len(parts) - 1
+    while i > 0 and GENERIC_NAMES.match(parts[i]):
+        i -= 1
+    return "/".join(parts[i:])
 
 
 def grid_lengths(spec: Any, original_length: int, target_length: int) -> list[int]:
