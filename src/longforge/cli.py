@@ -185,15 +185,9 @@ def recipes_list(ctx: typer.Context) -> None:
     """List the presets (`longforge recipes show NAME` prints one to copy)."""
     if ctx.invoked_subcommand is not None:
         return
-    from longforge.recipes import preset_names, preset_summary
+    from longforge.recipes import preset_names, preset_summary, preset_table
 
-    t = Table(title="longforge presets (longforge recipes show NAME > my.yaml; longforge run NAME --set key=value)")
-    for col in ("name", "target", "RoPE", "positions", "data plan", "stages"):
-        t.add_column(col)
-    for name in preset_names():
-        p = preset_summary(name)
-        t.add_row(name, str(p["target_length"]), str(p["method"]), str(p["transform"]), str(p["plan"]), str(p["stages"]))
-    console.print(t)
+    console.print(preset_table())
     for name in preset_names():
         say(f"[bold]{name}[/]: {preset_summary(name)['description']}")
 
@@ -319,11 +313,12 @@ def data_verify(
 
 
 def _print_manifest(m: dict, by_length: bool = False) -> None:
-    from longforge.data.report import length_table, source_table, summary_lines
+    from longforge.data.report import length_tables, source_table, summary_lines
 
     console.print(source_table(m))
     if by_length:
-        console.print(length_table(m))
+        for t in length_tables(m):
+            console.print(t)
     for line in summary_lines(m):
         console.print(line)
 

@@ -28,7 +28,7 @@ from longforge.data.verify import vocabulary_id
 from longforge.errors import LongforgeError
 from longforge.files import LOCK_FILE, FolderLock, atomic_write_json, atomic_write_text, claim_dir, content_stamp, read_json
 from longforge.hf import load_tokenizer
-from longforge.progress import progress_bar, say
+from longforge.progress import progress_bar, say, spinner
 
 # The layout of the build-state record; a record of another version is not continued.
 STATE_VERSION = 1
@@ -323,7 +323,8 @@ def _estimates(spec: DataSpec, seq_len: int, backend: Any, nsep: int) -> dict[st
         return [len(e) for e in enc(texts, add_special_tokens=False)]
 
     rmax = (spec.replay.max_document_tokens or spec.replay.seq_len) if spec.replay is not None else None
-    return {s.name: estimate_source(s, spec, seq_len, lengths_of, nsep, rmax) for s in spec.sources}
+    with spinner("data: estimating what each source holds from its first documents"):
+        return {s.name: estimate_source(s, spec, seq_len, lengths_of, nsep, rmax) for s in spec.sources}
 
 
 def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, seed: int = 0,
@@ -364,12 +365,13 @@ def build_data(spec: DataSpec, tokenizer_dir: Path, seq_len: int, out: Path, see
 
 
 def _fingerprint(spec: DataSpec, tokenizer_dir: Path, vocab_id: str, seq_len: int, seed: int) -> str:
-    """What a build's output depends on: settings, the sources' and tokenizer's content, and how text is batched."""
+    """What a build's output depends on: settings, the sources' and tokenizer's content, and how text is batched and cut."""
     sf = spec.sentence_filter
     return fingerprint([STATE_VERSION, FORMAT_VERSION, json.loads(spec.model_dump_json()), str(tokenizer_dir),
                         content_stamp(tokenizer_dir), vocab_id, seq_len, seed, [content_stamp(s.path) for s in spec.sources],
                         content_stamp(sf.profile) if sf is not None and sf.profile is not None else None,
-                        pipeline.BATCH_BYTES, pipeline.FIRST_BATCH_BYTES, sources.MAX_DOCUMENT_BYTES])
+                        pipeline.BATCH_BYTES, pipeline.FIRST_BATCH_BYTES, sources.MAX_DOCUMENT_BYTES,
+                        pipeline.PIECE_CHARS])
 
 
 def _resumed(out: Path, fp: str, new_build: Callable[[], _Build]) -> _Build | None:
@@ -498,7 +500,7 @@ class _Build:
                 first = batch_target(src.batches, pipeline.BATCH_BYTES, pipeline.FIRST_BATCH_BYTES)
                 src.pipeline = SourcePipeline(iter_items(src.spec), self.backend, pool, batch_bytes=pipeline.BATCH_BYTES,
                                               wants_more=src.wants_more, first_bytes=first, skip_items=src.items)
-            task = bar.add_task("data: read, tokenize, sample, pack", total=self.spec.token_budget)
+            task = bar.add_task("data: tokens written", total=self.spec.token_budget)
             bar.update(task, advance=sum(s.emitted for s in self.sources))
             try:
                 while (src := _choose(self.sources, self.rng)) is not None:

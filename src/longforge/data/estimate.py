@@ -13,7 +13,7 @@ import numpy as np
 
 from longforge.config import DataSpec, SourceSpec
 from longforge.data.sampling import expected_copies, max_copies
-from longforge.data.sources import Reject, _open_binary, iter_items, source_files, source_format
+from longforge.data.sources import Reject, _open_binary, iter_items, source_files, source_format, utf8_size
 
 # Documents are read up to READ_BYTES of text for their lengths; TOKENIZE_BYTES of it (a prefix of each document,
 # at most PREFIX_BYTES) is tokenized for the tokens-per-byte rate. A source read whole and tokenized whole is exact.
@@ -117,16 +117,16 @@ def estimate_source(spec: SourceSpec, data: DataSpec, seq_len: int, lengths_of: 
         if read >= READ_BYTES:
             whole = False
             break
-        n = len(item.text.encode("utf-8", "replace"))
+        n = utf8_size(item.text)  # no copy of an ASCII text, which can be a huge record
         sizes.append(n)
         read += n
         if sample_bytes < TOKENIZE_BYTES:
             piece = item.text[:PREFIX_BYTES]
             sample.append(piece)
-            sample_bytes += len(piece.encode("utf-8", "replace"))
+            sample_bytes += utf8_size(piece)
     tokenized = np.asarray(lengths_of(sample) if sample else [], dtype=np.int64)
     rate = float(tokenized.sum()) / max(sample_bytes, 1)
-    exact = whole and len(sample) == len(sizes) and all(len(t.encode("utf-8", "replace")) == n for t, n in zip(sample, sizes))
+    exact = whole and len(sample) == len(sizes) and all(utf8_size(t) == n for t, n in zip(sample, sizes))
     lengths = tokenized if exact else np.round(np.asarray(sizes, dtype=np.float64) * rate).astype(np.int64)
     if whole:
         text_bytes, how, scale = float(read), "the whole source" + (", tokenized" if exact else f" at {rate:.3f} tokens per byte"), 1.0

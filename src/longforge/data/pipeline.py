@@ -8,9 +8,10 @@ import array
 import itertools
 import os
 import queue
+import re
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,22 @@ from longforge.errors import LongforgeError
 BATCH_BYTES = 2 << 20
 # Batches grow from this size to BATCH_BYTES, so a source asked for a few tokens is not read and tokenized by the MB.
 FIRST_BATCH_BYTES = 64 << 10
+# The tokenizer needs about 120 bytes per character of a text while it encodes it (measured with tokenizers 0.23), so
+# one 20 MB record took 2.5 GB at once. A document longer than PIECE_CHARS is encoded in pieces of at most this size,
+# and one call to the tokenizer gets at most about CALL_CHARS of text (pieces and documents, encoded in parallel).
+# Smaller pieces cost no speed (a 20 MB text encodes faster in 256K pieces than whole); benchmarks/RESULTS.md has
+# the build's peak memory with such a record.
+PIECE_CHARS = 1 << 18
+CALL_CHARS = 1 << 20
+# Where a long text is cut: before a space that follows a letter or digit. The GPT-2 and Llama 3 pre-tokenizers and
+# Metaspace all start a new token there and look no further back, so the pieces' ids are the whole text's ids.
+_SEAM = re.compile(r"(?<=[^\W_]) ")
+# Only where a window holds no such space (code without prose, a blob): before any whitespace after a non-space
+# (exact for GPT-2-style byte-level BPE), else anywhere; such a cut may change the ids next to it.
+_LOOSE_SEAM = re.compile(r"(?<=\S)\s")
+# Texts on which a tokenizer is asked how to cut at a seam (see seam_skips_space).
+_PROBES = ("The cat sat on the mat, and 42 dogs ran home.", "def f(x):\n    return x  # two  spaces, then tabs\t\tend",
+           "über café naïve résumé: 日本語 text, Ωmega 3.14 ok")
 _END = object()
 
 
@@ -81,45 +98,122 @@ def text_batches(items: Iterator[Item], max_bytes: int = BATCH_BYTES, first_byte
     for item in items:
         if isinstance(item, Reject):
             batch.rejects.append(item)
-            continue
-        batch.docs.append(item)
-        batch.nbytes += len(item.text)
-        if batch.nbytes >= target:
+        else:
+            batch.docs.append(item)
+            batch.nbytes += len(item.text)
+        del item  # the batch holds it; a huge document is freed with its batch, not kept while the next is read
+        if batch.docs and batch.nbytes >= target:
             yield batch
             batch, target = TextBatch(), min(2 * target, max_bytes)
     if batch.docs or batch.rejects:
         yield batch
 
 
-def _ids(encodings: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Flat uint32 ids and offsets of a list of tokenizers Encodings."""
-    flat = array.array("I")
-    lengths = np.zeros(len(encodings) + 1, dtype=np.int64)
-    for i, e in enumerate(encodings):
-        ids = e.ids
-        flat.extend(ids)
-        lengths[i + 1] = len(ids)
-    return np.frombuffer(flat, dtype=np.uint32) if len(flat) else np.zeros(0, dtype=np.uint32), np.cumsum(lengths)
+def seam_skips_space(enc_fn: Callable[..., list[Any]]) -> bool:
+    """Whether a piece after a seam must start after the space rather than with it.
+
+    A tokenizer that puts a space before every text itself (the Prepend normalizer of Llama 2's and Mistral's
+    tokenizer.json) gives the whole text's ids when the seam's space is left out; one that takes the text as it is
+    (byte-level BPE, Metaspace) when it is kept. Decided on the probe texts, every seam of them.
+    """
+    whole, halves = [], []
+    for text in _PROBES:
+        for m in _SEAM.finditer(text):
+            p = m.start()
+            whole.append(text)
+            halves += [text[:p], text[p:], text[p + 1 :]]
+    out = [e.ids for e in enc_fn(whole + halves, add_special_tokens=False)]
+    ids, rest = out[: len(whole)], out[len(whole) :]
+    keep = all(w == rest[3 * i] + rest[3 * i + 1] for i, w in enumerate(ids))
+    skip = all(w == rest[3 * i] + rest[3 * i + 2] for i, w in enumerate(ids))
+    return skip and not keep
+
+
+def text_pieces(text: str, size: int, skip_space: bool = False) -> Iterator[str]:
+    """Consecutive slices of `text` of at most `size` characters (at least half of it, but the last), cut before a space
+    after a letter or digit (that space left out when `skip_space`); the last resorts are in _LOOSE_SEAM's comment."""
+    start, n = 0, len(text)
+    while n - start > size:
+        lo, hi = start + max(size // 2, 1), start + size
+        m = _SEAM.search(text, lo, hi)
+        if m is not None:
+            cut, skip = m.start(), int(skip_space)
+        else:
+            loose = _LOOSE_SEAM.search(text, lo, hi)
+            cut, skip = (loose.start() if loose is not None else hi), 0
+        yield text[start:cut]
+        start = cut + skip
+    yield text[start:]
+
+
+def _units(docs: list[Document], enc_fn: Callable[..., list[Any]]) -> Iterator[tuple[int, str]]:
+    """(document index, text) to encode, in order: a document whole, or a long one piece by piece (sliced lazily)."""
+    skip: bool | None = None
+    for i, d in enumerate(docs):
+        if len(d.text) <= PIECE_CHARS:
+            yield i, d.text
+            continue
+        if skip is None:
+            skip = seam_skips_space(enc_fn)
+        for piece in text_pieces(d.text, PIECE_CHARS, skip):
+            yield i, piece
+
+
+def _calls(units: Iterable[tuple[int, str]], limit: int) -> Iterator[list[tuple[int, str]]]:
+    """Consecutive units grouped into calls of at most `limit` characters (or one unit)."""
+    call: list[tuple[int, str]] = []
+    size = 0
+    for u in units:
+        if call and size + len(u[1]) > limit:
+            yield call
+            call, size = [], 0
+        call.append(u)
+        size += len(u[1])
+    if call:
+        yield call
+
+
+def _encode_call(enc_fn: Callable[..., list[Any]], call: list[tuple[int, str]], failed: dict[int, str]) -> Iterator[tuple[int, list[int]]]:
+    """(document index, ids) of every unit of a call; a document the tokenizer refuses goes to `failed` with why."""
+    try:
+        encodings = enc_fn([t for _, t in call], add_special_tokens=False)
+    except Exception:  # noqa: BLE001 - e.g. a lone surrogate from a JSON escape; find which document, keep the rest
+        for i, t in call:
+            if i in failed:
+                continue
+            try:
+                yield i, enc_fn([t], add_special_tokens=False)[0].ids
+            except Exception as e:  # noqa: BLE001
+                failed[i] = str(e)
+        return
+    for (i, _), e in zip(call, encodings):
+        yield i, e.ids
 
 
 def encode(backend: Any, batch: TextBatch) -> TokenBatch:
-    """Tokenize a batch with the tokenizer's Rust batch encoder; a document it cannot take becomes a reject."""
-    texts = [d.text for d in batch.docs]
+    """Tokenize a batch with the tokenizer's Rust batch encoder, a long document in pieces so memory stays bounded
+    (see PIECE_CHARS); a document the tokenizer cannot take becomes a reject."""
     enc_fn = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    docs, rejects = batch.docs, list(batch.rejects)
-    try:
-        encodings = enc_fn(texts, add_special_tokens=False)
-    except Exception:  # noqa: BLE001 - e.g. a lone surrogate from a JSON escape; find which document, keep the rest
-        encodings, docs = [], []
-        for d, t in zip(batch.docs, texts):
-            try:
-                encodings.append(enc_fn([t], add_special_tokens=False)[0])
-                docs.append(d)
-            except Exception as e:  # noqa: BLE001
-                rejects.append(Reject(d.source, "cannot be tokenized", d.location, str(e)))
-    ids, offsets = _ids(encodings)
-    slim = [Document("", d.source, d.domain, d.location, d.records, d.piece) for d in docs]
-    return TokenBatch(slim, ids, offsets, rejects, batch.nbytes)
+    docs = batch.docs
+    flat = array.array("I")
+    lengths = np.zeros(len(docs), dtype=np.int64)
+    failed: dict[int, str] = {}
+    for call in _calls(_units(docs, enc_fn), CALL_CHARS):
+        for i, ids in _encode_call(enc_fn, call, failed):
+            flat.extend(ids)
+            lengths[i] += len(ids)
+    all_ids = np.frombuffer(flat, dtype=np.uint32) if len(flat) else np.zeros(0, dtype=np.uint32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rejects = list(batch.rejects)
+    kept = list(range(len(docs)))
+    if failed:  # rare: drop the refused documents' ids (pieces of them encoded before the refusal included)
+        kept = [i for i in kept if i not in failed]
+        parts = [all_ids[offsets[i] : offsets[i + 1]] for i in kept]
+        all_ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+        offsets = np.concatenate([[0], np.cumsum(lengths[kept])])
+        rejects += [Reject(docs[i].source, "cannot be tokenized", docs[i].location, failed[i]) for i in sorted(failed)]
+    slim = [Document("", d.source, d.domain, d.location, d.records, d.piece) for d in (docs[i] for i in kept)]
+    return TokenBatch(slim, all_ids, offsets, rejects, batch.nbytes)
 
 
 class SourcePipeline:
@@ -155,7 +249,9 @@ class SourcePipeline:
                 raise LongforgeError(f"the source holds {skipped} items, fewer than the {self._skip} an interrupted build "
                                      "read from it; it changed since: build into a new folder.")
             for tb in text_batches(self._items, self._batch_bytes, min(self._first_bytes, self._batch_bytes)):
-                if not self._put(tb):
+                put = self._put(tb)
+                del tb  # tokenized and freed by the pool: not held here while the next batch is read
+                if not put:
                     return
             self._put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it

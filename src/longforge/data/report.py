@@ -9,39 +9,47 @@ from rich.table import Table
 
 from longforge.data.sampling import BUCKET_NAMES
 from longforge.errors import LongforgeError
+from longforge.progress import compact
 
 
-def _n(x: float) -> str:
-    """A count with thousands separators."""
-    return f"{int(x):,}"
+def _table(title: str, text_columns: tuple[str, ...], number_columns: tuple[str, ...], caption: str | None = None) -> Table:
+    """A table that fits 80 columns: numbers right-aligned and never wrapped, text columns wrapped when they must."""
+    t = Table(title=title, caption=caption)
+    for col in text_columns:
+        t.add_column(col, overflow="fold")
+    for col in number_columns:
+        t.add_column(col, justify="right", no_wrap=True)
+    return t
 
 
 def source_table(m: dict[str, Any]) -> Table:
     """One row per source: documents and tokens seen, kept, dropped, repeated, written."""
-    t = Table(title=f"data: {m['sequences']:,} sequences of {m['seq_len']:,} tokens (plan {m['plan']})")
-    for col in ("source", "domain", "docs", "kept", "dropped", "repeated", "tokens", "written"):
-        t.add_column(col, justify="left" if col in ("source", "domain") else "right", overflow="fold")
+    t = _table(f"data: {m['sequences']:,} sequences of {m['seq_len']:,} tokens (plan {m['plan']})", ("source", "domain"),
+               ("docs\nseen", "docs\nkept", "docs\ndropped", "docs\nrepeated", "tokens\nseen", "tokens\nwritten"),
+               caption="K, M, B: thousands, millions, billions; exact counts in manifest.json")
     for name, st in m["sources"].items():
-        t.add_row(name, str(st.get("domain", "")), *(_n(st.get(k, 0)) for k in (
+        t.add_row(name, str(st.get("domain", "")), *(compact(st.get(k, 0)) for k in (
             "documents_seen", "documents_kept", "documents_dropped", "documents_repeated", "tokens_seen", "tokens_written")))
     return t
 
 
-def length_table(m: dict[str, Any]) -> Table:
-    """Per source and length bucket: documents and tokens before the plan (original length) and after (as written)."""
-    t = Table(title="by document length: seen (original length) -> written (as written)")
-    for col in ("source", "length", "docs", "tokens", "kept", "dropped", "repeated", "docs out", "tokens out"):
-        t.add_column(col, justify="left" if col in ("source", "length") else "right", overflow="fold")
+def length_tables(m: dict[str, Any]) -> list[Table]:
+    """Per source, per length bucket: documents and tokens before the plan (original length) and after (as written)."""
+    tables = []
     for name, st in m["sources"].items():
+        t = _table(f"{name} by document length (seen: original length; written: as written)", ("length",),
+                   ("docs\nseen", "tokens\nseen", "docs\nkept", "docs\ndropped", "docs\nrepeated", "docs\nwritten",
+                    "tokens\nwritten"))
         before, after = st.get("before_by_length", {}), st.get("after_by_length", {})
         for b in BUCKET_NAMES:
             if b not in before and b not in after:
                 continue
             x, y = before.get(b, {}), after.get(b, {})
-            t.add_row(name, b, *(_n(x.get(k, 0)) for k in ("documents", "tokens", "documents_kept", "documents_dropped",
-                                                           "documents_repeated")),
-                      _n(y.get("documents", 0)), _n(y.get("tokens", 0)))
-    return t
+            t.add_row(b, *(compact(x.get(k, 0)) for k in ("documents", "tokens", "documents_kept", "documents_dropped",
+                                                          "documents_repeated")),
+                      compact(y.get("documents", 0)), compact(y.get("tokens", 0)))
+        tables.append(t)
+    return tables
 
 
 def summary_lines(m: dict[str, Any]) -> list[str]:

@@ -21,7 +21,8 @@ from longforge.errors import LongforgeError
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 HF_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
-# A document is held in memory whole while it is tokenized; bigger files and groups are cut into pieces of this size.
+# A document is held in memory whole until it is tokenized (in pieces: pipeline.PIECE_CHARS); bigger files and
+# groups are cut into documents of at most this many bytes of UTF-8 text.
 MAX_DOCUMENT_BYTES = 64 << 20
 ARROW_BATCH_ROWS = 256
 
@@ -330,7 +331,10 @@ def _jsonl_records(spec: SourceSpec, path: Path) -> Iterator[Record | Reject]:
                 if _empty(text):
                     yield Reject(name, "empty document", loc)
                     continue
-                yield Record(text, loc, _group_key(rec.get(gb)) if gb is not None else None)
+                group = _group_key(rec.get(gb)) if gb is not None else None
+                # Only the text goes on: the line's bytes and the record are not held while it waits to be tokenized.
+                del raw, rec
+                yield Record(text, loc, group)
     except errors as e:
         yield Reject(name, "unreadable file", f"{path}:{lineno + 1}", f"reading stopped: {e}")
 
@@ -466,46 +470,61 @@ def iter_records(spec: SourceSpec) -> Iterator[Record | Reject]:
             yield from _text_records(spec, f)
 
 
+def utf8_size(text: str) -> int:
+    """The text's size in UTF-8 bytes (a lone surrogate, which a JSON escape can hold, counts 3), without a copy for ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+@dataclass
+class _Group:
+    """The records of one group being joined: its key, where it starts, the texts and their size in UTF-8 bytes."""
+
+    key: Any
+    location: str
+    parts: list[str]
+    size: int
+    piece: bool
+
+    def document(self, spec: SourceSpec) -> Document:
+        """The group's records joined into one document."""
+        return Document(spec.group_joiner.join(self.parts), spec.name, spec.domain,
+                        f"{self.location} (group {self.key!r}, {len(self.parts)} records)", records=len(self.parts), piece=self.piece)
+
+
 def _grouped(spec: SourceSpec, records: Iterator[Record | Reject]) -> Iterator[Item]:
     """Join consecutive records with the same group key into one document (ProLong's repositories).
 
-    Records without a key stay single documents. A group whose records are not contiguous, or that grows past
-    MAX_DOCUMENT_BYTES, becomes several documents, flagged as pieces; grouping never holds more than one group.
+    Records without a key stay single documents. A group whose records are not contiguous, or that would grow past
+    MAX_DOCUMENT_BYTES of UTF-8 text (joiners included), becomes several documents, flagged as pieces; grouping
+    never holds more than one group.
     """
-    joiner = spec.group_joiner
+    joiner = utf8_size(spec.group_joiner)
     finished: set[int] = set()  # hashes of closed group keys, to flag a group that comes back
-    key: Any = None
-    parts: list[str] = []
-    first_loc = ""
-    size = 0
-    piece = False
-
-    def flush() -> Document:
-        return Document(joiner.join(parts), spec.name, spec.domain, f"{first_loc} (group {key!r}, {len(parts)} records)",
-                        records=len(parts), piece=piece)
-
+    group: _Group | None = None
     for r in records:
         if isinstance(r, Reject):
             yield r
             continue
-        if parts and r.group == key and size + len(r.text) <= MAX_DOCUMENT_BYTES:
-            parts.append(r.text)
-            size += len(r.text)
+        size = utf8_size(r.text)
+        if group is not None and r.group == group.key and group.size + joiner + size <= MAX_DOCUMENT_BYTES:
+            group.parts.append(r.text)
+            group.size += joiner + size
             continue
         next_piece = hash(r.group) in finished
-        if parts:
-            yield flush()
-            if r.group == key:
+        if group is not None:
+            if r.group == group.key:
                 next_piece = True  # the group outgrew MAX_DOCUMENT_BYTES
             else:
-                finished.add(hash(key))
+                finished.add(hash(group.key))
+            doc, group = group.document(spec), None  # its parts freed before the joined text goes on
+            yield doc
+            del doc  # not held here once the build is done with it
         if r.group is None:
             yield Document(r.text, spec.name, spec.domain, r.location)
-            parts, size = [], 0
             continue
-        key, parts, first_loc, size, piece = r.group, [r.text], r.location, len(r.text), next_piece
-    if parts:
-        yield flush()
+        group = _Group(r.group, r.location, [r.text], size, next_piece)
+    if group is not None:
+        yield group.document(spec)
 
 
 def iter_items(spec: SourceSpec) -> Iterator[Item]:

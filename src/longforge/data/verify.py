@@ -12,6 +12,7 @@ import numpy as np
 
 from longforge.data.store import FILE_ROLES, INDEX, PackedDataset, folder_problems, new_hash, read_index, size_problems, starts_problems
 from longforge.errors import LongforgeError
+from longforge.progress import progress_bar
 
 READ_BLOCK = 16 << 20
 # A model folder holding one of these has a tokenizer to compare with the data's.
@@ -127,8 +128,11 @@ def verify_folder(root: Path) -> FolderReport:
     report = FolderReport(root, fmt, bool(shards) and all("blake2b" in s for s in shards), folder_problems(root, index))
     if index.get("vocab_size") is None:
         report.notes.append(f"its {INDEX} records no vocab_size (format {fmt}), so token ids were not checked against one")
-    for s in shards:
-        report.shards.append(ShardReport(s["tokens"], s["num_sequences"], _shard_problems(root, index, s)))
+    with progress_bar() as bar:  # every byte is read: minutes for a large folder
+        task = bar.add_task(f"data verify: {root.name} shards", total=len(shards))
+        for s in shards:
+            report.shards.append(ShardReport(s["tokens"], s["num_sequences"], _shard_problems(root, index, s)))
+            bar.advance(task)
     return report
 
 

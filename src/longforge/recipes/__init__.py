@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,6 +31,31 @@ def preset_summary(name: str) -> dict[str, object]:
     return {"name": name, "description": data.get("description", ""), "target_length": data.get("target_length"),
             "method": pos.get("method", "yarn"), "transform": pos.get("transform", "contiguous"),
             "plan": data.get("data", {}).get("plan", "upsample_long"), "stages": " -> ".join(stages)}
+
+
+def context_length(n: object) -> str:
+    """A context length as people write it: 131072 -> 128K, 1048576 -> 1M; other numbers as they are."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return str(n)
+    if n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n % (1 << 10) == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+def preset_table() -> Any:
+    """The presets as a rich Table that fits 80 columns: names, settings and plans whole, only `stages` wrapped."""
+    from rich.table import Table
+
+    t = Table(title="longforge presets (recipes show NAME > my.yaml; run NAME --set key=value)")
+    for col in ("name", "target", "RoPE", "positions", "data plan"):
+        t.add_column(col, no_wrap=True, justify="right" if col == "target" else "left")
+    t.add_column("stages", overflow="fold")
+    for name in preset_names():
+        p = preset_summary(name)
+        t.add_row(name, context_length(p["target_length"]), str(p["method"]), str(p["transform"]), str(p["plan"]), str(p["stages"]))
+    return t
 
 
 def resolve_recipe_arg(arg: str) -> tuple[Path | None, str | None]:
