@@ -11,6 +11,8 @@ embedding module holds (rope_type, inv_freq before and after a forward, attentio
 200-token input (past the base window, inside the new one) and the tokenizer (class, ids, model_max_length).
 Every reading must also match longforge's own formula for the checkpoint's rope_parameters.
 Control rows: the same checkpoints with the 4.x keys removed must differ in 4.x (the check sees the bug it guards).
+Re-saved rows: the YaRN rope output loaded and saved again by each version (as a user would); only reported, except
+that every 5.x must still read its rotary embedding and logits right.
 Prints a table and exits 1 on any unexpected result.
 
 The probe imports only the standard library, torch and transformers, so it runs in a venv without longforge.
@@ -34,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 200  # past the base window (64), inside the new one (TARGET)
 ROWS = (0, 31, 63, 64, 127, 160, LENGTH - 1)  # logits compared at these positions
-TEXT = "alpha beta 123 gamma. remember the pass key 4521 and the blue river"
+TEXT = "<|a|> alpha beta 123 gamma. remember the pass key 4521 and the blue river <|b|>"
 INV_RTOL = 1e-5  # float32 in transformers vs float64 in longforge's formula
 LOGIT_ATOL = 1e-4
 TARGET = 256  # the new window, from the base's 64
@@ -70,7 +72,8 @@ def probe_one(path: Path) -> dict[str, Any]:
         out["model_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        out.update(tokenizer_class=type(tok).__name__, tokens=tok(TEXT)["input_ids"], model_max_length=int(tok.model_max_length))
+        out.update(tokenizer_class=type(tok).__name__, tokens=tok(TEXT)["input_ids"], model_max_length=int(tok.model_max_length),
+                   special=list(tok.all_special_tokens))
     except Exception as e:  # noqa: BLE001
         out["tokenizer_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return out
@@ -152,11 +155,11 @@ class RandomSource:
 
 
 def base_checkpoint(work: Path) -> Path:
-    """A tiny Llama (window 64, head dim 16) with a 300-token tokenizer saved with model_max_length 2048, as a user's model."""
+    """A tiny Llama (window 64, head dim 16) and a 300-token tokenizer (model_max_length 2048, two extra special tokens)."""
     import random
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from longforge.demo.tokenizer import train_tokenizer
 
@@ -166,8 +169,11 @@ def base_checkpoint(work: Path) -> Path:
              for _ in range(40)]
     base = work / "base"
     train_tokenizer(texts, 300, base, model_max_length=2048)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|a|>", "<|b|>"]})
+    tok.save_pretrained(base)  # as transformers 5 saves them: a list under extra_special_tokens
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=0)
     LlamaForCausalLM(cfg).save_pretrained(base)
@@ -175,9 +181,10 @@ def base_checkpoint(work: Path) -> Path:
 
 
 def write_checkpoints(work: Path, pythons: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Every checkpoint to check: name -> {path, written_by, expect (formula readings), control}.
+    """Every checkpoint to check: name -> {path, written_by, method, kind, expect (formula readings)}.
 
-    control: 4.x must read it differently (the keys removed, or re-saved by transformers 5, which drops them).
+    kind: written (by longforge: every version must read it alike), control (the 4.x keys removed: 4.x must read it
+    differently), resaved (longforge's rope output loaded and saved again by a transformers version: reported).
     """
     import torch
 
@@ -198,17 +205,17 @@ def write_checkpoints(work: Path, pythons: dict[str, Path]) -> dict[str, dict[st
         apply_rope(base, rope, spec, TARGET)
         train = work / f"train-{name}"
         model = load_model(rope)
-        final = train_model(model, RandomSource(300, 96), StageSpec(steps=2, lr=1e-3, save_every=2), train,
+        final = train_model(model, RandomSource(302, 96), StageSpec(steps=2, lr=1e-3, save_every=2), train,
                             torch.device("cpu"), tokenizer_from=rope).final
         merged = work / f"merge-{name}"
         merge([base, final], [0.5, 0.5], merged)
         for stage, path in (("rope", rope), ("train export", final), ("merge", merged)):
-            out[f"{stage.split()[0]}-{name}"] = {"path": path, "written_by": stage, "method": name, "control": False}
+            out[f"{stage.split()[0]}-{name}"] = {"path": path, "written_by": stage, "method": name, "kind": "written"}
     for label, py in pythons.items():  # a user loads the rope output and saves it again with their transformers
         dst = work / f"resaved-{re.sub(r'[^0-9A-Za-z.]+', '', label)}"
         run_here(py, "--resave", str(work / "rope-yarn"), str(dst))
         out[dst.name] = {"path": dst, "written_by": f"rope-yarn re-saved by transformers {label}", "method": "yarn",
-                         "control": major(label) >= 5}
+                         "kind": "resaved"}
     for name in ("yarn", "ntk"):  # the bug the portable keys fix: 4.x must read these differently
         ctrl = work / f"control-{name}"
         shutil.copytree(work / f"rope-{name}", ctrl)
@@ -219,7 +226,7 @@ def write_checkpoints(work: Path, pythons: dict[str, Path]) -> dict[str, dict[st
         tok = json.loads((ctrl / "tokenizer_config.json").read_text())
         tok["tokenizer_class"] = "TokenizersBackend"
         (ctrl / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
-        out[f"control-{name}"] = {"path": ctrl, "written_by": "rope, 4.x keys removed", "method": name, "control": True}
+        out[f"control-{name}"] = {"path": ctrl, "written_by": "rope, 4.x keys removed", "method": name, "kind": "control"}
     for row in out.values():  # longforge's formula for the rope_parameters each checkpoint carries
         cfg = json.loads((row["path"] / "config.json").read_text())
         params, max_pos = cfg["rope_parameters"], cfg["max_position_embeddings"]
@@ -234,6 +241,9 @@ def write_checkpoints(work: Path, pythons: dict[str, Path]) -> dict[str, dict[st
 
 
 # ----- comparing ----------------------------------------------------------------------------------------------------
+
+ROPE_CHECKS = ("model:", "rope_type", "inv_freq", "attention factor", "logits")  # the problems a 5.x reader must not have
+
 
 def major(version: str) -> int:
     """The major version number of a transformers version string."""
@@ -273,6 +283,8 @@ def differences(got: dict[str, Any], ref: dict[str, Any], expect: dict[str, Any]
     else:
         if got["tokens"] != ref.get("tokens"):
             bad.append("token ids differ")
+        if got["special"] != ref.get("special"):
+            bad.append(f"special tokens {got['special']}")
         if got["model_max_length"] != expect["model_max_length"]:
             bad.append(f"model_max_length {got['model_max_length']}")
     return bad, nums
@@ -298,10 +310,16 @@ def report(rows: dict[str, dict[str, Any]], readings: dict[str, dict[str, Any]])
             inv, logit = max(inv, nums.get("inv", 0.0)), max(logit, nums.get("logits", 0.0))
             cells.append(f"{got.get('rope_type', 'error')} / {got['attention_scaling']:.4f}" if "attention_scaling" in got else "error")
         mml = {readings[e]["results"][key].get("model_max_length") for e in envs}
-        if row["control"]:
+        if row["kind"] == "control":
             ok = failed == {e for e in envs if major(e) < 5}  # every 4.x reads it wrong, every 5.x right
             verdict = ("4.x differs, as expected: " if ok else "CONTROL NOT DETECTED: ") + "; ".join(
                 p.split(": ", 1)[1] for p in problems)
+        elif row["kind"] == "resaved":
+            # Not longforge's output, so only reported, except that every 5.x must still read the rotary embedding
+            # and the logits right (transformers 5 writes back rope_parameters alone).
+            hard = [p for p in problems if major(p.split(":")[0]) >= 5 and p.split(": ", 1)[1].startswith(ROPE_CHECKS)]
+            ok = not hard
+            verdict = ("same" if not problems else "reported: " + "; ".join(problems)) if ok else "MISMATCH: " + "; ".join(hard)
         else:
             ok = not problems
             verdict = "same" if ok else "MISMATCH: " + "; ".join(problems)
@@ -360,7 +378,7 @@ def main() -> None:
                                          "readings": {e: {"transformers": r["transformers"], "results": {
                                              k: {f: v for f, v in res.items() if f != "logits"} for k, res in r["results"].items()}}
                                              for e, r in readings.items()}}, indent=1))
-    print("\nall checkpoints load alike" if ok else "\nMISMATCH: see the table")
+    print("\nevery checkpoint longforge wrote loads alike in every version" if ok else "\nMISMATCH: see the table")
     sys.exit(0 if ok else 1)
 
 

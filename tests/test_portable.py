@@ -187,17 +187,26 @@ def test_portable_config_reads_rope_the_way_transformers5_does() -> None:
     assert portable_config({"model_type": "gpt2"}) == {"model_type": "gpt2"}
 
 
-def test_make_portable_keeps_what_transformers5_loads(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any) -> None:
-    """The same logits and token ids in transformers 5 before and after; the tokenizer only gains the window."""
-    folder = _checkpoint(tmp_path / "m", tokenizer_dir, len(tokenizer), rope=YARN, window=256)
-    x = torch.randint(0, len(tokenizer), (1, 150), generator=torch.Generator().manual_seed(0))
-    text = "remember the pass key 12345 and the blue river"
+def test_make_portable_keeps_what_transformers5_loads(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """The same logits, token ids and special tokens in transformers 5 before and after; the tokenizer gains the window."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|a|>", "<|b|>"]})
+    folder = tmp_path / "m"
+    tok.save_pretrained(folder)  # transformers 5 lists them under extra_special_tokens, which 4.x cannot read
+    assert isinstance(_json(folder / "tokenizer_config.json")["extra_special_tokens"], list)
+    model = make_tiny_model(len(tok), window=256)
+    model.config.rope_parameters = YARN
+    model.save_pretrained(folder)
+    x = torch.randint(0, len(tok), (1, 150), generator=torch.Generator().manual_seed(0))
+    text = "<|a|> remember the pass key 12345 and the blue river <|b|>"
     with torch.no_grad():
         before = AutoModelForCausalLM.from_pretrained(folder).eval()(x).logits
-    ids = AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
     make_portable(folder)
     _assert_portable(folder, 256)
+    saved = _json(folder / "tokenizer_config.json")
+    assert saved["additional_special_tokens"] == ["<|a|>", "<|b|>"] and "extra_special_tokens" not in saved
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(folder).eval()(x).logits, before)
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert tok(text)["input_ids"] == ids and tok.model_max_length == 256
+    again = AutoTokenizer.from_pretrained(folder)
+    assert again(text)["input_ids"] == tok(text)["input_ids"] and again.all_special_tokens == tok.all_special_tokens
+    assert again.model_max_length == 256

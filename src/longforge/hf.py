@@ -281,10 +281,20 @@ def context_window(config: dict[str, Any]) -> int | None:
 
 
 def portable_tokenizer_config(tok: dict[str, Any], window: int | None) -> dict[str, Any]:
-    """tokenizer_config.json with a class transformers 4.x knows and `model_max_length` set to the model's window."""
+    """tokenizer_config.json with a class transformers 4.x knows and `model_max_length` set to the model's window.
+
+    transformers 5 saves extra special tokens as a list under `extra_special_tokens`, which 4.x reads as a dict of
+    named tokens (and fails on); both read the list under `additional_special_tokens`.
+    """
     out = dict(tok)
     if out.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
         out["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[out["tokenizer_class"]]
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):
+        known = out.get("additional_special_tokens")
+        known = known if isinstance(known, list) else []
+        out["additional_special_tokens"] = known + [t for t in extra if t not in known]
+        del out["extra_special_tokens"]
     if window is not None:
         out["model_max_length"] = window
     return out
