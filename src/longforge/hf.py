@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from longforge.errors import LongforgeError
-from longforge.files import OWNER_MARK, claim_dir, clear_dir, fsync_dir, read_json, remove_dir, writing
+from longforge.files import OWNER_MARK, atomic_write_text, claim_dir, clear_dir, fsync_dir, read_json, remove_dir, writing
 from longforge.integrity import REFETCH, check_side_files, verify_checkpoint
 
 TOKENIZER_FILES = (
@@ -250,8 +251,10 @@ def begin_checkpoint(out: Path, what: str) -> Path:
 
 
 def finish_checkpoint(tmp: Path, out: Path, what: str) -> Path:
-    """Put a finished temp folder in place of `out`, replacing only a folder longforge wrote (or an empty one)."""
+    """Make a finished temp folder portable, then put it in place of `out`, replacing only a folder longforge wrote."""
     out = Path(out)
+    with writing(tmp):
+        make_portable(tmp)
     if out.exists():
         remove_dir(claim_dir(out, what, ours=longforge_checkpoint), what)
     tmp.rename(out)
@@ -271,3 +274,133 @@ def save_model(model: Any, out: Path, tokenizer_from: Path | None = None) -> Pat
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, tmp)
     return finish_checkpoint(tmp, out, "model output folder")
+
+
+# Tokenizer classes only transformers 5 knows, and the class transformers 4.x builds the same tokenizer.json with
+# (transformers 5 reads that name as the same class, so nothing changes there).
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def effective_rope(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The flat RoPE parameters transformers 5 builds from a raw config.json, or None when there are none to rewrite.
+
+    Like transformers 5: `rope_scaling` wins over `rope_parameters`, a top-level `rope_theta` and `partial_rotary_factor`
+    fill what is missing, and `type` names the rope_type when `rope_type` does not. Per-layer-type parameters (a dict
+    of dicts) and configs without a stated rope_theta (the class default would apply) give None: left as they are.
+    """
+    raw = config.get("rope_scaling") or config.get("rope_parameters")
+    if raw is not None and not isinstance(raw, dict):
+        return None
+    params = dict(raw or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        return None
+    if params.get("rope_theta") is None:
+        params.pop("rope_theta", None)
+        if config.get("rope_theta") is None:
+            return None
+        params["rope_theta"] = config["rope_theta"]
+    if config.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as transformers 4.x and 5.x read it alike: `rope_parameters` (5.x), `rope_scaling` and `rope_theta` (4.x).
+
+    `rope_scaling` is the parameters without `rope_theta` (4.x reads the base at the top level), None for unscaled RoPE.
+    transformers 5 prefers `rope_scaling` and fills `rope_theta` from the top level, so it rebuilds the same parameters.
+    """
+    params = effective_rope(config)
+    if params is None:
+        return config
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    out = {**config, "rope_parameters": params, "rope_theta": params["rope_theta"],
+           "rope_scaling": None if params["rope_type"] == "default" else scaling}
+    if "partial_rotary_factor" in params:
+        out["partial_rotary_factor"] = params["partial_rotary_factor"]
+    return out
+
+
+def context_window(config: dict[str, Any]) -> int | None:
+    """The longest input a raw config is set up for: max_position_embeddings, times the factor for dynamic NTK.
+
+    transformers' dynamic NTK reads max_position_embeddings as the original window and scales it by `factor`.
+    """
+    window = config.get("max_position_embeddings")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    params = effective_rope(config) or {}
+    if params.get("rope_type") == "dynamic" and isinstance(params.get("factor"), (int, float)):
+        return int(round(window * float(params["factor"])))
+    return window
+
+
+def portable_tokenizer_config(tok: dict[str, Any], window: int | None) -> dict[str, Any]:
+    """tokenizer_config.json with a class transformers 4.x knows and `model_max_length` set to the model's window.
+
+    transformers 5 saves extra special tokens as a list under `extra_special_tokens`, which 4.x reads as a dict of
+    named tokens (and fails on); both read the list under `additional_special_tokens`.
+    """
+    out = dict(tok)
+    if out.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
+        out["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[out["tokenizer_class"]]
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):
+        known = out.get("additional_special_tokens")
+        known = known if isinstance(known, list) else []
+        out["additional_special_tokens"] = known + [t for t in extra if t not in known]
+        del out["extra_special_tokens"]
+    if window is not None:
+        out["model_max_length"] = window
+    return out
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_modes(folder: Path) -> None:
+    """Give every file in a written checkpoint the mode a plain open() gives (0644 under the usual umask).
+
+    safetensors writes each weight file as a private temp file (0600) and renames it, so trained or merged weights
+    would otherwise be unreadable to the other users and services that config.json and the tokenizer are readable to.
+    """
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
+
+
+def _write_json_if_changed(path: Path, old: Any, new: Any, sort_keys: bool) -> None:
+    """Rewrite a JSON file atomically only when its content changes (in the layout transformers writes)."""
+    if new != old:
+        atomic_write_text(path, json.dumps(new, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def make_portable(folder: Path) -> None:
+    """Make a written checkpoint load alike in transformers 4.x and 5.x and in the tools built on them.
+
+    config.json gets `rope_scaling` and `rope_theta` beside `rope_parameters` (4.x would otherwise drop the scaling
+    silently), tokenizer_config.json a tokenizer class 4.x knows and the model's window as `model_max_length`, and
+    every file plain read permissions. Files this changes were written by longforge into its own temp folder.
+    """
+    folder = Path(folder)
+    window = None
+    config = read_json(folder / "config.json")
+    if isinstance(config, dict):
+        _write_json_if_changed(folder / "config.json", config, portable_config(config), sort_keys=True)
+        window = context_window(config)
+    tok = read_json(folder / "tokenizer_config.json")
+    if isinstance(tok, dict):
+        _write_json_if_changed(folder / "tokenizer_config.json", tok, portable_tokenizer_config(tok, window), sort_keys=False)
+    plain_file_modes(folder)

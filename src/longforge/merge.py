@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from longforge.errors import LongforgeError
 from longforge.files import atomic_write_json, is_inside, writing
-from longforge.hf import begin_checkpoint, check_checkpoint, copy_tokenizer, finish_checkpoint, read_config
+from longforge.hf import begin_checkpoint, check_checkpoint, context_window, copy_tokenizer, finish_checkpoint, read_config
 from longforge.progress import progress_bar
 
 ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -139,8 +139,9 @@ def merge(models: list[Path], weights: list[float], out: Path, method: str = "li
             missing = sorted(names ^ set(mp))[:3]
             raise LongforgeError(f"cannot merge: tensor names differ between {models[0]} and {m} (e.g. {missing}).")
     if config_from is None:
-        # Keep the rope config of the longest-context model (the extended one).
-        lens = [read_config(m).get("max_position_embeddings", 0) for m in models]
+        # Keep the rope config of the longest-context model (the extended one); a dynamic NTK model states its
+        # original window as max_position_embeddings, so the window is read with its factor.
+        lens = [context_window(read_config(m)) or 0 for m in models]
         config_from = lens.index(max(lens))
     out = Path(out)
     for m in models:
