@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -58,7 +59,11 @@ def main() -> None:
         name = str(done.parent.relative_to(work)).replace("cache/", "").split("/", 1)[-1]
         stages[name] = rec["seconds"]
     summary = json.loads((work / "run" / "report" / "summary.json").read_text())
-    result = {"wall_seconds": round(wall, 1), "checks": checks, "stages": stages, "table": summary}
+    # Hashes of the trained weights: equal hashes across runs of one seed show the demo is reproducible on a machine.
+    weights = {name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for name, f in (
+        ("base", next(work.glob("cache/*/base/final/model.safetensors"))),
+        ("extended", work / "run" / "train" / "extend" / "final" / "model.safetensors"))}
+    result = {"wall_seconds": round(wall, 1), "checks": checks, "stages": stages, "table": summary, "weights_sha256": weights}
     print(json.dumps(result, indent=1))
     if args.docs:
         dest = ROOT / "docs" / "demo"
@@ -81,6 +86,7 @@ def record(result: dict, command: str) -> None:
         f"- wall time, everything included (corpus, tokenizer, base pretraining, data, rope, training, eval, report): "
         f"**{result['wall_seconds'] / 60:.1f} min** (target: 10 min)",
         "- stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["stages"].items()),
+        "- weights (sha256, first 16): " + ", ".join(f"{k} {v}" for k, v in result["weights_sha256"].items()),
         "",
         "| check | measured | target | |",
         "|---|---|---|---|",
