@@ -439,7 +439,7 @@ class Engine:
         Prefills in chunks, so activations stay bounded however long the window; the LM head runs on the
         scored positions only, in blocks (no full logits tensor).
         """
-        from longforge.train.loop import chunked_lm_loss
+        from longforge.model.loss import chunked_lm_loss
 
         ids = ids.to(self.device)
         n = ids.shape[1]
