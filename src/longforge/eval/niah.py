@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from longforge.errors import LongforgeError
-from longforge.eval.generate import as_engine
+from longforge.inference import as_engine
 from longforge.eval.grid import Prompt, depth_values, generate_all, summarize_grid
 from longforge.eval.metrics import rouge1, rouge_tokens
 from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, depth_of, fit_count, insert_at_depths, noise_sentences, prompt_hash

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from longforge.errors import LongforgeError
-from longforge.eval.generate import as_engine
+from longforge.inference import as_engine
 from longforge.eval.grid import Prompt, depth_values, generate_all, spread_lengths, summarize_grid
 from longforge.eval.metrics import answer_complete_integer, first_integer
 from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, fit_count, prompt_hash

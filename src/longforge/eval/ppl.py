@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from longforge.errors import LongforgeError
-from longforge.eval.generate import as_engine
+from longforge.inference import as_engine
 from longforge.progress import progress_bar
 
 

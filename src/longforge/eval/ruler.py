@@ -21,7 +21,7 @@ import torch
 
 from longforge.errors import LongforgeError
 from longforge.progress import say
-from longforge.eval.generate import as_engine
+from longforge.inference import as_engine
 from longforge.eval.grid import Prompt, generate_all
 from longforge.eval.metrics import all_found, string_match_all, string_match_part
 from longforge.eval.prompts import PromptFormat, PromptTooLong, TextHaystack, fit_count, insert_at_depths, noise_sentences, prompt_hash

@@ -14,7 +14,7 @@ import torch
 from longforge.config import EvalSpec, SourceSpec
 from longforge.data.sources import Rejects, iter_documents
 from longforge.errors import LongforgeError
-from longforge.eval.generate import Engine
+from longforge.inference import Engine
 from longforge.eval.grid import spread_lengths
 from longforge.eval.niah import Needle, build_niah, run_niah
 from longforge.eval.passkey import build_grid, run_passkey
