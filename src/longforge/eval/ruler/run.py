@@ -9,13 +9,16 @@ from typing import Any
 
 import torch
 
+from longforge.config import EvalSpec
 from longforge.errors import LongforgeError
 from longforge.eval.grid import Prompt, generate_all
 from longforge.eval.prompts import PromptFormat, PromptTooLong, TextHaystack, fit_count, prompt_hash
+from longforge.eval.ruler import tables
 from longforge.eval.ruler.generators import Resources, make_sample
 from longforge.eval.ruler.qa import load_hotpotqa, load_squad
 from longforge.eval.ruler.scoring import THRESHOLD, answer_done, score, summarize
 from longforge.eval.ruler.tasks import TASKS
+from longforge.eval.task import RETRIEVAL_TABLE, EvalTask, TaskRun
 from longforge.inference import as_engine
 from longforge.progress import say
 
@@ -151,3 +154,36 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
             "haystacks": haystacks, "format": {"chat_template": fmt.chat_template},
             "engine": engine.describe() if hasattr(engine, "describe") else {"path": type(engine).__name__},
             "samples": all_samples, "summary": summarize(all_samples, tasks, lengths, threshold, skipped)}
+
+
+# ---- how the eval stage runs the task and how its results are read (the registry's entry)
+
+
+def run_task(job: TaskRun) -> dict[str, Any]:
+    """The eval spec's RULER tasks at its lengths (4K doubling to the target when none are given) on one model."""
+    r = job.spec.ruler
+    assert r is not None
+    lengths = sorted(r.lengths) if r.lengths else ruler_lengths(job.target_length)
+    return run_ruler(job.engine, job.tokenizer, r.task_list(), lengths, r.samples, job.spec.seed, essays=r.essays,
+                     squad=r.squad, hotpotqa=r.hotpotqa, fmt=job.fmt, batch_size=r.batch_size,
+                     batch_tokens=job.batch_tokens, label=f"{job.label} ruler", threshold=r.threshold,
+                     max_new_tokens=r.max_new_tokens)
+
+
+def check_inputs(spec: EvalSpec) -> None:
+    """Refuse, before any work, an unknown task or a task whose data file was not given."""
+    r = spec.ruler
+    assert r is not None
+    check_tasks(r.task_list(), r.essays, r.squad, r.hotpotqa)
+
+
+def _plot(results: dict[str, dict[str, Any]], original: int, path: Path) -> Path:
+    from longforge.report.plots import ruler_curves
+
+    return ruler_curves(results, original, path)
+
+
+EVAL_TASK = EvalTask(
+    name="ruler", title="RULER", terminal=RETRIEVAL_TABLE, run=run_task, summary=lambda res: res["summary"],
+    columns=tables.columns, compare=tables.compare, plot=_plot, check_inputs=check_inputs, table=tables.table,
+    details=tables.details)
