@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
@@ -84,3 +85,12 @@ def test_the_registry_is_the_one_list_of_tasks() -> None:
     spec = EvalSpec.model_validate({"passkey": None, "niah": {}, "ppl": {"source": "x"}})
     assert [t.name for t in enabled(spec)] == ["niah", "ppl"]
     assert [t.name for t in enabled(EvalSpec())] == ["passkey"]
+
+
+def test_the_schema_names_the_ruler_tasks_the_generators_know() -> None:
+    from longforge.config import RulerSpec, RulerTask
+    from longforge.eval.ruler import SYNTHETIC, TASKS
+
+    assert list(get_args(RulerTask)) == list(TASKS)
+    assert RulerSpec().task_list() == SYNTHETIC
+    assert RulerSpec(squad=Path("s"), hotpotqa=Path("h")).task_list() == [*SYNTHETIC, "qa_1", "qa_2"]
