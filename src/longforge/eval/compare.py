@@ -34,11 +34,6 @@ def resolve(path: Path) -> Path:
     raise LongforgeError(f"{path} holds several results ({names}) and none is 'final'; pass one of those folders.")
 
 
-def load(folder: Path) -> dict[str, Any]:
-    """summary.json and every task JSON of an eval folder."""
-    return load_results(folder)
-
-
 def labels_for(a: Path, b: Path, given: tuple[Any, Any] = (None, None)) -> tuple[str, str]:
     """Short distinct names for the two sides: the labels their evaluations were given, else folder names, else
     run/folder, else A and B."""
@@ -68,7 +63,7 @@ def fmt(x: float | None, unit: str) -> str:
 def compare(a: Path, b: Path, out: Path) -> dict[str, Any]:
     """Write compare.json, compare.md and the plots for results A (before) and B (after); returns them."""
     fa, fb = resolve(a), resolve(b)
-    ra, rb = load(fa), load(fb)
+    ra, rb = load_results(fa), load_results(fb)
     la, lb = labels_for(fa, fb, (ra["summary"].get("label"), rb["summary"].get("label")))
     out = Path(out)
     with writing(out):
