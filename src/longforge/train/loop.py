@@ -27,6 +27,7 @@ from longforge.train.optim import StepInBackward, make_optimizer
 from longforge.train.parallelize import TrainingModel, parallelize
 from longforge.train.resume import check_resume, current_records
 from longforge.train.schedule import lr_at
+
 # What a training output folder holds (the runner adds its markers and an SFT stage its rejects).
 TRAIN_ENTRIES = {"checkpoints", "final", "log.jsonl", "tb", "STARTED.json", "DONE.json", "rejects.jsonl"}
 FINAL_RECORD = "longforge_train.json"
