@@ -55,9 +55,9 @@ def pairs(lq: int, lk: int) -> int:
 # ---- candidates; all take and return (B, H, L, D) ----
 
 def longforge_kernel(name: str) -> Fn:
-    """One of longforge.eval.attention's kernels with the default scale: causal_attention is the engine's dispatch,
+    """One of longforge.inference.kernels' kernels with the default scale: causal_attention is the engine's dispatch,
     sdpa_lower_right its public-API path (the engine's earlier kernel), flash_last and split_cudnn its fast paths."""
-    from longforge.eval import attention
+    from longforge.inference import kernels as attention
 
     fn = getattr(attention, name)
     return lambda q, k, v: fn(q, k, v, None)

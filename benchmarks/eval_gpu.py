@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from longforge.eval.generate import Engine  # noqa: E402
+from longforge.inference import Engine  # noqa: E402
 from longforge.eval.grid import spread_lengths  # noqa: E402
 from longforge.eval.passkey import FILLER, NEEDLE, QUESTION, build_grid  # noqa: E402
 
@@ -108,24 +108,17 @@ def peak(device: torch.device) -> int:
 @torch.no_grad()
 def check_logits(model: Any, ids: torch.Tensor, chunk: int, device: torch.device) -> dict[str, Any]:
     """Last-position logits of the engine's chunked prefill (both KV places) against one full forward pass."""
-    from longforge.eval.generate import STORE_KW, register_attention
-
     ref = model(input_ids=ids.to(device), logits_to_keep=1).logits[0, -1].float()
     out: dict[str, Any] = {"tokens": ids.shape[1], "chunk": chunk}
     logits = {}
     for place in ("device", "cpu") if device.type == "cuda" else ("device",):
         eng = Engine(model, prefill_chunk=chunk, kv_cache=place, stop_on_eos=False)
         store = eng._store(ids.shape[1])
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(register_attention())
-        try:
+        with eng._attached(store):  # the model's attention goes through the store while prefilling
             h = None
             for s in range(0, ids.shape[1], chunk):
                 h = eng._run_decoder(ids[:, s:s + chunk].to(device), s, store)
-            store.finish()
-        finally:
-            model.set_attn_implementation(previous)
-        assert h is not None and STORE_KW
+        assert h is not None
         logits[place] = model.get_output_embeddings()(h[:, -1])[0].float()
         err = (logits[place] - ref).abs().max().item() / ref.abs().max().item()
         out[f"kv_{place}_rel_err"] = round(err, 5)
@@ -160,7 +153,7 @@ def run_engine(engine: Engine, ids: torch.Tensor, new: int, device: torch.device
 
 def public_kernels(fn: Any) -> Any:
     """Run fn with the engine restricted to public SDPA kernels (its attention before the private fast paths)."""
-    from longforge.eval import attention
+    from longforge.inference import kernels as attention
 
     saved = attention._usable
     attention._usable = lambda *a: False  # type: ignore[assignment]

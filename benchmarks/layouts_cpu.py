@@ -71,7 +71,7 @@ def worker(rank: int, world: int, sp: int, out: str, port: int) -> None:
     from longforge.model.parallel import Layout, init_layout
     from longforge.train.loop import train_model
 
-    layout = init_layout(sp=sp, device="cpu") if world > 1 else Layout(1, 0, 1, 1, torch.device("cpu"))
+    layout = init_layout(sp=sp, device="cpu") if world > 1 else Layout.single("cpu")
     spec = StageSpec(steps=STEPS, batch_size=ROWS // layout.dp, grad_accum=1, lr=3e-3, warmup_steps=1,
                      save_every=STEPS, sp=sp)
     train_model(make_model(), Rows(layout.dp_rank, layout.dp), spec, Path(out), layout.device, layout=layout)

@@ -191,7 +191,7 @@ def run_hf(case: dict[str, Any], device: Any) -> dict[str, Any]:
 
     from longforge.model.parallel import Layout
 
-    return timed(step, case, model.config, Layout(1, 0, 1, 1, device))
+    return timed(step, case, model.config, Layout.single(device))
 
 
 def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -201,7 +201,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     from longforge.config import StageSpec
     from longforge.model.parallel import Layout, init_layout
     from longforge.train.batches import Batch, targets
-    from longforge.train.loop import prepare
+    from longforge.train.parallelize import parallelize
     from longforge.train.optim import StepInBackward, make_optimizer
 
     began = time.perf_counter()
@@ -210,7 +210,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
 
         attention.CALL_ELEMENTS = case["attn_budget"]
     sp = case.get("sp", case.get("gpus", 1))
-    layout = init_layout(sp=sp, device=device.type) if case.get("gpus", 1) > 1 else Layout(1, 0, 1, 1, device)
+    layout = init_layout(sp=sp, device=device.type) if case.get("gpus", 1) > 1 else Layout.single(device)
     model = build(case, layout.device)
     frugal = case.get("frugal", False) or case.get("probe", False)
     in_backward = case.get("in_backward", False)
@@ -220,7 +220,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
                      clip_grad=0 if in_backward else 1.0,
                      mlp_tile=16384 if frugal else case.get("mlp_tile", 0), checkpoint_policy=case.get("policy", "full"),
                      sp=sp, lean_norm=case.get("lean_norm", True), fused_ops=case.get("fused_ops", "auto"))
-    engine = prepare(model, spec, layout, case["seq"])
+    engine = parallelize(model, spec, layout, case["seq"])
     opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
     stepper = StepInBackward(engine.net, opt) if in_backward else None
     if case.get("init_moments"):  # the optimizer's state before the first step, as every later step has it

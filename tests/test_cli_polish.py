@@ -248,7 +248,7 @@ class _Forward:
 
 
 def test_cache_keyword_follows_the_forward_signature() -> None:
-    from longforge.eval.generate import cache_keyword
+    from longforge.inference.engine import cache_keyword
 
     def new(input_ids=None, cache=None, use_cache=None, **kwargs): ...  # noqa: ANN001, ANN202, ANN003
     def old(input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...  # noqa: ANN001, ANN202, ANN003
@@ -270,7 +270,7 @@ class _OldStyle(torch.nn.Module):
         self.seen: list[str] = []
 
     def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0):  # noqa: ANN001, ANN201
-        from longforge.eval.generate import cache_keyword
+        from longforge.inference.engine import cache_keyword
 
         self.seen.append(type(past_key_values).__name__)
         return self.inner(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
@@ -280,7 +280,7 @@ class _OldStyle(torch.nn.Module):
 def test_hf_path_passes_the_cache_by_the_name_the_model_takes(tokenizer, one_thread) -> None:
     """No deprecation warning from this transformers, the same tokens as model.generate, and a 5.17-style forward
     (past_key_values) still gets its cache."""
-    from longforge.eval.generate import Engine
+    from longforge.inference.engine import Engine
 
     model = make_tiny_model(len(tokenizer), window=256)
     x = torch.randint(1, len(tokenizer), (2, 30))

@@ -96,9 +96,9 @@ def test_bf16_training_with_the_bf16_optimizer(tmp_path: Path) -> None:
 
     spec = StageSpec(steps=6, batch_size=2, grad_accum=2, lr=3e-3, precision="bf16", optimizer="adamw_bf16", save_every=3)
     from longforge.model.parallel import Layout
-    from longforge.train.loop import prepare
+    from longforge.train.parallelize import parallelize
 
-    engine = prepare(make_tiny_model(50), spec, Layout(1, 0, 1, 1, torch.device("cpu")), 24)
+    engine = parallelize(make_tiny_model(50), spec, Layout(1, 0, 1, 1, torch.device("cpu")), 24)
     assert {p.dtype for p in engine.net.parameters()} == {torch.bfloat16}
     model = make_tiny_model(50)
     res = train_model(model, _Source(50, 2), spec, tmp_path / "bf16", torch.device("cpu"))

@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_tiny_model
 from longforge.errors import LongforgeError
-from longforge.eval.generate import Engine, greedy_generate
+from longforge.inference.engine import Engine, greedy_generate
 from longforge.eval.metrics import first_integer, rouge1, string_match_all, string_match_part
 from longforge.eval.niah import NEEDLE, Needle, build_niah, run_niah, score_answer
 from longforge.eval.passkey import NEEDLE as PK_NEEDLE
@@ -194,7 +194,7 @@ def test_offloaded_kv_logic_matches_device_kv(tokenizer) -> None:
 
 
 def test_kv_placement_keeps_what_fits_and_spreads_it() -> None:
-    from longforge.eval.generate import resident_layers, spread_layers
+    from longforge.inference.kv import resident_layers, spread_layers
 
     assert resident_layers(32, 10, 320) == 32  # everything fits: no staging slots needed
     assert resident_layers(32, 10, 319) == 29  # else two slots of one layer each come first

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longforge.eval import attention as A
+from longforge.inference import kernels as A
 
 
 def math_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,

@@ -14,7 +14,7 @@ from longforge.model.attention import use_longforge_attention
 from longforge.positions.rope import inv_freq
 from longforge.positions.transforms import doc_ids_from_starts, position_ids
 from longforge.train.batches import Batch, targets
-from longforge.train.loop import forward_loss
+from longforge.train.parallelize import forward_loss
 
 VOCAB, SEQ, TARGET = 61, 96, 1024
 

@@ -16,7 +16,9 @@ from longforge.errors import LongforgeError
 from longforge.model.attention import use_longforge_attention
 from longforge.positions.transforms import contiguous, doc_ids_from_starts
 from longforge.train.batches import IGNORE, Batch, targets
-from longforge.train.loop import chunked_lm_loss, forward_loss, train_model
+from longforge.model.loss import chunked_lm_loss
+from longforge.train.loop import train_model
+from longforge.train.parallelize import forward_loss
 
 
 def _packed(lengths: list[int], vocab: int, seed: int = 0, counting: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def test_planted_pickle_in_a_dcp_bytes_item_does_not_run(tmp_path: Path) -> None
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from longforge.train.loop import LossModel
+    from longforge.model.loss import LossModel
     from longforge.train.optim import make_optimizer
 
     ck = _interrupted(tmp_path / "run")

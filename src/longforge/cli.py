@@ -15,6 +15,8 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from longforge.errors import LongforgeError
+from longforge.eval import command as eval_command
+from longforge.options import with_schema_options
 from longforge.progress import console, err_console, say
 
 if TYPE_CHECKING:
@@ -498,39 +500,8 @@ eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True,
 app.add_typer(eval_app, name="eval")
 
 
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    """A comma-separated list of integers, or None."""
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise LongforgeError(f"{flag} {text!r} is not a comma-separated list of integers.") from None
-
-
-def _eval_spec_from_flags(tasks: list[str], f: dict[str, object]) -> dict[str, object]:
-    """An EvalSpec mapping from the `eval run` flags."""
-    grid = {"lengths": f["lengths"], "num_lengths": f["num_lengths"], "depths": f["depths"], "trials": f["trials"]}
-    spec: dict[str, object] = {"seed": f["seed"], "passkey": None}
-    if "passkey" in tasks:
-        spec["passkey"] = {k: v for k, v in {**grid, "haystack": f["passkey_haystack"]}.items() if v is not None}
-    if "niah" in tasks:
-        spec["niah"] = {k: v for k, v in {**grid, "haystack": f["haystack"]}.items() if v is not None}
-    if "ruler" in tasks:
-        r = {"tasks": f["ruler_tasks"], "lengths": f["ruler_lengths"], "samples": f["samples"], "essays": f["essays"],
-             "squad": f["squad"], "hotpotqa": f["hotpotqa"]}
-        spec["ruler"] = {k: v for k, v in r.items() if v is not None}
-    if "ppl" in tasks:
-        if f["ppl_source"] is None:
-            raise LongforgeError("task ppl needs --ppl-source (a JSONL or text file/folder of long documents).")
-        spec["ppl"] = {k: v for k, v in {"source": f["ppl_source"], "stride": f["ppl_stride"]}.items() if v is not None}
-    inf = {"chat_template": f["chat_template"], "kv_cache": f["kv_cache"], "prefill_chunk": f["prefill_chunk"],
-           "gpu_memory_gib": f["gpu_memory"]}
-    spec["inference"] = {k: v for k, v in inf.items() if v is not None}
-    return spec
-
-
 @eval_app.command("run")
+@with_schema_options(eval_command.options_model(), panels=eval_command.panels())
 def eval_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint to evaluate.")],
     out: Annotated[Path, typer.Option(help="Folder for <task>.json and summary.json.")],
@@ -539,32 +510,17 @@ def eval_cmd(
                                                       "final, rope or step-N).")] = None,
     target_length: Annotated[Optional[int], typer.Option(help="Longest prompt (default: the model's max_position_embeddings).")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="Window before extension (for the report's bands).")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: passkey, niah, ruler, ppl (default: passkey, plus ppl with --ppl-source).")] = None,
-    spec: Annotated[Optional[Path], typer.Option(help="YAML file with the recipe's `eval` section; replaces the task flags.")] = None,
-    lengths: Annotated[Optional[str], typer.Option(help="Comma-separated grid lengths (passkey, niah).")] = None,
-    num_lengths: Annotated[Optional[int], typer.Option(help="Grid lengths when --lengths is absent (default 40).")] = None,
-    depths: Annotated[Optional[int], typer.Option(help="Needle depths per length (default 10).")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Prompts per cell (default 1).")] = None,
-    haystack: Annotated[Optional[Path], typer.Option(help="NIAH haystack: text file/folder or JSONL (default: noise filler).")] = None,
-    passkey_haystack: Annotated[Optional[Path], typer.Option(help="Passkey haystack: text file/folder or JSONL (default: the Landmark filler).")] = None,
-    ruler_tasks: Annotated[Optional[str], typer.Option(help="Comma-separated RULER tasks (default: all that the given files allow).")] = None,
-    ruler_lengths: Annotated[Optional[str], typer.Option(help="Comma-separated RULER lengths (default: 4K doubling to the target).")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="RULER samples per task and length (default 25; RULER uses 500).")] = None,
-    essays: Annotated[Optional[Path], typer.Option(help="Essay haystack for RULER's essay tasks (text file/folder or JSONL).")] = None,
-    squad: Annotated[Optional[Path], typer.Option(help="SQuAD dev JSON (RULER qa_1).")] = None,
-    hotpotqa: Annotated[Optional[Path], typer.Option(help="HotpotQA distractor dev JSON (RULER qa_2).")] = None,
-    ppl_source: Annotated[Optional[Path], typer.Option(help="JSONL/text of long documents for perplexity.")] = None,
-    ppl_stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride for perplexity (default: one window per document).")] = None,
-    chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap prompts in the tokenizer's chat template.")] = False,
-    kv_cache: Annotated[Optional[str], typer.Option(help="auto (default: on the GPU what fits), device, or cpu (pinned host memory).")] = None,
-    gpu_memory: Annotated[Optional[float], typer.Option(help="GiB of GPU memory the engine may use with --kv-cache auto (default 90%).")] = None,
-    prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per forward pass (default 8192).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help=f"Comma-separated: {', '.join(eval_command.task_sections())} (default: "
+                                                      "passkey, or the --spec file's tasks; plus every task whose own "
+                                                      "flag is given). Tasks left out do not run.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="YAML file with the recipe's `eval` section; the flags given "
+                                                      "override its values.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for the prompts: needles, passkeys and where they sit.")] = 1234,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
+    schema_values: dict[str, Any] | None = None,
 ) -> None:
     """Evaluate one checkpoint: passkey/NIAH grids, RULER, perplexity against length."""
-    from longforge.config import EvalSpec, parse_yaml
+    from longforge.eval.registry import EVAL_TASKS
     from longforge.eval.run import evaluate, model_label
     from longforge.hf import load_config, resolve_device
     from longforge.positions.rope import rope_info
@@ -572,72 +528,36 @@ def eval_cmd(
     if label is not None and not label.strip():
         raise LongforgeError("--label is empty; give the model a name (e.g. --label base), or leave it out.")
     name = label.strip() if label is not None else model_label(model_dir)
+    ev = eval_command.build_spec(schema_values or {}, tasks, spec)
     info = rope_info(load_config(model_dir, trust_remote_code), original_length)
     target = target_length or info.max_position_embeddings
-    if spec is not None:
-        if not spec.is_file():
-            raise LongforgeError(f"--spec {spec} does not exist; pass a YAML file holding the recipe's `eval` section.")
-        try:
-            text = spec.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LongforgeError(f"--spec {spec} is not UTF-8 text; save it as UTF-8 YAML.") from None
-        data = parse_yaml(text, str(spec)) or {}
-        data = data.get("eval", data) if isinstance(data, dict) else data
-        ev = _validated(EvalSpec, data if isinstance(data, dict) else {"_": data}, str(spec))
-        ev.resolve_paths(lambda p: None if p is None else (p if Path(p).is_absolute() else (spec.parent / p).resolve()))
-    else:
-        names = [t.strip() for t in tasks.split(",")] if tasks else ["passkey"] + (["ppl"] if ppl_source else [])
-        for t in names:
-            if t not in ("passkey", "niah", "ruler", "ppl"):
-                raise LongforgeError(f"--tasks: unknown task {t!r}; choose from passkey, niah, ruler, ppl.")
-        flags = {"lengths": _ints(lengths, "--lengths"), "num_lengths": num_lengths, "depths": depths, "trials": trials,
-                 "haystack": str(haystack) if haystack else None, "seed": seed,
-                 "passkey_haystack": str(passkey_haystack) if passkey_haystack else None,
-                 "ruler_tasks": [t.strip() for t in ruler_tasks.split(",")] if ruler_tasks else None,
-                 "ruler_lengths": _ints(ruler_lengths, "--ruler-lengths"), "samples": samples,
-                 "essays": str(essays) if essays else None, "squad": str(squad) if squad else None,
-                 "hotpotqa": str(hotpotqa) if hotpotqa else None, "ppl_source": str(ppl_source) if ppl_source else None,
-                 "ppl_stride": ppl_stride, "chat_template": chat_template or None, "kv_cache": kv_cache,
-                 "prefill_chunk": prefill_chunk, "gpu_memory": gpu_memory}
-        ev = _validated(EvalSpec, _eval_spec_from_flags(names, flags), "eval")
     summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), name,
                        trust_remote_code)
     for table in _eval_tables(name, summary):
         console.print(table)
-    written = [f"{out}/{t}.json" for t in ("passkey", "niah", "ruler", "ppl") if t in summary] + [f"{out}/summary.json"]
+    written = [f"{out}/{t}.json" for t in EVAL_TASKS if t in summary] + [f"{out}/summary.json"]
     say("results: " + ", ".join(written))
 
 
 def _eval_tables(name: str, summary: dict) -> list[Table]:
-    """Per-length scores of the grid tasks and perplexity, and RULER per task and length."""
+    """Each task's score by prompt length in one table (those that have one), and the tasks' own tables."""
+    from longforge.eval.registry import EVAL_TASKS
+
     name = escape(name)  # a label is the user's text, not rich markup
     tables = []
-    per = {t: summary.get(t, {}).get("per_length", {}) for t in ("passkey", "niah")}
-    ppl = summary.get("ppl", {})
-    cols = [c for c, d in (("passkey", per["passkey"]), ("niah", per["niah"]), ("ppl", ppl)) if d]
+    ran = [t for t in EVAL_TASKS.values() if t.name in summary]
+    cols = {t.name: t.by_length(summary[t.name]) for t in ran if t.by_length is not None}
+    cols = {k: v for k, v in cols.items() if v}
     if cols:
-        t = Table(title=f"{name}: by prompt length" + (" (niah: ROUGE-1 F1)" if per["niah"] else ""))
+        notes = "".join(f" ({t.name}: {t.metric_note})" for t in ran if t.name in cols and t.metric_note)
+        t = Table(title=f"{name}: by prompt length{notes}")
         t.add_column("length", justify="right")
         for c in cols:
             t.add_column(c, justify="right")
-        for length in sorted({*per["passkey"], *per["niah"], *ppl}, key=int):
-            row = [length]
-            for c in cols:
-                v = ppl.get(length) if c == "ppl" else per[c].get(length)
-                row.append("-" if v is None else (f"{v:.2f}" if c == "ppl" else f"{v:.0%}"))
-            t.add_row(*row)
+        for length in sorted({L for cells in cols.values() for L in cells}, key=int):
+            t.add_row(length, *(cells.get(length, "-") for cells in cols.values()))
         tables.append(t)
-    ruler = summary.get("ruler")
-    if ruler:
-        lengths = sorted({int(L) for L in ruler["average"]})
-        t = Table(title=f"{name}: RULER (effective length {ruler.get('effective_length') or '-'}, threshold {ruler['threshold']})")
-        t.add_column("task")
-        for L in lengths:
-            t.add_column(str(L), justify="right")
-        for task, scores in ruler["per_task"].items():
-            t.add_row(task, *[f"{scores[str(L)]:.1f}" if str(L) in scores else "-" for L in lengths])
-        t.add_row("average", *[f"{ruler['average'][str(L)]:.1f}" if str(L) in ruler["average"] else "-" for L in lengths])
-        tables.append(t)
+    tables += [t.table(name, summary[t.name]) for t in ran if t.table is not None and summary[t.name]]
     return tables
 
 

@@ -1,1 +1,4 @@
-"""Evaluation: passkey grids, perplexity against length, and the generation engine they share."""
+"""Evaluation: the benchmarks (passkey, NIAH, RULER, perplexity), their registry, the eval stage and `eval compare`.
+
+The tasks generate prompts and score answers; the generation engine they run on is longforge.inference.
+"""

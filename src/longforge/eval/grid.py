@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from longforge.errors import LongforgeError
+from longforge.eval.task import Metric
 from longforge.progress import progress_bar
 
 
@@ -78,3 +80,76 @@ def summarize_grid(samples: list[dict[str, Any]], lengths: list[int], depths: li
     grid = [[float(np.mean(cell[(L, d)])) if cell[(L, d)] else float("nan") for d in depths] for L in lengths]
     per_length = {str(L): float(np.nanmean(row)) for L, row in zip(lengths, grid)}
     return {"grid": grid, "per_length": per_length, "accuracy": float(np.mean([float(s[key]) for s in samples]))}
+
+
+def grid_lengths(spec: Any, original_length: int, target_length: int) -> list[int]:
+    """A grid's lengths (a passkey or NIAH section): given, or spread from a quarter of the original window to the target."""
+    if spec.lengths:
+        return sorted(spec.lengths)
+    lo = spec.min_length or max(original_length // 4, 64)  # below ~64 tokens no task prompt fits
+    hi = spec.max_length or target_length
+    return spread_lengths(lo, hi, spec.num_lengths, spec.spacing)
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def grid_bands(result: dict[str, Any], original: int) -> dict[str, float | None]:
+    """A grid task's mean score inside the original window, beyond it, at 4x-8x of it, and over the whole grid."""
+    per = {int(k): v for k, v in result["summary"]["per_length"].items()}
+    return {
+        "inside": _mean([v for L, v in per.items() if L <= original]),
+        "beyond": _mean([v for L, v in per.items() if L > original]),
+        "4x-8x": _mean([v for L, v in per.items() if 4 * original <= L <= 8 * original]),
+        "all": result["summary"]["accuracy"],
+    }
+
+
+def percent(x: float | None) -> str:
+    """A 0-1 score as a whole percentage, or '-'."""
+    return "-" if x is None else f"{x * 100:.0f}%"
+
+
+def grid_columns(task: str, evals: dict[str, Any], original: int, bands: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
+    """The report's columns of a grid task: the given bands per model (none when no model ran the task)."""
+    if not any(task in e for e in evals.values()):
+        return [], [[] for _ in evals]
+    names = {"inside": f"<= {original}", "beyond": f"> {original}", "4x-8x": "4x-8x", "all": "all"}
+    header = [f"{task} {names[b]}" for b in bands]
+    rows = []
+    for e in evals.values():
+        if task in e:
+            got = grid_bands(e[task], original)
+            rows.append([percent(got[b]) for b in bands])
+        else:
+            rows.append(["-"] * len(bands))
+    return header, rows
+
+
+def grid_by_length(summary: dict[str, Any]) -> dict[str, str]:
+    """A grid task's score per length, as `longforge eval` prints it."""
+    return {L: f"{v:.0%}" for L, v in (summary or {}).get("per_length", {}).items() if v is not None}
+
+
+def x100(x: float | None) -> float | None:
+    """A 0-1 score in percent (None stays None)."""
+    return None if x is None else 100 * x
+
+
+def grid_metrics(task: str, name: str, ra: dict[str, Any], rb: dict[str, Any]) -> list[Metric]:
+    """A grid task's score per length and over the grid, for A and B (`eval compare`)."""
+    pa, pb = ra.get(task, {}).get("summary", {}), rb.get(task, {}).get("summary", {})
+    if not pa and not pb:
+        return []
+    per_a, per_b = pa.get("per_length", {}), pb.get("per_length", {})
+    rows = [Metric(f"{name} @{L}", x100(per_a.get(L)), x100(per_b.get(L)), "%") for L in sorted({*per_a, *per_b}, key=int)]
+    return rows + [Metric(f"{name}, all", x100(pa.get("accuracy")), x100(pb.get("accuracy")), "%")]
+
+
+def shortest_prompt(key: str, build: Callable[[], Any]) -> None:
+    """Run a prompt builder at a task's shortest length; its 'raise the shortest length' error names the recipe key."""
+    try:
+        build()
+    except LongforgeError as e:
+        raise LongforgeError(f"`{key}.lengths`: {e}") from None

@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from longforge.config import EvalSpec
 from longforge.errors import LongforgeError
-from longforge.eval.generate import as_engine
-from longforge.eval.grid import Prompt, depth_values, generate_all, summarize_grid
+from longforge.eval.task import RETRIEVAL_TABLE, EvalTask, TaskRun
+from longforge.inference import as_engine
+from longforge.eval.grid import (Prompt, depth_values, generate_all, grid_by_length, grid_columns, grid_lengths, grid_metrics,
+                                 shortest_prompt, summarize_grid)
 from longforge.eval.metrics import rouge1, rouge_tokens
 from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, depth_of, fit_count, insert_at_depths, noise_sentences, prompt_hash
 
@@ -127,3 +130,44 @@ def run_niah(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials
             "format": {"chat_template": fmt.chat_template},
             "engine": engine.describe() if hasattr(engine, "describe") else {"path": type(engine).__name__},
             "samples": samples, "summary": summary}
+
+
+# ---- how the eval stage runs the task and how its results are read (the registry's entry)
+
+def _needle(spec: EvalSpec) -> Needle:
+    nh = spec.niah
+    assert nh is not None
+    return Needle(nh.needle, nh.question, nh.answer_prefix)
+
+
+def run_task(job: TaskRun) -> dict[str, Any]:
+    """The NIAH grid of the eval spec on one model."""
+    nh = job.spec.niah
+    assert nh is not None
+    return run_niah(job.engine, job.tokenizer, grid_lengths(nh, job.original_length, job.target_length), nh.depths,
+                    nh.trials, job.spec.seed, haystack=nh.haystack, needle=_needle(job.spec), batch_size=nh.batch_size,
+                    label=f"{job.label} niah", fmt=job.fmt, batch_tokens=job.batch_tokens, max_new_tokens=nh.max_new_tokens)
+
+
+def check_prompts(spec: EvalSpec, tokenizer: Any, original_length: int, target_length: int) -> None:
+    """Refuse, before any work, a shortest length that cannot hold the NIAH prompt with this tokenizer."""
+    nh = spec.niah
+    assert nh is not None
+    shortest = min(grid_lengths(nh, original_length, target_length))
+    hay = TextHaystack.load(nh.haystack, max_words=4 * shortest + 1000) if nh.haystack else None
+    fmt = PromptFormat(spec.inference.chat_template, spec.inference.system_prompt)
+    shortest_prompt("eval.niah", lambda: build_niah(tokenizer, [shortest], [0.5], 1, _needle(spec), hay, fmt, spec.seed))
+
+
+def _plot(results: dict[str, dict[str, Any]], original: int, path: Path) -> Path:
+    from longforge.report.plots import passkey_heatmaps
+
+    return passkey_heatmaps(results, original, path, metric="ROUGE-1 F1", title="Needle in a haystack")
+
+
+EVAL_TASK = EvalTask(
+    name="niah", title="Needle in a haystack", terminal=RETRIEVAL_TABLE, run=run_task,
+    summary=lambda res: {k: v for k, v in res["summary"].items() if k != "grid"},
+    columns=lambda evals, original: grid_columns("niah", evals, original, ("inside", "beyond", "all")),
+    compare=lambda ra, rb: grid_metrics("niah", "NIAH ROUGE-1 F1", ra, rb), plot=_plot,
+    check_prompts=check_prompts, by_length=grid_by_length, metric_note="ROUGE-1 F1")

@@ -9,11 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from longforge.config import EvalSpec
 from longforge.errors import LongforgeError
-from longforge.eval.generate import as_engine
-from longforge.eval.grid import Prompt, depth_values, generate_all, spread_lengths, summarize_grid
+from longforge.inference import as_engine
+from longforge.eval.grid import (Prompt, depth_values, generate_all, grid_by_length, grid_columns, grid_lengths, grid_metrics,
+                                 shortest_prompt, spread_lengths, summarize_grid)
 from longforge.eval.metrics import answer_complete_integer, first_integer
 from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, fit_count, prompt_hash
+from longforge.eval.task import EvalTask, TaskRun
 
 FILLER = NOISE_SENTENCES
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -133,3 +136,39 @@ def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, tri
 
 def _describe(engine: Any) -> dict[str, Any]:
     return engine.describe() if hasattr(engine, "describe") else {"path": type(engine).__name__}
+
+
+# ---- how the eval stage runs the task and how its results are read (the registry's entry)
+
+
+def run_task(job: TaskRun) -> dict[str, Any]:
+    """The passkey grid of the eval spec on one model."""
+    pk = job.spec.passkey
+    assert pk is not None
+    return run_passkey(job.engine, job.tokenizer, grid_lengths(pk, job.original_length, job.target_length), pk.depths,
+                       pk.trials, job.spec.seed, pk.batch_size, label=f"{job.label} passkey", fmt=job.fmt,
+                       batch_tokens=job.batch_tokens, haystack=pk.haystack)
+
+
+def check_prompts(spec: EvalSpec, tokenizer: Any, original_length: int, target_length: int) -> None:
+    """Refuse, before any work, a shortest length that cannot hold the passkey prompt with this tokenizer."""
+    pk = spec.passkey
+    assert pk is not None
+    shortest = min(grid_lengths(pk, original_length, target_length))
+    hay = TextHaystack.load(pk.haystack, max_words=4 * shortest + 1000) if pk.haystack else None
+    fmt = PromptFormat(spec.inference.chat_template, spec.inference.system_prompt)
+    shortest_prompt("eval.passkey", lambda: build_grid(tokenizer, [shortest], [0.0], 1, spec.seed, fmt, hay))
+
+
+def _plot(results: dict[str, dict[str, Any]], original: int, path: Path) -> Path:
+    from longforge.report.plots import passkey_heatmaps
+
+    return passkey_heatmaps(results, original, path)
+
+
+EVAL_TASK = EvalTask(
+    name="passkey", title="Passkey retrieval", terminal="passkey accuracy", run=run_task,
+    summary=lambda res: res["summary"],
+    columns=lambda evals, original: grid_columns("passkey", evals, original, ("inside", "beyond", "4x-8x", "all")),
+    compare=lambda ra, rb: grid_metrics("passkey", "passkey accuracy", ra, rb), plot=_plot,
+    check_prompts=check_prompts, by_length=grid_by_length)

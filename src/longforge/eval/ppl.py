@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from longforge.config import EvalSpec, SourceSpec
+from longforge.data.sources import Rejects, iter_documents
 from longforge.errors import LongforgeError
-from longforge.eval.generate import as_engine
+from longforge.eval.task import EvalTask, Metric, Results, TaskRun
+from longforge.inference import as_engine
 from longforge.progress import progress_bar
 
 
@@ -71,3 +75,68 @@ def run_ppl(model: Any, docs: list[list[int]], lengths: list[int], num_docs: int
         raise LongforgeError(f"no perplexity document reaches even {min(lengths)} tokens; give longer documents or shorter lengths.")
     return {"task": "ppl", "lengths": lengths, "stride": stride, "rows": rows,
             "engine": engine.describe() if hasattr(engine, "describe") else {}}
+
+
+# ---- how the eval stage runs the task and how its results are read (the registry's entry)
+
+
+def ppl_lengths(lengths: list[int] | None, original_length: int, target_length: int) -> list[int]:
+    """Perplexity lengths: given, or doubling from a quarter of the original window to the target."""
+    if lengths:
+        return sorted(lengths)
+    out, n = [], max(original_length // 4, 16)
+    while n < target_length:
+        out.append(n)
+        n *= 2
+    return out + [target_length]
+
+
+def load_ppl_docs(spec: EvalSpec, tokenizer: Any) -> list[list[int]]:
+    """Tokenized held-out documents for perplexity, longest first."""
+    assert spec.ppl is not None
+    src = SourceSpec(name="ppl", path=spec.ppl.source, text_field=spec.ppl.text_field)
+    rejects = Rejects()
+    texts = [d.text for d in iter_documents(src, rejects)]
+    if not texts:
+        raise LongforgeError(f"eval.ppl.source {spec.ppl.source} has no usable documents; point it at long text.")
+    enc = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return sorted((e.ids for e in enc), key=len, reverse=True)
+
+
+def run_task(job: TaskRun) -> dict[str, Any]:
+    """Perplexity at the eval spec's lengths on one model."""
+    pp = job.spec.ppl
+    assert pp is not None
+    docs = load_ppl_docs(job.spec, job.tokenizer)
+    lengths = ppl_lengths(pp.lengths, job.original_length, job.target_length)
+    return run_ppl(job.engine, docs, lengths, pp.num_docs, label=f"{job.label} ppl", stride=pp.stride)
+
+
+def _by_model(evals: dict[str, Results]) -> tuple[list[str], list[dict[str, float]]]:
+    """Every length any model has a perplexity at (ascending), and each model's perplexities by length."""
+    per = [e["summary"].get("ppl") or {} for e in evals.values()]
+    return sorted({k for p in per for k in p}, key=int), per
+
+
+def columns(evals: dict[str, Results], original: int) -> tuple[list[str], list[list[str]]]:
+    """The report's columns: perplexity at every length any model reached."""
+    lengths, per = _by_model(evals)
+    return [f"ppl@{k}" for k in lengths], [[f"{p[k]:.2f}" if p.get(k) else "-" for k in lengths] for p in per]
+
+
+def compare(ra: Results, rb: Results) -> list[Metric]:
+    """Perplexity of A and B at every length either has (lower is better)."""
+    qa, qb = ra["summary"].get("ppl") or {}, rb["summary"].get("ppl") or {}
+    return [Metric(f"perplexity @{L}", qa.get(L), qb.get(L), "", better="lower") for L in sorted({*qa, *qb}, key=int)]
+
+
+def _plot(results: dict[str, dict[str, Any]], original: int, path: Path) -> Path:
+    from longforge.report.plots import ppl_curves
+
+    return ppl_curves(results, original, path)
+
+
+EVAL_TASK = EvalTask(
+    name="ppl", title="Perplexity against length", terminal="perplexity by context length", run=run_task,
+    summary=lambda res: {str(r["length"]): r["ppl"] for r in res["rows"]}, columns=columns, compare=compare, plot=_plot,
+    by_length=lambda summary: {L: f"{v:.2f}" for L, v in (summary or {}).items() if v is not None})

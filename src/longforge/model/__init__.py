@@ -1,1 +1,2 @@
-"""Model-side pieces: attention back-ends."""
+"""Model-side pieces shared by training and inference: attention (back-ends, the bound context), the chunked LM loss,
+parallel layouts, memory savers and fused kernels."""

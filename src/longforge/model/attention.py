@@ -1,14 +1,20 @@
 """Attention with document masks, plugged into transformers through its attention interface.
 
-Back-ends: `dense` (exact reference, any device), `sdpa` (causal, no document mask), `varlen` (flash
-attention over packed documents, CUDA) and `flex` (FlexAttention with a document block mask, CUDA).
+Back-ends (ATTENTION_BACKENDS): `dense` (exact reference, any device), `sdpa` (causal, no document mask), `varlen`
+(flash attention over packed documents, CUDA) and `flex` (FlexAttention with a document block mask, CUDA).
 With Ulysses sequence parallelism the heads are redistributed around the attention call.
+
+What the attention function needs beyond q, k and v is one typed AttentionContext, bound to the model's attention
+layers when the model is prepared (back-end, sequence-parallel group, or the inference engine's KV store); the only
+thing a forward call passes is the document ids of its packed tokens (the `lf_doc_ids` keyword, DOC_IDS).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +22,10 @@ import torch.nn.functional as F
 from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_heads, spread_kv
 
 ATTN_NAME = "longforge"
-BACKENDS = ("auto", "dense", "sdpa", "varlen", "flex")
+# The one keyword a forward call passes through transformers to the attention: document ids (B, S) of packed tokens.
+DOC_IDS = "lf_doc_ids"
+# Where an attention layer holds its bound context (a plain attribute: not a parameter, never saved).
+CONTEXT_ATTR = "_lf_attention"
 _registered: set[str] = set()
 _cache: dict[str, Any] = {}
 # Query elements one attention call is given at most. Kernels index with signed 32-bit offsets in places (2^31 is
@@ -26,6 +35,49 @@ _cache: dict[str, Any] = {}
 # still has thousands of thread blocks (benchmarks/attention_gpu.py --split: the same speed), and 64K tokens or
 # fewer per GPU stay one call.
 CALL_ELEMENTS = 2**28
+
+
+class KVStore(Protocol):
+    """A key/value cache that owns attention for one sequence (the inference engine's stores)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """How longforge attention runs in one model: bound once to its attention layers, not passed per call.
+
+    `backend` is a name of BACKENDS (`auto` is resolved per call from the device and dtype); `sp` the Ulysses
+    sequence-parallel group (None: the whole sequence is here); `kv_store` the inference engine's cache, which then
+    does the attention itself.
+    """
+
+    backend: str = "auto"
+    sp: SequenceParallel | None = None
+    kv_store: KVStore | None = None
+
+
+DEFAULT_CONTEXT = AttentionContext()
+
+
+def attention_layers(model: Any) -> list[torch.nn.Module]:
+    """The modules transformers hands to the attention function (those that know their layer index)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def bind_attention(model: Any, context: AttentionContext) -> int:
+    """Bind `context` to every attention layer of the model; how many layers were bound."""
+    layers = attention_layers(model)
+    for m in layers:
+        setattr(m, CONTEXT_ATTR, context)
+    return len(layers)
+
+
+def context_of(module: Any) -> AttentionContext:
+    """The context bound to an attention layer (the default one where nothing was bound)."""
+    ctx = getattr(module, CONTEXT_ATTR, None)
+    return ctx if isinstance(ctx, AttentionContext) else DEFAULT_CONTEXT
 
 
 def document_causal_mask(doc_ids: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
@@ -137,21 +189,6 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tens
     return _flex_compiled(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, backend: str,
-           scale: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention (B, H, S, D) -> (B, H, S, D), within documents when doc_ids is given."""
-    if backend == "varlen" and q.dtype == torch.float32:
-        backend = "flex"  # flash takes half precision only (fp32 queries reach here under bf16 autocast after RoPE)
-    if backend == "varlen" and doc_ids is not None and q.shape[-2] == k.shape[-2]:
-        return split_heads(lambda a, b, c: _varlen(a, b, c, doc_ids, scale), q, k, v)
-    # FlexAttention's kernels need a head dimension of at least 16; tiny models use the exact dense path.
-    if backend == "flex" and q.shape[-2] == k.shape[-2] and q.shape[-1] >= 16:
-        return _flex(q, k, v, doc_ids, scale)
-    if backend == "sdpa" and doc_ids is None and mask is None and q.shape[-2] == k.shape[-2]:
-        return split_heads(lambda a, b, c: _sdpa_causal(a, b, c, scale), q, k, v)
-    return _dense(q, k, v, doc_ids, mask, scale)
-
-
 def head_split(q_heads: int, kv_heads: int, elements_per_q_head: int, budget: int = CALL_ELEMENTS) -> tuple[int, int]:
     """Query and KV heads per attention call: the fewest calls whose queries stay within `budget` elements.
 
@@ -184,6 +221,47 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One attention back-end: the calls it can take (others run the exact dense path) and how it runs them."""
+
+    name: str
+    fits: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], bool]
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float | None], torch.Tensor]
+    fp32_instead: str | None = None  # the back-end fp32 queries take (a kernel for half precision only)
+
+
+def _square(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[-2] == k.shape[-2]
+
+
+ATTENTION_BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("dense", lambda q, k, docs, mask: mask is None, lambda q, k, v, docs, scale: _dense(q, k, v, docs, None, scale)),
+    Backend("sdpa", lambda q, k, docs, mask: docs is None and mask is None and _square(q, k),
+            lambda q, k, v, docs, scale: split_heads(lambda a, b, c: _sdpa_causal(a, b, c, scale), q, k, v)),
+    # Flash takes half precision only: fp32 queries (under bf16 autocast, after RoPE) go to flex.
+    Backend("varlen", lambda q, k, docs, mask: docs is not None and _square(q, k),
+            lambda q, k, v, docs, scale: split_heads(lambda a, b, c: _varlen(a, b, c, docs, scale), q, k, v),  # type: ignore[arg-type]
+            fp32_instead="flex"),
+    # FlexAttention's kernels need a head dimension of at least 16; tiny models use the exact dense path.
+    Backend("flex", lambda q, k, docs, mask: _square(q, k) and q.shape[-1] >= 16,
+            lambda q, k, v, docs, scale: _flex(q, k, v, docs, scale)),
+)}
+# The names a recipe's `attention` takes: `auto` (resolve_backend) or a back-end.
+BACKENDS = ("auto", *ATTENTION_BACKENDS)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, backend: str,
+           scale: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention (B, H, S, D) -> (B, H, S, D), within documents when doc_ids is given."""
+    chosen = ATTENTION_BACKENDS[backend]
+    if chosen.fp32_instead and q.dtype == torch.float32:
+        chosen = ATTENTION_BACKENDS[chosen.fp32_instead]
+    if chosen.fits(q, k, doc_ids, mask):
+        return chosen.run(q, k, v, doc_ids, scale)
+    return _dense(q, k, v, doc_ids, mask, scale)
+
+
 def longforge_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -194,11 +272,15 @@ def longforge_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: optional Ulysses all-to-all around a document-masked causal attention."""
-    doc_ids: torch.Tensor | None = kwargs.get("lf_doc_ids")
-    sp: SequenceParallel | None = kwargs.get("lf_sp")
-    backend = resolve_backend(kwargs.get("lf_backend", "auto"), query.device, doc_ids is not None,
-                              query.dtype != torch.float32)
+    """transformers attention function, as the layer's bound context says: the inference engine's KV store, or
+    causal attention within documents, with Ulysses' all-to-all around it under sequence parallelism."""
+    ctx = context_of(module)
+    if ctx.kv_store is not None:
+        out = ctx.kv_store.attend(module.layer_idx, query, key, value, scaling)  # type: ignore[arg-type]
+        return out.transpose(1, 2).contiguous(), None
+    doc_ids: torch.Tensor | None = kwargs.get(DOC_IDS)
+    backend = resolve_backend(ctx.backend, query.device, doc_ids is not None, query.dtype != torch.float32)
+    sp = ctx.sp
     if sp is not None and sp.size > 1:
         key, value = spread_kv(key, sp.size), spread_kv(value, sp.size)
         query, key, value = (seq_to_heads(t, sp.group, sp.size) for t in (query, key, value))
@@ -226,10 +308,11 @@ def register_attention(name: str, fn: Any) -> str:
 
 
 def register() -> str:
-    """Register longforge's training attention with transformers (idempotent); returns its name."""
+    """Register longforge's attention with transformers (idempotent); returns its name."""
     return register_attention(ATTN_NAME, longforge_attention)
 
 
-def use_longforge_attention(model: Any) -> None:
-    """Switch a loaded transformers model to longforge attention."""
+def use_longforge_attention(model: Any, context: AttentionContext = DEFAULT_CONTEXT) -> int:
+    """Switch a loaded transformers model to longforge attention with `context` bound; how many layers it bound."""
     model.set_attn_implementation(register())
+    return bind_attention(model, context)

@@ -44,6 +44,26 @@ class Layout:
         """True on the process that writes logs, exports and reports."""
         return self.rank == 0
 
+    @classmethod
+    def single(cls, device: torch.device | str) -> "Layout":
+        """One process on `device`: no data or sequence parallelism."""
+        return cls(1, 0, 1, 1, torch.device(device))
+
+    def barrier(self) -> None:
+        """Wait for every process of the layout (nothing to wait for in one process)."""
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def sequence_parallel(self) -> "SequenceParallel | None":
+        """What attention needs to run Ulysses over this layout's sequence-parallel group (None without one)."""
+        return SequenceParallel(self.sp_group, self.sp) if self.sp > 1 else None
+
+    def sequence_slice(self, length: int) -> slice:
+        """The part of a sequence of `length` tokens this process holds (all of it without sequence parallelism)."""
+        n = length // self.sp
+        return slice(self.sp_rank * n, (self.sp_rank + 1) * n)
+
 
 def init_layout(sp: int = 1, device: str = "auto") -> Layout:
     """Start (or join) the process group that torchrun describes and build the mesh for `sp`-way sequence parallelism."""
@@ -55,7 +75,7 @@ def init_layout(sp: int = 1, device: str = "auto") -> Layout:
     if world == 1:
         if sp != 1:
             raise LongforgeError(f"sequence-parallel degree {sp} needs {sp} processes; launch with `torchrun --nproc-per-node {sp} -m longforge ...`.")
-        return Layout(1, 0, 1, 1, torch.device(device))
+        return Layout.single(device)
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)

@@ -10,58 +10,37 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.table import Table
 
 from longforge import __version__
 from longforge.errors import LongforgeError
+from longforge.eval.grid import grid_bands
+from longforge.eval.registry import EVAL_TASKS, load_results
+from longforge.eval.task import EvalTask
 from longforge.files import atomic_write_text, read_json, writing
-from longforge.report.plots import loss_curves, passkey_heatmaps, ppl_curves, ruler_curves
+from longforge.report.plots import loss_curves
 from longforge.report.verdict import verdict
 from longforge.runner import TIMELINE
 
-TASKS = ("passkey", "niah", "ruler", "ppl")
 # A run's own checks (the demo's targets), read into the verdict.
 CHECKS = "demo_checks.json"
+# A grid task's score inside the original window, beyond it, at 4x-8x of it and over the grid (the demo reads it).
+passkey_bands = grid_bands
 
 
 def _read(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def passkey_bands(res: dict[str, Any], original: int) -> dict[str, float | None]:
-    """Accuracy inside the original window, beyond it, at 4x-8x of it, and over the whole grid."""
-    per = {int(k): v for k, v in res["summary"]["per_length"].items()}
-    return {
-        "inside": _mean([v for L, v in per.items() if L <= original]),
-        "beyond": _mean([v for L, v in per.items() if L > original]),
-        "4x-8x": _mean([v for L, v in per.items() if 4 * original <= L <= 8 * original]),
-        "all": res["summary"]["accuracy"],
-    }
-
-
-def _eval_folder(d: Path) -> dict[str, Any]:
-    """One model's results: summary.json and each task's JSON that exists."""
-    out = {"summary": _read(d / "summary.json")}
-    for task in TASKS:
-        if (d / f"{task}.json").is_file():
-            out[task] = _read(d / f"{task}.json")
-    return out
-
-
 def collect(run_dir: Path) -> dict[str, Any]:
     """Gather every result a report shows from a run directory, or from one folder written by `longforge eval`."""
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").is_file():
-        one = _eval_folder(run_dir)
+        one = load_results(run_dir)
         evals = {str(one["summary"].get("label") or run_dir.name): one}
     else:
-        evals = {d.name: _eval_folder(d) for d in sorted((run_dir / "eval").glob("*")) if (d / "summary.json").is_file()}
+        evals = {d.name: load_results(d) for d in sorted((run_dir / "eval").glob("*")) if (d / "summary.json").is_file()}
     if not evals:
         raise LongforgeError(f"{run_dir} has no evaluation results (summary.json, or eval/*/summary.json); pass a run "
                              "directory or a folder written by `longforge eval`, or run the eval stage first.")
@@ -89,91 +68,40 @@ def _stage_order(name: str, rec: dict[str, Any]) -> tuple[int, str]:
     return (PIPELINE.index(head) if head in PIPELINE else len(PIPELINE), str(rec.get("finished", "")))
 
 
-def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the before/after table (passkey bands, NIAH, RULER, perplexity: whichever ran)."""
+def _task_columns(info: dict[str, Any]) -> list[tuple[EvalTask, list[str], list[list[str]]]]:
+    """Each task's columns of the before/after table (header, one row per model), in registry order."""
     evals = info["evals"]
-    first = next(iter(evals.values()))["summary"]
-    original = int(first["original_length"])
-    ppl_lengths: list[str] = []
-    for e in evals.values():
-        for k in (e["summary"].get("ppl") or {}):
-            if k not in ppl_lengths:
-                ppl_lengths.append(k)
-    ppl_lengths.sort(key=int)
-    has = {t: any(t in e for e in evals.values()) for t in TASKS}
+    original = int(next(iter(evals.values()))["summary"]["original_length"])
+    return [(task, *task.columns(evals, original)) for task in EVAL_TASKS.values()]
+
+
+def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the before/after table: the columns of every task that ran (eval/registry.py)."""
     header = ["model"]
-    if has["passkey"]:
-        header += [f"passkey <= {original}", f"passkey > {original}", "passkey 4x-8x", "passkey all"]
-    if has["niah"]:
-        header += [f"niah <= {original}", f"niah > {original}", "niah all"]
-    if has["ruler"]:
-        header += ["ruler avg", "ruler effective"]
-    header += [f"ppl@{k}" for k in ppl_lengths]
-    rows = []
-    for label, e in evals.items():
-        row = [label]
-        if has["passkey"]:
-            if "passkey" in e:
-                b = passkey_bands(e["passkey"], original)
-                row += [_pct(b["inside"]), _pct(b["beyond"]), _pct(b["4x-8x"]), _pct(b["all"])]
-            else:
-                row += ["-"] * 4
-        if has["niah"]:
-            if "niah" in e:
-                b = passkey_bands(e["niah"], original)
-                row += [_pct(b["inside"]), _pct(b["beyond"]), _pct(b["all"])]
-            else:
-                row += ["-"] * 3
-        if has["ruler"]:
-            if "ruler" in e:
-                rs = e["ruler"]["summary"]
-                eff = rs.get("effective_length")
-                row += [f"{rs['overall']:.1f}", "-" if eff is None else str(eff)]
-            else:
-                row += ["-"] * 2
-        p = e["summary"].get("ppl") or {}
-        row += [f"{p[k]:.2f}" if p.get(k) else "-" for k in ppl_lengths]
-        rows.append(row)
+    rows = [[label] for label in info["evals"]]
+    for _, head, cells in _task_columns(info):
+        header += head
+        for row, more in zip(rows, cells):
+            row += more
     return header, rows
-
-
-def ruler_table(info: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """RULER scores per task and length, one row per (model, task), plus each model's average row."""
-    evals = {k: v["ruler"] for k, v in info["evals"].items() if "ruler" in v}
-    if not evals:
-        return None
-    lengths = sorted({int(L) for r in evals.values() for L in r["summary"]["average"]})
-    header = ["model", "task", *[str(L) for L in lengths]]
-    rows = []
-    for label, r in evals.items():
-        s = r["summary"]
-        for task, scores in s["per_task"].items():
-            rows.append([label, task, *[f"{scores[str(L)]:.1f}" if str(L) in scores else "-" for L in lengths]])
-        eff = s.get("effective_length")
-        rows.append([label, f"average (effective: {eff or '-'})",
-                     *[f"{s['average'][str(L)]:.1f}" if str(L) in s["average"] else "-" for L in lengths]])
-    return header, rows
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.0f}%"
 
 
 def rich_tables(info: dict[str, Any]) -> list[Table]:
-    """The summary for the terminal: retrieval (passkey/NIAH/RULER) and perplexity tables, narrow enough for 80 columns."""
-    header, rows = summary_rows(info)
-    groups = {"passkey accuracy": [i for i, h in enumerate(header) if h.startswith("passkey")],
-              "needle in a haystack (ROUGE-1 F1) and RULER": [i for i, h in enumerate(header) if h.startswith(("niah", "ruler"))],
-              "perplexity by context length": [i for i, h in enumerate(header) if h.startswith("ppl@")]}
+    """The summary for the terminal: one table per group of tasks (EvalTask.terminal), narrow enough for 80 columns."""
+    groups: dict[str, list[tuple[EvalTask, list[str], list[list[str]]]]] = {}
+    for task, head, cells in _task_columns(info):
+        if head:
+            groups.setdefault(task.terminal, []).append((task, head, cells))
     tables = []
-    for title, cols in groups.items():
-        if not cols:
-            continue
+    for title, parts in groups.items():
         t = Table(title=f"longforge: {title}")
-        for i in [0, *cols]:
-            t.add_column(header[i].replace("passkey ", ""), justify="left" if i == 0 else "right")
-        for r in rows:
-            t.add_row(*(r[i] for i in [0, *cols]))
+        t.add_column("model", justify="left")
+        for task, head, _ in parts:
+            for h in head:
+                # A table of one task's columns needs not repeat its name in every header.
+                t.add_column(h.replace(f"{task.name} ", "") if len(parts) == 1 else h, justify="right")
+        for i, label in enumerate(info["evals"]):
+            t.add_row(label, *(c for _, _, cells in parts for c in cells[i]))
         tables.append(t)
     return tables
 
@@ -194,19 +122,10 @@ def build_report(run_dir: Path) -> dict[str, Path]:
     evals = info["evals"]
     original = int(next(iter(evals.values()))["summary"]["original_length"])
     images: dict[str, Path] = {}
-    pk = {k: v["passkey"] for k, v in evals.items() if "passkey" in v}
-    if pk:
-        images["Passkey retrieval"] = passkey_heatmaps(pk, original, out / "passkey.png")
-    nh = {k: v["niah"] for k, v in evals.items() if "niah" in v}
-    if nh:
-        images["Needle in a haystack"] = passkey_heatmaps(nh, original, out / "niah.png", metric="ROUGE-1 F1",
-                                                          title="Needle in a haystack")
-    ru = {k: v["ruler"] for k, v in evals.items() if "ruler" in v}
-    if ru:
-        images["RULER"] = ruler_curves(ru, original, out / "ruler.png")
-    pp = {k: v["ppl"] for k, v in evals.items() if "ppl" in v}
-    if pp:
-        images["Perplexity against length"] = ppl_curves(pp, original, out / "ppl.png")
+    for task in EVAL_TASKS.values():
+        ran = {label: e[task.name] for label, e in evals.items() if task.name in e}
+        if ran:
+            images[task.title] = task.plot(ran, original, out / f"{task.name}.png")
     if info["logs"]:
         images["Training loss"] = loss_curves(info["logs"], out / "loss.png")
     header, rows = summary_rows(info)
@@ -236,7 +155,7 @@ def _sections(info: dict[str, Any], header: list[str], rows: list[list[str]], ti
             data_rows.append([name, str(st["documents_seen"]), str(st["documents_kept"]), str(st["documents_dropped"]),
                               str(st["documents_repeated"]), str(st["tokens_seen"]), str(st["tokens_written"])])
     return {
-        "ruler": ruler_table(info),
+        "details": [(t.title, table) for t in EVAL_TASKS.values() if t.details and (table := t.details(info["evals"]))],
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine,
         "summary": (header, rows),
@@ -256,8 +175,8 @@ def _markdown(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]
         items = [ln for ln in sec["verdict"] if ln.startswith("- ")]
         parts += ["## Verdict", *(["\n".join(items)] if items else []), *(ln for ln in sec["verdict"] if not ln.startswith("- "))]
     parts += ["## Before / after", _md_table(*sec["summary"])]
-    if sec["ruler"]:
-        parts += ["## RULER", _md_table(*sec["ruler"])]
+    for title, table in sec["details"]:
+        parts += [f"## {title}", _md_table(*table)]
     for title, p in images.items():
         parts += [f"## {title}", f"![{title}]({p.name})"]
     if sec["data"][1]:
@@ -293,8 +212,8 @@ def _html(sec: dict[str, Any], images: dict[str, Path], info: dict[str, Any]) ->
         body.append("<h2>Verdict</h2>" + ("<ul>" + "".join(f"<li>{_md_bold(ln)}</li>" for ln in items) + "</ul>" if items else "")
                     + "".join(f"<p>{html.escape(ln)}</p>" for ln in prose))
     body += ["<h2>Before / after</h2>", _html_table(*sec["summary"])]
-    if sec["ruler"]:
-        body += ["<h2>RULER</h2>", _html_table(*sec["ruler"])]
+    for title, table in sec["details"]:
+        body += [f"<h2>{html.escape(title)}</h2>", _html_table(*table)]
     for title, p in images.items():
         b64 = base64.b64encode(p.read_bytes()).decode()
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>")

@@ -1,1 +1,2 @@
-"""Training: batches, loss, schedule, the loop, checkpoints and resume."""
+"""Training: batches, the model's preparation for a layout (parallelize), optimizers, schedule, checkpoints and
+export, resume checks, and the loop that drives them."""

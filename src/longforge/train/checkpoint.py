@@ -1,4 +1,5 @@
-"""Training checkpoints: DCP model and optimizer state, RNG state in safetensors, and meta.json; read without running code.
+"""Training checkpoints (DCP model and optimizer state, RNG state in safetensors, and meta.json; read without running
+code) and the export of the trained model as a plain Hugging Face checkpoint.
 
 A run folder may come from someone else, so nothing in a checkpoint is unpickled freely: DCP's `.metadata` goes
 through an allow-list unpickler that builds only DCP's own metadata classes, its non-tensor items (optimizer
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from longforge.errors import LongforgeError
 from longforge.files import atomic_write_bytes, atomic_write_json, disk_error, fsync_dir, read_json, writing
+from longforge.hf import save_model
 from longforge.model.parallel import Layout
 from longforge.progress import say
 
@@ -251,12 +253,6 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def barrier(layout: Layout) -> None:
-    """Wait for every process of the layout (nothing to wait for in one process)."""
-    if layout.distributed:
-        torch.distributed.barrier()
-
-
 def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
                     extra: dict[str, Any]) -> Path:
     """Save model, optimizer and RNG state into a temp folder, write meta.json last, then rename (atomic)."""
@@ -274,7 +270,7 @@ def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: to
             if tmp.exists():
                 shutil.rmtree(tmp)  # a temp folder of ours, left by an interrupted save of this step
             tmp.mkdir(parents=True)
-    barrier(layout)
+    layout.barrier()
     model_sd, optim_sd = get_state_dict(net, optimizer)
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -284,7 +280,7 @@ def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: to
             raise disk_error(exc, tmp) from None
         raise
     save_rng(tmp / f"rng-{layout.rank}.safetensors")
-    barrier(layout)
+    layout.barrier()
     if layout.is_main:
         # meta.json marks the checkpoint complete, so it is written (and flushed) after everything else.
         atomic_write_json(tmp / "meta.json", {"step": step, "world": layout.world, "sp": layout.sp, **extra})
@@ -295,7 +291,7 @@ def save_checkpoint(folder: Path, step: int, net: torch.nn.Module, optimizer: to
         for old in checkpoints(folder)[:-KEEP_CHECKPOINTS]:
             if _ours(old):
                 shutil.rmtree(old, ignore_errors=True)
-    barrier(layout)
+    layout.barrier()
     return final
 
 
@@ -323,3 +319,37 @@ def load_checkpoint(path: Path, net: torch.nn.Module, optimizer: torch.optim.Opt
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     load_rng(path, layout.rank)
     return meta
+
+
+def export_dtype(model: Any) -> torch.dtype:
+    """The dtype of the checkpoint the model was loaded from (bf16 checkpoints stay bf16), else the parameters' dtype."""
+    declared = getattr(model, "_lf_source_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    if isinstance(declared, str) and hasattr(torch, declared):
+        return getattr(torch, declared)
+    return next(model.parameters()).dtype
+
+
+def export_final(net: torch.nn.Module, layout: Layout, out: Path, tokenizer_from: Path | None, dtype: torch.dtype) -> Path:
+    """Write the trained model (`net.lm`, maybe sharded) as a plain HF safetensors checkpoint, gathered on the main
+    process."""
+    lm: Any = net.lm
+    if not layout.distributed:
+        lm.eval()
+        lm.set_attn_implementation("sdpa")
+        if dtype != next(lm.parameters()).dtype:
+            lm.to(dtype)
+        return save_model(lm, out, tokenizer_from=tokenizer_from)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if layout.is_main:
+        config = lm.config
+        config._attn_implementation = "sdpa"
+        # The class the model was loaded as: no auto-class lookup, so no checkpoint code is looked for or run.
+        fresh = type(lm)._from_config(config, dtype=dtype)
+        fresh.load_state_dict({k[len("lm."):]: v for k, v in full.items()})
+        save_model(fresh, out, tokenizer_from=tokenizer_from)
+    layout.barrier()
+    return out

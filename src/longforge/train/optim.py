@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -117,12 +117,26 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: Any, name: str, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (fp32 states; fused on CUDA) or BF16AdamW (bf16 states, stochastic rounding)."""
-    groups = param_groups(model, weight_decay)
-    if name == "adamw_bf16":
-        return BF16AdamW(groups, lr=lr, betas=betas, eps=1e-8)
-    first = next(model.parameters())
-    # The fused kernel for plain CUDA tensors; FSDP2's sharded DTensors use the default (foreach) path.
+Groups = list[dict[str, Any]]
+# name -> factory(parameter groups, lr, betas, a parameter) -> optimizer; the schema's `optimizer` names these.
+OptimizerFactory = Callable[[Groups, float, tuple[float, float], torch.Tensor], torch.optim.Optimizer]
+
+
+def adamw(groups: Groups, lr: float, betas: tuple[float, float], first: torch.Tensor) -> torch.optim.Optimizer:
+    """AdamW with fp32 states: the fused kernel for plain CUDA tensors, the default (foreach) path for FSDP2's
+    sharded DTensors and on CPU."""
     fused = first.device.type == "cuda" and not hasattr(first, "to_local")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused or None)
+
+
+def adamw_bf16(groups: Groups, lr: float, betas: tuple[float, float], first: torch.Tensor) -> torch.optim.Optimizer:
+    """BF16AdamW: bf16 states and weights, updates rounded stochastically (needs precision: bf16)."""
+    return BF16AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {"adamw": adamw, "adamw_bf16": adamw_bf16}
+
+
+def make_optimizer(model: Any, name: str, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `name` of OPTIMIZERS over the model's parameters, weight decay on matrices only."""
+    return OPTIMIZERS[name](param_groups(model, weight_decay), lr, betas, next(model.parameters()))

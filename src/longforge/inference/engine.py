@@ -4,7 +4,7 @@ Two paths. The longforge path (standard full-attention decoders such as Llama, M
 window, Qwen) runs the model's own layers but keeps keys and values in buffers sized once for the whole
 sequence (no concatenation per chunk), optionally in pinned CPU memory with a two-slot prefetch so the GPU
 holds two layers' caches at a time, and computes causal attention of a chunk against its past with
-the fastest exact kernel for the shape (eval/attention.py: cuDNN, split at the chunk's start, for prefill;
+the fastest exact kernel for the shape (inference/kernels.py: cuDNN, split at the chunk's start, for prefill;
 FlashAttention for decoding; no materialised mask). The HF path (any other model) uses
 transformers' DynamicCache and the model's own attention. Both compute logits for the last position only.
 """
@@ -14,16 +14,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
 
-from longforge.eval.attention import causal_attention
+from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
+from longforge.model.attention import CONTEXT_ATTR, AttentionContext, attention_layers, bind_attention, context_of, register
+from longforge.model.loss import chunked_lm_loss
 
 PREFILL_CHUNK = 8192
-ATTN_NAME = "longforge_infer"
-STORE_KW = "lf_kv_store"
 KVPlace = Literal["auto", "device", "cpu"]
 GIB = 2**30
 AttentionPath = Literal["auto", "longforge", "hf"]
@@ -34,191 +34,6 @@ class TextGenerator(Protocol):
 
     def generate(self, prompts: torch.Tensor, max_new_tokens: int,
                  stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]: ...
-
-
-class DeviceKV:
-    """Keys and values of every layer in buffers on the compute device, allocated once per sequence."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0
-        self.calls = 0
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """Append this chunk's k/v for `layer` and attend the chunk's queries to everything so far."""
-        self.calls += 1
-        if layer not in self.k:
-            b, hkv, _, d = k.shape
-            self.k[layer] = k.new_empty(b, hkv, self.capacity, d)
-            self.v[layer] = v.new_empty(b, hkv, self.capacity, d)
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end].copy_(k)
-        self.v[layer][:, :, self.length:end].copy_(v)
-        return causal_attention(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], scale)
-
-    def commit(self, n: int) -> None:
-        """Advance past a chunk once every layer has seen it."""
-        self.length += n
-
-    def finish(self) -> None:
-        """Nothing is in flight for device buffers."""
-
-
-class OffloadedKV:
-    """Keys and values in pinned CPU memory, except `resident` layers kept on the GPU; two GPU slots stage the rest.
-
-    An offloaded layer's new keys/values go to a GPU slot and are copied to the host on a side stream; the next
-    offloaded layer's past is copied in while this layer (and any resident layers after it) compute. Buffers are
-    sequence-major (L, B, Hkv, D) on both sides, so every transfer is one contiguous DMA (a strided pinned copy
-    would silently go through pageable memory and stall the host). Prefill moves little; each decoding step
-    moves every offloaded layer's cache over PCIe, which bounds its speed (resident layers cost nothing).
-    On a CPU device the same logic runs without streams (tests use that).
-    """
-
-    def __init__(self, capacity: int, n_layers: int, device: torch.device, pool: HostPool,
-                 resident: frozenset[int] = frozenset()):
-        self.capacity, self.device, self.pool = capacity, device, pool
-        self.cuda = device.type == "cuda"
-        self.length = 0
-        self.calls = 0
-        self.resident = DeviceKV(capacity)
-        self.resident_layers = resident
-        offloaded = [layer for layer in range(n_layers) if layer not in resident]
-        # Each offloaded layer prefetches the next one (the last wraps to the first, for the next forward).
-        self.next_offloaded = {layer: offloaded[(i + 1) % len(offloaded)] for i, layer in enumerate(offloaded)}
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.slot_free: list[Any] = [None, None]
-        self.slot_of: dict[int, int] = {}
-        self.ready: dict[int, Any] = {}
-        self.shape: tuple[int, int, int, torch.dtype] | None = None
-
-    def _side(self) -> Any:
-        """The side stream's context (a no-op on CPU)."""
-        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
-
-    def _event(self, stream: Any) -> Any:
-        """An event recorded on `stream` now (None on CPU)."""
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
-    def _wait(self, stream: Any, event: Any) -> None:
-        if self.cuda and event is not None:
-            stream.wait_event(event)
-
-    def _host(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.shape is not None
-        b, hkv, d, dtype = self.shape
-        return self.pool.get(layer, (self.capacity, b, hkv, d), dtype, pinned=self.cuda)
-
-    def _prefetch(self, layer: int, slot: int, past: int) -> None:
-        """Copy the first `past` positions of `layer` from the host into GPU slot `slot`, on the side stream."""
-        with self._side():
-            self._wait(self.stream, self.slot_free[slot])
-            if past > 0:
-                hk, hv = self._host(layer)
-                sk, sv = self.slots[slot]
-                sk[:past].copy_(hk[:past], non_blocking=True)
-                sv[:past].copy_(hv[:past], non_blocking=True)
-            self.ready[layer] = self._event(self.stream)
-        self.slot_of[layer] = slot
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """Append this chunk's k/v for `layer` (GPU slot and host), attend, and prefetch the next offloaded layer."""
-        self.calls += 1
-        if layer in self.resident_layers:
-            return self.resident.attend(layer, q, k, v, scale)
-        compute = torch.cuda.current_stream(self.device) if self.cuda else None
-        if self.shape is None:
-            b, hkv, _, d = k.shape
-            self.shape = (b, hkv, d, k.dtype)
-            self.slots = [(k.new_empty(self.capacity, b, hkv, d), v.new_empty(self.capacity, b, hkv, d)) for _ in range(2)]
-        if layer not in self.slot_of:  # only the very first call: nothing was prefetched yet
-            self._prefetch(layer, 1 - next(iter(self.slot_of.values())) if self.slot_of else 0, self.length)
-        slot = self.slot_of.pop(layer)
-        self._wait(compute, self.ready.pop(layer))
-        sk, sv = self.slots[slot]
-        end = self.length + k.shape[2]
-        sk[self.length:end].copy_(k.permute(2, 0, 1, 3))
-        sv[self.length:end].copy_(v.permute(2, 0, 1, 3))
-        written = self._event(compute)
-        hk, hv = self._host(layer)
-        with self._side():
-            self._wait(self.stream, written)
-            hk[self.length:end].copy_(sk[self.length:end], non_blocking=True)
-            hv[self.length:end].copy_(sv[self.length:end], non_blocking=True)
-        out = causal_attention(q, sk[:end].permute(1, 2, 0, 3), sv[:end].permute(1, 2, 0, 3), scale)
-        self.slot_free[slot] = self._event(compute)
-        nxt = self.next_offloaded[layer]
-        # A later layer of this forward sees the past; the first one of the next forward also sees this chunk.
-        self._prefetch(nxt, 1 - slot, self.length if nxt > layer else end)
-        return out
-
-    def commit(self, n: int) -> None:
-        """Advance past a chunk once every layer has seen it."""
-        self.length += n
-        self.resident.commit(n)
-
-    def finish(self) -> None:
-        """Wait for the side stream, so host buffers can be reused."""
-        if self.stream is not None:
-            self.stream.synchronize()
-
-
-def resident_layers(n_layers: int, per_layer: int, free: float) -> int:
-    """Layers whose caches can stay on the GPU in `free` bytes: all of them, or as many as fit beside two staging slots."""
-    if n_layers * per_layer <= free:
-        return n_layers
-    return max(0, min(n_layers - 1, int((free - 2 * per_layer) // per_layer)))
-
-
-def spread_layers(count: int, n_layers: int) -> frozenset[int]:
-    """`count` layer indices spread evenly, so transfers of the offloaded layers overlap resident layers' compute."""
-    if count <= 0:
-        return frozenset()
-    return frozenset(int(i * n_layers // count + n_layers // (2 * count)) % n_layers for i in range(count))
-
-
-class HostPool:
-    """Pinned CPU buffers kept across prompts (pinning tens of GiB takes seconds), grown when a prompt needs more."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of this layer's (pinned) key and value buffers with the given shape."""
-        n = 1
-        for s in shape:
-            n *= s
-        have = self.buffers.get(layer)
-        if have is None or have[0].numel() < n or have[0].dtype != dtype:
-            have = (torch.empty(n, dtype=dtype, pin_memory=pinned), torch.empty(n, dtype=dtype, pin_memory=pinned))
-            self.buffers[layer] = have
-        return have[0][:n].view(shape), have[1][:n].view(shape)
-
-
-def _inference_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                         **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function: through the engine's KV store when one is passed, else plain causal."""
-    store = kwargs.get(STORE_KW)
-    if store is None:
-        out = causal_attention(query, key, value, scaling)
-    else:
-        out = store.attend(module.layer_idx, query, key, value, scaling)  # type: ignore[union-attr]
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register_attention() -> str:
-    """Register the inference attention with transformers (idempotent); returns its name."""
-    from longforge.model.attention import register_attention as register
-
-    return register(ATTN_NAME, _inference_attention)
 
 
 def supports_longforge_path(model: Any) -> bool:
@@ -240,7 +55,7 @@ def _accepts_attention(model: Any) -> bool:
     """True when transformers lets this model switch to the inference attention (some architectures refuse)."""
     previous = model.config._attn_implementation
     try:
-        model.set_attn_implementation(register_attention())
+        model.set_attn_implementation(register())
     except (ValueError, NotImplementedError, AttributeError):
         return False
     model.set_attn_implementation(previous)
@@ -332,11 +147,29 @@ class Engine:
             budget = 0.9 * torch.cuda.get_device_properties(self.device).total_memory
         return resident_layers(cfg.num_hidden_layers, per_layer, budget - torch.cuda.memory_allocated(self.device) - work)
 
+    @contextlib.contextmanager
+    def _attached(self, store: DeviceKV | OffloadedKV) -> Iterator[None]:
+        """Route the model's attention through `store` while the block runs; then the model is as it was (its
+        attention implementation and its layers' bound contexts), and the store's transfers have finished."""
+        model = self.model
+        previous = model.config._attn_implementation
+        layers = attention_layers(model)
+        bound = [context_of(m) for m in layers]
+        model.set_attn_implementation(register())
+        bind_attention(model, AttentionContext(kv_store=store))
+        try:
+            yield
+        finally:
+            store.finish()
+            for m, ctx in zip(layers, bound):
+                setattr(m, CONTEXT_ATTR, ctx)
+            model.set_attn_implementation(previous)
+
     def _run_decoder(self, ids: torch.Tensor, start: int, store: DeviceKV | OffloadedKV) -> torch.Tensor:
         """Hidden states of positions start..start+n through the decoder, appending their keys/values to `store`."""
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
         before = store.calls
-        h = self.model.model(input_ids=ids, position_ids=pos, use_cache=False, **{STORE_KW: store}).last_hidden_state
+        h = self.model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
         if store.calls - before != self.model.config.num_hidden_layers:
             raise RuntimeError(f"{type(self.model).__name__} did not route attention through the inference store")
         store.commit(ids.shape[1])
@@ -374,14 +207,11 @@ class Engine:
 
     def _generate_longforge(self, prompts: torch.Tensor, max_new_tokens: int,
                             stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
-        model = self.model
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(register_attention())
         prompts = prompts.to(self.device)
         b, n = prompts.shape
         store = self._store(n + max_new_tokens, b)
-        head = model.get_output_embeddings()
-        try:
+        head = self.model.get_output_embeddings()
+        with self._attached(store):
             t0 = self._sync()
             h = None
             for start in range(0, n, self.prefill_chunk):
@@ -404,9 +234,6 @@ class Engine:
             self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps, "prompt_tokens": b * n,
                          **self.placement}
             return rows
-        finally:
-            store.finish()
-            model.set_attn_implementation(previous)
 
     def _generate_hf(self, prompts: torch.Tensor, max_new_tokens: int,
                      stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
@@ -439,8 +266,6 @@ class Engine:
         Prefills in chunks, so activations stay bounded however long the window; the LM head runs on the
         scored positions only, in blocks (no full logits tensor).
         """
-        from longforge.train.loop import chunked_lm_loss
-
         ids = ids.to(self.device)
         n = ids.shape[1]
         first_target = 1 if score_last is None else max(1, n - score_last)
@@ -448,20 +273,14 @@ class Engine:
         if self.path != "longforge" or n <= self.prefill_chunk:
             h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
             return _nll_part(h, ids, 0, first_target, head, chunked_lm_loss)
-        model = self.model
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(register_attention())
         store = self._store(n)
         total, count = 0.0, 0
-        try:
+        with self._attached(store):
             for start in range(0, n, self.prefill_chunk):
                 h = self._run_decoder(ids[:, start:start + self.prefill_chunk], start, store)
                 s, c = _nll_part(h, ids, start, first_target, head, chunked_lm_loss)
                 total += s
                 count += c
-        finally:
-            store.finish()
-            model.set_attn_implementation(previous)
         return total, count
 
 

@@ -1,0 +1,10 @@
+"""The inference engine: greedy long-prompt generation and chunked scoring, with its own KV cache and kernels.
+
+engine.py holds Engine (chunked prefill, decoding, window NLL), kv.py where keys and values live (device buffers or
+pinned host memory), kernels.py the causal attention of a chunk against its past. The evaluation tasks (eval/) use
+it; it knows nothing of them, nor of training.
+"""
+
+from longforge.inference.engine import PREFILL_CHUNK, Engine, TextGenerator, as_engine, greedy_generate
+
+__all__ = ["PREFILL_CHUNK", "Engine", "TextGenerator", "as_engine", "greedy_generate"]
