@@ -92,7 +92,7 @@ def cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
 def split_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """The past without a mask plus the chunk with a causal one, on cuDNN, merged exactly by log-sum-exp."""
-    lq, past = q.shape[2], k.shape[2] - q.shape[2]
+    past = k.shape[2] - q.shape[2]
     o1, l1 = cudnn_with_lse(q, k[:, :, :past], v[:, :, :past], False, scale)
     o2, l2 = cudnn_with_lse(q, k[:, :, past:], v[:, :, past:], True, scale)
     return merge_by_lse(o1, l1, o2, l2).to(q.dtype)
