@@ -1,4 +1,5 @@
-"""RoPE scaling: one small function per method, registered by name, writing HF `rope_parameters`."""
+"""RoPE scaling: read a checkpoint's rotary settings, plan the new `rope_parameters` with a method of
+positions.methods, write the rescaled checkpoint, and compute the frequencies any plan gives."""
 
 from __future__ import annotations
 
