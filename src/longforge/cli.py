@@ -251,7 +251,7 @@ def _section(model: type, values: dict[str, Any], names: dict[str, str], needs: 
 @data_app.command("build")
 @with_schema_options(DataSpec, skip=("sources", "tokenizer", "seq_len", "sentence_filter", "replay"),
                      rename={"token_budget": "budget"}, into="data_values")
-@with_schema_options(SentenceFilterSpec, rename=FILTER_FLAGS, into="filter_values",
+@with_schema_options(SentenceFilterSpec, rename=FILTER_FLAGS, into="filter_values", hide_defaults=("method",),
                      panels=dict.fromkeys(SentenceFilterSpec.model_fields, FILTER))
 @with_schema_options(ReplaySpec, rename=REPLAY_FLAGS, into="replay_values",
                      panels=dict.fromkeys(ReplaySpec.model_fields, REPLAY))

@@ -210,7 +210,8 @@ class MergeSpec(Strict):
     other: Annotated[str, Input(keep=("base",))] = Field(
         default="base", description="'base' (the recipe's model) or a checkpoint folder.")
     weights: tuple[float, float] = Field(default=(0.5, 0.5), description="(other, current) weights; they sum to 1.")
-    method: Literal["linear", "slerp"] = Field(default="linear", description="linear (weighted mean) or slerp.")
+    method: Literal["linear", "slerp"] = Field(
+        default="linear", description="linear: the weighted mean of each tensor; slerp: spherical interpolation.")
 
     @model_validator(mode="after")
     def _weights_sum_to_one(self) -> "MergeSpec":

@@ -68,36 +68,37 @@ def _help(info: Any, default: Any, extra: str = "") -> str:
 
 
 def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: dict[str, str] | None = None,
-                      rename: dict[str, str] | None = None) -> list[inspect.Parameter]:
+                      rename: dict[str, str] | None = None, hide_defaults: Iterable[str] = ()) -> list[inspect.Parameter]:
     """A typer keyword parameter for every settable field of `model` (None when not given, so defaults stay the schema's)."""
     params = []
     for name, info in model.model_fields.items():
         kind = option_kind(info.annotation)
         if name in set(skip) or kind is None:
             continue
-        default = info.get_default(call_default_factory=True)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        shown = None if name in set(hide_defaults) else default  # a flag that switches its section on has no default
         opt_name = flag(rename.get(name, name)) if rename else flag(name)
         decls = [opt_name]
         if kind == "bool":
             # A flag that is off by default needs no --no- form; one that is on by default needs it to turn off.
             decls = [f"{opt_name}/--no-{opt_name[2:]}"] if default is True else [opt_name]
             py: Any = bool | None
-            opt = typer.Option(*decls, help=_help(info, default), rich_help_panel=(panels or {}).get(name),
+            opt = typer.Option(*decls, help=_help(info, shown), rich_help_panel=(panels or {}).get(name),
                                show_default=False)
         elif kind == "choice":
             # The values go into the help, not the metavar, so the option column stays narrow at 80 columns;
             # the schema validates them (an error names the flag and the values).
             values = ", ".join(str(v) for v in get_args(_plain(info.annotation)))
             py = str | None
-            opt = typer.Option(*decls, help=_help(info, default, f"One of: {values}"), show_default=False,
+            opt = typer.Option(*decls, help=_help(info, shown, f"One of: {values}"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="<choice>")
         elif kind == "list":
             py = str | None
-            opt = typer.Option(*decls, help=_help(info, default, "Comma-separated"), show_default=False,
+            opt = typer.Option(*decls, help=_help(info, shown, "Comma-separated"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="A,B,...")
         else:
             py = _plain(info.annotation) | None
-            opt = typer.Option(*decls, help=_help(info, default), rich_help_panel=(panels or {}).get(name),
+            opt = typer.Option(*decls, help=_help(info, shown), rich_help_panel=(panels or {}).get(name),
                                show_default=False)
         params.append(inspect.Parameter(rename.get(name, name) if rename else name, inspect.Parameter.KEYWORD_ONLY,
                                         default=None, annotation=Annotated[py, opt]))
@@ -105,15 +106,15 @@ def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: 
 
 
 def with_schema_options(model: type[BaseModel], skip: Iterable[str] = (), panels: dict[str, str] | None = None,
-                        rename: dict[str, str] | None = None,
-                        into: str = "schema_values") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                        rename: dict[str, str] | None = None, into: str = "schema_values",
+                        hide_defaults: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a typer command so it also takes one option per field of `model`, passed to it as `schema_values`.
 
     The command's own parameters come first; `schema_values` holds only the fields the user gave (by field name).
     Decorators stack, one per section (e.g. data build's data, sentence filter and replay), each passing its values
     by its own `into` name; `rename` gives a field another flag (`token_budget` -> `--budget`).
     """
-    extra = schema_parameters(model, skip, panels, rename)
+    extra = schema_parameters(model, skip, panels, rename, hide_defaults)
     back = {v: k for k, v in (rename or {}).items()}
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
