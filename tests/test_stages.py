@@ -257,3 +257,15 @@ def test_run_plan_resolves_the_recipe_once(micro_recipe: dict, tmp_path: Path) -
     assert [s.title for s in plan.stages] == ["data", "rope", "train/extend", "eval/base", "eval/final", "report"]
     assert plan.stages[2].model.made_by is plan.stages[1] and plan.stages[4].model.made_by is plan.stages[2]
     assert not (tmp_path / "run").exists()  # planning and checking write nothing
+
+
+def test_train_on_a_replay_set_keeps_contiguous_positions(model_dir: Path, data_dir: Path, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """`--dataset replay` trains the named folder as a replay set: plain positions whatever --transform says."""
+    seen = _capture_training(monkeypatch)
+    args = ["train", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path / "t"), "--steps", "1", "--device",
+            "cpu", "--transform", "pose", "--target-length", "256"]
+    for extra, transform in (([], "pose"), (["--dataset", "replay"], "contiguous")):
+        res = CliRunner().invoke(app, [*args, *extra])
+        assert isinstance(res.exception, _Stop), (res.output, res.exception)
+        assert seen[-1][1].transform == transform

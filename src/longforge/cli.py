@@ -519,7 +519,7 @@ def merge(
     spec = spec_from_options(MergeSpec, {**(schema_values or {}), "other": str(model_a)}, "merge")
     # The model so far is MODEL_B; the merged config is the longer-context one's, whichever order they come in.
     stage = MergeStage(MergeStageSpec(name="merge", merge=spec), Checkpoint(model_b), out, out, config_from=None,
-                       flags={"merge.other": "MODEL_A"})
+                       flags={"merge.other": "model"})
     info = execute(RunPlan(trust_remote_code=trust_remote_code, stages=[stage]))[stage.title]
     say(f"wrote {out} ({info['method']}; config from {info['config_from']})")
 

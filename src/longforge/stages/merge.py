@@ -51,10 +51,9 @@ class MergeStage(ListedStage):
                 raise own_code_error(model)
         other = self.spec.merge.other
         if other != "base":
-            if not (Path(other) / "config.json").is_file():
-                base = "" if "merge.other" in self.flags else ", or 'base' for the recipe's model"
-                raise LongforgeError(f"{self.said('merge.other')} {other} is not a checkpoint folder (it has no "
-                                     f"config.json); name a checkpoint folder{base}.")
+            if "merge.other" not in self.flags and not (Path(other) / "config.json").is_file():
+                raise LongforgeError(f"{self.said('merge.other')} {other} is not a checkpoint folder; use 'base' or a "
+                                     "folder with config.json.")
             check_checkpoint(Path(other), self.said("merge.other"))
 
     def run(self, plan: RunPlan) -> dict[str, Any]:

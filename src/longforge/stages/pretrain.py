@@ -41,7 +41,7 @@ class PretrainStage(ListedStage, TrainingStage):
 
     def check(self, plan: RunPlan) -> None:
         spec = self.spec
-        own = spec.data is None  # the run's data stage writes it
+        own = spec.data is None and self.data_stage is not None  # the run's data stage writes it
         if own and spec.dataset == "replay" and (self.data_stage is None or self.data_stage.spec.replay is None):
             raise LongforgeError(f"stage {spec.name!r} trains on the replay set, but `data.replay` is not set; add it "
                                  "(e.g. token_budget and seq_len).")
