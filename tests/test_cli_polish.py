@@ -76,12 +76,16 @@ def test_every_help_reads_at_80_columns_with_whole_option_names(monkeypatch: pyt
 
 
 def test_default_false_flags_take_no_negative_form() -> None:
-    """A `--no-X` for a flag that is off anyway only widens the help table; --no-truncate and --no-document-mask stay."""
+    """A `--no-X` exists only for a flag that is on by default (it is how to turn it off): for one that is off anyway
+    it only widens the help table. --no-truncate, --no-document-mask and --no-lean-norm are such flags."""
     from longforge.cli import app
 
-    negatives = {o for _, cmd in _command_paths(typer.main.get_command(app)) for p in cmd.params
-                 for o in getattr(p, "secondary_opts", [])}
-    assert negatives == {"--no-truncate", "--no-document-mask"}
+    params = [p for _, cmd in _command_paths(typer.main.get_command(app)) for p in cmd.params
+              if getattr(p, "secondary_opts", [])]
+    negatives = {o for p in params for o in p.secondary_opts}
+    assert {"--no-truncate", "--no-document-mask", "--no-lean-norm"} <= negatives
+    for p in params:  # on by default: typer's default, or the schema's (a generated flag is None until given)
+        assert p.default is True or "(default: True)" in (p.help or ""), (p.opts, p.secondary_opts)
 
 
 # Labels

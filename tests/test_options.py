@@ -65,4 +65,4 @@ def test_flags_and_help() -> None:
     res = CliRunner().invoke(_app({}), ["train", "--help"], env={"COLUMNS": "200"})
     assert "--weight-decay" in res.output and "--no-lean-norm" in res.output and "--tensorboard" in res.output
     assert "--no-tensorboard" not in res.output  # off by default: no --no- form
-    assert "One of: cosine, constant (default: cosine)." in res.output and "Default: 0.1." in res.output
+    assert "One of: cosine, constant (default: cosine)." in res.output and "(default: 0.1)." in res.output

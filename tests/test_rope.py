@@ -414,7 +414,8 @@ def test_cli_writes_the_checkpoint_and_says_it_replaced_a_scaling(model_dir: Pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "alibi", "--dry-run"], "`method` input should be 'none', 'pi'"),
+        # The flag, not a recipe key: "rope: `method` input ...; fix that value in the recipe" was the old message.
+        (["--method", "alibi", "--dry-run"], "--method: Input should be 'none', 'pi'"),
         (["--method", "theta", "--dry-run"], "method 'theta' needs `theta`"),
         (["--alpha", "4", "--beta", "2", "--dry-run"], "beta_fast (2.0) must be larger than beta_slow (4.0)"),
         (["--factor", "0.5", "--dry-run"], "factor 0.5 is below 1"),

@@ -14,9 +14,18 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from longforge.config import (
+    MergeSpec,
+    PositionSpec,
+    PretrainStageSpec,
+    ReplaySpec,
+    SentenceFilterSpec,
+    SourceSpec,
+    DataSpec,
+)
 from longforge.errors import LongforgeError
 from longforge.eval import command as eval_command
-from longforge.options import with_schema_options
+from longforge.options import spec_from_options, with_schema_options
 from longforge.progress import console, err_console, say
 
 if TYPE_CHECKING:
@@ -169,7 +178,7 @@ def run(
 
     The run directory is locked while the run lasts, and longforge clears only folders it wrote there.
     """
-    from longforge.config import load_preset, load_recipe
+    from longforge.recipe import load_preset, load_recipe
     from longforge.recipes import resolve_recipe_arg
     from longforge.runner import run_recipe
 
@@ -202,62 +211,81 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> N
     sys.stdout.write(preset_text(name))
 
 
+# --source PATH,key=value,...: every field of a source but its path, `field` standing for text_field.
+SOURCE_KEYS = {"field" if k == "text_field" else k: k for k in SourceSpec.model_fields if k != "path"}
+
+
 def _parse_source(text: str, i: int) -> dict[str, object]:
-    """PATH[,name=N][,domain=D][,weight=W][,field=F][,format=F][,group_by=G][,role=R] -> a SourceSpec mapping."""
+    """PATH[,name=N][,domain=D][,weight=W][,field=F][,format=F][,group_by=G][,role=R]... -> a SourceSpec mapping."""
     path, *opts = text.split(",")
     spec: dict[str, object] = {"name": f"source{i}", "path": path}
-    keys = {"name": "name", "domain": "domain", "weight": "weight", "field": "text_field", "format": "format",
-            "group_by": "group_by", "role": "role"}
     for o in opts:
         k, sep, v = o.partition("=")
-        if not sep or k not in keys:
-            raise LongforgeError(f"--source {text!r}: option {o!r} is not one of {', '.join(k + '=' for k in keys)}.")
-        spec[keys[k]] = v
+        if not sep or k not in SOURCE_KEYS:
+            raise LongforgeError(f"--source {text!r}: option {o!r} is not one of {', '.join(k + '=' for k in SOURCE_KEYS)}.")
+        # A joiner is text between records: \n and \t stand for a newline and a tab, as a shell cannot type them.
+        spec[SOURCE_KEYS[k]] = v.replace("\\n", "\n").replace("\\t", "\t") if k == "group_joiner" else v
     return spec
 
 
+# data build's sections: a flag per field, the sentence filter's and the replay set's named as before
+# (--sentence-filter METHOD, --filter-*, --replay-*), each section set only when one of its flags is given.
+FILTER = "Sentence filter (LongRecipe)"
+REPLAY = "Replay set"
+FILTER_FLAGS = {"method": "sentence_filter", "profile": "filter_profile", "keep_prob": "filter_keep_prob",
+                "budget_fraction": "filter_budget", "min_document_tokens": "filter_min_document_tokens",
+                "sources": "filter_sources"}
+REPLAY_FLAGS = {k: f"replay_{k}" for k in ReplaySpec.model_fields} | {"token_budget": "replay_budget"}
+
+
+def _section(model: type, values: dict[str, Any], names: dict[str, str], needs: str | None) -> Any:
+    """A nested section from its flags, or None when none was given; `needs` is the flag that switches it on."""
+    if not values:
+        return None
+    if needs is not None and needs not in values:
+        given = "--" + names[next(iter(values))].replace("_", "-")
+        raise LongforgeError(f"{given} sets the sentence filter; switch it on with --sentence-filter METHOD "
+                             "(digits, profile or random).")
+    return spec_from_options(model, values, "data build", rename=names)
+
+
 @data_app.command("build")
+@with_schema_options(DataSpec, skip=("sources", "tokenizer", "seq_len", "sentence_filter", "replay"),
+                     rename={"token_budget": "budget"}, into="data_values")
+@with_schema_options(SentenceFilterSpec, rename=FILTER_FLAGS, into="filter_values", hide_defaults=("method",),
+                     panels=dict.fromkeys(SentenceFilterSpec.model_fields, FILTER))
+@with_schema_options(ReplaySpec, rename=REPLAY_FLAGS, into="replay_values",
+                     panels=dict.fromkeys(ReplaySpec.model_fields, REPLAY))
 def data_build(
-    source: Annotated[list[str], typer.Option(help="A corpus file or folder, PATH[,key=value...] with keys name, domain, weight, "
-                                                   "field (the JSON text field), format (jsonl, parquet, text or hf_disk), "
-                                                   "group_by and role (long or short); repeat for several sources.")],
+    source: Annotated[list[str], typer.Option(help="A corpus file or folder, PATH[,key=value...] with keys "
+                                                   f"{', '.join(SOURCE_KEYS)} (field: the JSON text field); repeat "
+                                                   "for several sources.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer (or model) folder.")],
     seq_len: Annotated[int, typer.Option(help="Packed sequence length in tokens.")],
     out: Annotated[Path, typer.Option(help="Output data folder.")],
-    plan: Annotated[str, typer.Option(help="none, upsample_long (Fu et al.), length_thresholds (UltraLong) or long_short_mix (ProLong).")] = "upsample_long",
-    budget: Annotated[Optional[int], typer.Option(help="Tokens to write (split over sources by weight).")] = None,
-    short_threshold: Annotated[int, typer.Option(help="Documents shorter than this many tokens are 'short'.")] = 4096,
-    short_keep_prob: Annotated[float, typer.Option(help="Probability of keeping a short document.")] = 0.1,
-    long_threshold: Annotated[int, typer.Option(help="length_thresholds: documents longer than this are repeated.")] = 8192,
-    long_repeat: Annotated[float, typer.Option(help="length_thresholds: expected copies of a long document.")] = 2.0,
-    long_share: Annotated[float, typer.Option(help="long_short_mix: share of long data in the budget.")] = 0.6,
-    separator: Annotated[str, typer.Option(help="eos, bos, none, or text:<literal>.")] = "eos",
-    sentence_filter: Annotated[Optional[str], typer.Option(help="LongRecipe sentence selection: 'digits' (keep sentences with digits, others with --filter-keep-prob).")] = None,
-    filter_keep_prob: Annotated[float, typer.Option(help="Sentence filter: probability of keeping a sentence it does not require.")] = 0.5,
-    filter_budget: Annotated[float, typer.Option(help="Sentence filter: keep at most this share of each document.")] = 0.3,
-    replay_budget: Annotated[Optional[int], typer.Option(help="Also write a replay set of this many tokens (short documents) to OUT/replay.")] = None,
-    replay_seq_len: Annotated[Optional[int], typer.Option(help="Sequence length of the replay set (the original window).")] = None,
-    batch_order: Annotated[str, typer.Option(help="shuffle, or ssq: order each global batch by sum of squared document lengths (ProLong).")] = "shuffle",
-    shard_sequences: Annotated[int, typer.Option(help="Sequences per shard file.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed for sampling, repeating and shuffling documents.")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
+    data_values: dict[str, Any] | None = None,
+    filter_values: dict[str, Any] | None = None,
+    replay_values: dict[str, Any] | None = None,
 ) -> None:
     """Read, tokenize, sample and pack sources into memory-mapped shards with document boundaries (and a replay set)."""
-    from longforge.config import DataSpec
-    from longforge.data.build import build_data
+    from longforge.files import read_json
+    from longforge.recipe import resolve_paths
+    from longforge.runner import execute
+    from longforge.stages import DataStage, RunPlan
 
-    if (replay_budget is None) != (replay_seq_len is None):
-        raise LongforgeError("--replay-budget and --replay-seq-len go together; give both or neither.")
-    spec = _validated(DataSpec, {
-        "sources": [_parse_source(s, i) for i, s in enumerate(source)], "plan": plan, "token_budget": budget,
-        "short_threshold": short_threshold, "short_keep_prob": short_keep_prob, "long_threshold": long_threshold,
-        "long_repeat": long_repeat, "long_share": long_share, "separator": separator, "seq_len": seq_len,
-        "sentence_filter": None if sentence_filter is None else
-        {"method": sentence_filter, "keep_prob": filter_keep_prob, "budget_fraction": filter_budget},
-        "replay": None if replay_budget is None else {"token_budget": replay_budget, "seq_len": replay_seq_len},
-        "batch_order": batch_order, "shard_sequences": shard_sequences,
-    }, "data build")
-    m = build_data(spec, tokenizer, seq_len, out, seed)
-    _print_manifest(m)
+    filt = _section(SentenceFilterSpec, filter_values or {}, FILTER_FLAGS, needs="method")
+    replay = _section(ReplaySpec, replay_values or {}, REPLAY_FLAGS, needs=None)
+    sources = [_parse_source(s, i) for i, s in enumerate(source)]
+    spec = spec_from_options(DataSpec, {**(data_values or {}), "seq_len": seq_len}, "data build",
+                             base={"sources": sources, "sentence_filter": filt, "replay": replay},
+                             rename={"token_budget": "budget"})
+    spec = resolve_paths(spec, Path.cwd())
+    plan = RunPlan(tokenizer=tokenizer, seq_len=seq_len, seed=seed, trust_remote_code=trust_remote_code,
+                   stages=[DataStage(spec, out)])
+    execute(plan)
+    _print_manifest(read_json(out / "manifest.json") or {})
 
 
 @data_app.command("inspect")
@@ -326,33 +354,29 @@ def _print_manifest(m: dict, by_length: bool = False) -> None:
 
 
 @app.command()
+@with_schema_options(PositionSpec, skip=("transform",), rename={"beta_fast": "beta", "beta_slow": "alpha"},
+                     panels={**dict.fromkeys(("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+                                              "truncate"), "YaRN"),
+                             **dict.fromkeys(("low_freq_factor", "high_freq_factor"), "llama3")})
 def rope(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder.")],
     target_length: Annotated[int, typer.Option(help="Context length to reach, in tokens.")],
     out: Annotated[Optional[Path], typer.Option(help="Output checkpoint folder (not needed with --dry-run).")] = None,
-    method: Annotated[str, typer.Option(help="none, pi, ntk, theta, dynamic, yarn or llama3.")] = "yarn",
-    factor: Annotated[Optional[float], typer.Option(help="Scale factor (default: target / original length).")] = None,
-    alpha: Annotated[float, typer.Option(help="YaRN alpha (beta_slow).")] = 1.0,
-    beta: Annotated[float, typer.Option(help="YaRN beta (beta_fast).")] = 32.0,
-    attention_factor: Annotated[Optional[float], typer.Option(help="YaRN attention temperature (default 0.1 ln(factor) + 1).")] = None,
-    truncate: Annotated[bool, typer.Option(help="YaRN: round the ramp ends to whole frequency indices.")] = True,
-    low_freq_factor: Annotated[float, typer.Option(help="llama3 low_freq_factor.")] = 1.0,
-    high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
-    theta: Annotated[Optional[float], typer.Option(help="New RoPE base for --method theta.")] = None,
     original_length: Annotated[Optional[int], typer.Option(help="The model's pretraining window, if its config does not say.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the frequency table; write nothing.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
+    schema_values: dict[str, Any] | None = None,
 ) -> None:
-    """Rewrite a checkpoint's RoPE config for a longer context (weights reflinked where the disk allows, else copied)."""
-    from longforge.config import PositionSpec
-    from longforge.hf import load_config
-    from longforge.positions.rope import apply_rope, freq_table, plan_rope
+    """Rewrite a checkpoint's RoPE config for a longer context (weights reflinked where the disk allows, else copied).
 
-    spec = _validated(PositionSpec, {
-        "method": method, "factor": factor, "beta_fast": beta, "beta_slow": alpha, "theta": theta,
-        "attention_factor": attention_factor, "truncate": truncate,
-        "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-    }, "rope")
+    --alpha and --beta are YaRN's beta_slow and beta_fast; the position transform is a training setting (train).
+    """
+    from longforge.hf import load_config
+    from longforge.positions.rope import freq_table, plan_rope
+    from longforge.runner import execute
+    from longforge.stages import Checkpoint, RopeStage, RunPlan
+
+    spec = spec_from_options(PositionSpec, schema_values or {}, "rope", rename={"beta_fast": "beta", "beta_slow": "alpha"})
     if original_length is not None and original_length <= 0:
         raise LongforgeError(f"--original-length {original_length} must be a positive number of tokens.")
     if dry_run:
@@ -365,10 +389,10 @@ def rope(
         return
     if out is None:
         raise LongforgeError("rope needs --out OUT_DIR (or --dry-run to only print the table).")
-    plan = apply_rope(model_dir, out, spec, target_length, original_length, trust_remote_code)
-    for n in plan.notes:
-        say(n)
-    say(f"wrote {out} with rope_parameters {json.dumps(plan.rope_parameters)}")
+    stage = RopeStage(spec, Checkpoint(model_dir), out)
+    rec = execute(RunPlan(base_model=model_dir, target_length=target_length, original_length=original_length,
+                          trust_remote_code=trust_remote_code, stages=[stage]))[stage.title]
+    say(f"wrote {out} with rope_parameters {json.dumps(rec['rope_parameters'])}")
 
 
 def _print_freq_table(plan: RopePlan, rows: list[dict[str, Any]]) -> None:
@@ -387,102 +411,118 @@ def _print_freq_table(plan: RopePlan, rows: list[dict[str, Any]]) -> None:
     console.print(t)
 
 
-# train's options in three panels: each panel sizes its own columns, so long option names fit in 80 columns.
+# train's options in panels: each panel sizes its own columns, so long option names fit in 80 columns.
 POSITIONS = "Positions and masking"
 SPEED = "Memory and speed"
+KERNELS = "Kernels"
+TRAIN_PANELS = {"document_mask": POSITIONS, "transform": POSITIONS,
+                **dict.fromkeys(("sp", "precision", "activation_checkpointing", "checkpoint_policy", "offload_activations",
+                                 "resident_layers", "optimizer_in_backward"), SPEED),
+                **dict.fromkeys(("attention", "fused_ops", "lean_norm", "mlp_tile"), KERNELS)}
+
+
+def _spec_data(spec: Path | None, overrides: list[str], model: Any, what: str) -> dict[str, Any]:
+    """A section's settings from a --spec YAML file (its paths relative to the file) and --set KEY=VALUE overrides."""
+    from longforge.recipe import apply_overrides, read_yaml_file, resolve_data_paths
+
+    data: Any = {}
+    if spec is not None:
+        data = read_yaml_file(spec, f"a YAML file holding {what}") or {}
+        if not isinstance(data, dict):
+            raise LongforgeError(f"--spec {spec} holds a YAML {type(data).__name__}, not a mapping of {what}'s keys.")
+        data = resolve_data_paths(model, data, spec.parent)
+    return apply_overrides(data, overrides, "--set")
+
+
+def _data_tokenizer(data: Path, model_dir: Path) -> Path:
+    """The tokenizer that wrote a data folder's token ids (its index records it), else the model's."""
+    from longforge.files import read_json
+
+    index = read_json(Path(data) / "index.json")
+    return Path(index["tokenizer"]) if isinstance(index, dict) and index.get("tokenizer") else model_dir
 
 
 @app.command()
+@with_schema_options(PretrainStageSpec, skip=("name", "kind", "data"), panels=TRAIN_PANELS)
+@with_schema_options(PositionSpec, skip=[f for f in PositionSpec.model_fields if f != "transform"],
+                     panels=TRAIN_PANELS, into="position_values")
 def train(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint to train (usually the output of `longforge rope`).")],
-    data: Annotated[Path, typer.Option(help="Data folder from `longforge data build`.")],
     out: Annotated[Path, typer.Option(help="Stage folder: checkpoints/, log.jsonl and final/.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")],
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch and data-parallel replica.")] = 1,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup to the peak learning rate.")] = 0,
-    schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
-    document_mask: Annotated[bool, typer.Option(rich_help_panel=POSITIONS, help="Forbid attention across packed documents.")] = True,
-    transform: Annotated[str, typer.Option(rich_help_panel=POSITIONS, help="Position ids: contiguous, pose or pit.")] = "contiguous",
-    target_length: Annotated[Optional[int], typer.Option(rich_help_panel=POSITIONS, help="Target length for --transform pose/pit.")] = None,
-    sp: Annotated[int, typer.Option(rich_help_panel=SPEED, help="Sequence-parallel degree (launch with torchrun; processes / sp = data-parallel replicas).")] = 1,
-    attention: Annotated[str, typer.Option(rich_help_panel=SPEED, help="auto, dense, sdpa, varlen or flex.")] = "auto",
-    precision: Annotated[str, typer.Option(rich_help_panel=SPEED, help="auto, fp32, bf16-mixed or bf16.")] = "auto",
-    optimizer: Annotated[str, typer.Option(help="adamw or adamw_bf16 (with --precision bf16).")] = "adamw",
-    activation_checkpointing: Annotated[str, typer.Option(rich_help_panel=SPEED, help="auto, on or off.")] = "auto",
-    checkpoint_policy: Annotated[str, typer.Option(rich_help_panel=SPEED, help="full, or save_attention (faster backward, more memory).")] = "full",
-    offload_activations: Annotated[bool, typer.Option("--offload-activations", rich_help_panel=SPEED, help="Keep checkpointed activations in CPU memory.")] = False,
-    resident_layers: Annotated[int, typer.Option(rich_help_panel=SPEED, help="With --offload-activations: the last N layers keep their inputs on the GPU.")] = 0,
-    optimizer_in_backward: Annotated[bool, typer.Option("--optimizer-in-backward", rich_help_panel=SPEED, help="Update each parameter during backward (no full set of gradients; needs --clip-grad 0, one process).")] = False,
-    clip_grad: Annotated[float, typer.Option(help="Clip the global gradient norm to this (0 = off).")] = 1.0,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars under OUT/tb.")] = False,
-    mlp_tile: Annotated[int, typer.Option(rich_help_panel=SPEED, help="Run MLPs in tiles of this many tokens (0 = off).")] = 0,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    data: Annotated[Optional[Path], typer.Option(help="Data folder from `longforge data build` (pretrain).")] = None,
+    target_length: Annotated[Optional[int], typer.Option(rich_help_panel=POSITIONS, help="Target length for "
+                                                          "--transform pose/pit.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="YAML file with a stage of a recipe's `stages:` (e.g. kind: sft "
+                                                      "with its sft: section); flags override it.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A stage setting KEY=VALUE, e.g. kind=sft or "
+                                                                    "sft.data=chat.jsonl.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the data order and position transforms.")] = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
+    schema_values: dict[str, Any] | None = None,
+    position_values: dict[str, Any] | None = None,
 ) -> None:
-    """Continual pretraining on packed long sequences; one or many GPUs via torchrun; re-running resumes."""
-    from longforge.config import StageSpec
-    from longforge.data.store import PackedDataset
-    from longforge.data.verify import check_data_for_model
-    from longforge.hf import load_model
-    from longforge.model.parallel import init_layout
-    from longforge.train.batches import PackedBatches
-    from longforge.train.loop import train_model
+    """Continual pretraining on packed long sequences (or SFT with a stage of kind sft); one or many GPUs via
+    torchrun; re-running resumes."""
+    from longforge.config import STAGE_SPECS, AnyStageSpec
+    from longforge.positions.transforms import TRANSFORMS
+    from longforge.recipe import resolve_paths
+    from longforge.runner import execute
+    from longforge.stages import Checkpoint, PretrainStage, RunPlan, SFTStage
 
-    spec = _validated(StageSpec, {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                                  "warmup_steps": warmup_steps, "schedule": schedule, "document_mask": document_mask,
-                                  "save_every": save_every, "sp": sp, "attention": attention, "precision": precision,
-                                  "optimizer": optimizer, "activation_checkpointing": activation_checkpointing,
-                                  "checkpoint_policy": checkpoint_policy, "offload_activations": offload_activations,
-                                  "resident_layers": resident_layers, "optimizer_in_backward": optimizer_in_backward,
-                                  "clip_grad": clip_grad, "mlp_tile": mlp_tile, "tensorboard": tensorboard}, "train")
-    if transform not in ("contiguous", "pose", "pit"):
-        raise LongforgeError(f"--transform {transform!r} is not one of contiguous, pose, pit.")
-    ds = PackedDataset(data)
-    check_data_for_model(ds, model_dir)
-    if transform in ("pose", "pit") and not target_length:
+    base = _spec_data(spec, set_ or [], AnyStageSpec, "a training stage")
+    kind = base.get("kind", "pretrain")
+    if kind not in ("pretrain", "sft"):
+        raise LongforgeError(f"train runs stages of kind pretrain or sft, not {kind!r}; a merge is `longforge merge`.")
+    values = dict(schema_values or {})
+    if "steps" not in values and "steps" not in base:
+        raise LongforgeError("train needs --steps (optimizer steps).")
+    where = f"--spec {spec}" if spec is not None else "--set"
+    stage_spec = resolve_paths(spec_from_options(STAGE_SPECS[kind], values, where, base=base), Path.cwd())
+    transform = spec_from_options(PositionSpec, position_values or {}, "train").transform
+    if TRANSFORMS[transform].skips and not target_length:
         raise LongforgeError(f"--transform {transform} needs --target-length (the length the skipped positions should reach).")
-    layout = init_layout(sp, device)
-    model = load_model(model_dir, "cpu", trust_remote_code=trust_remote_code)
-    ends = None
-    if transform == "pit":
-        from longforge.hf import load_tokenizer
-        from longforge.positions.segments import sentence_end_mask
-
-        ends = sentence_end_mask(load_tokenizer(Path(ds.index.get("tokenizer") or model_dir), trust_remote_code))
-    source = PackedBatches(ds, batch_size, grad_accum, seed, transform, target_length or ds.seq_len, document_mask,
-                           rank=layout.dp_rank, world=layout.dp, sentence_ends=ends)
-    res = train_model(model, source, spec, out, layout.device, tokenizer_from=model_dir, layout=layout)
-    say(f"final loss {res.last_loss:.4f}; checkpoint {res.final}")
+    model = Checkpoint(model_dir)
+    flags = {"data": "--data", "sft.data": f"{where}: `sft.data`", "sft.chat_template": f"{where}: `sft.chat_template`"}
+    if kind == "sft":
+        if data is not None:
+            raise LongforgeError("--data is for pretrain stages; an sft stage reads its conversations from `sft.data`.")
+        stage: Any = SFTStage(stage_spec, model, out, out / "final", label="train", flags=flags)
+    else:
+        if data is None and stage_spec.data is None:
+            raise LongforgeError("train needs --data (a folder from `longforge data build`).")
+        folder = data or stage_spec.data
+        stage = PretrainStage(stage_spec, model, out, out / "final", data=folder, label="train", flags=flags)
+    tokenizer = _data_tokenizer(stage.data, model_dir) if kind == "pretrain" and TRANSFORMS[transform].sentences else None
+    plan = RunPlan(base_model=model_dir, target_length=target_length, tokenizer=tokenizer, device=device, seed=seed,
+                   transform=transform, trust_remote_code=trust_remote_code, stages=[stage])
+    rec = execute(plan)[stage.title]
+    say(f"final loss {rec['last_loss']:.4f}; checkpoint {rec['final']}")
 
 
 @app.command()
+@with_schema_options(MergeSpec, skip=("other",))
 def merge(
     model_a: Annotated[Path, typer.Argument(help="First checkpoint (e.g. the original model).")],
     model_b: Annotated[Path, typer.Argument(help="Second checkpoint (e.g. the extended model).")],
     out: Annotated[Path, typer.Option(help="Output checkpoint folder.")],
-    weights: Annotated[str, typer.Option(help="Comma-separated weights, one per model.")] = "0.5,0.5",
-    method: Annotated[str, typer.Option(help="linear (weighted mean) or slerp.")] = "linear",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
+    schema_values: dict[str, Any] | None = None,
 ) -> None:
-    """Merge two checkpoints tensor by tensor (LongRecipe's merge); keeps the longer-context model's config."""
-    from longforge.hf import needs_own_code, own_code_error
-    from longforge.merge import merge as merge_models
+    """Merge two checkpoints tensor by tensor (LongRecipe's merge); keeps the longer-context model's config.
 
-    # Merging runs no checkpoint code, but its output would claim code it does not carry: refuse it unasked.
-    for m in (model_a, model_b):
-        if not trust_remote_code and needs_own_code(m):
-            raise own_code_error(m)
+    --weights gives MODEL_A's weight, then MODEL_B's.
+    """
+    from longforge.config import MergeStageSpec
+    from longforge.runner import execute
+    from longforge.stages import Checkpoint, MergeStage, RunPlan
 
-    try:
-        w = [float(x) for x in weights.split(",")]
-    except ValueError:
-        raise LongforgeError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.5,0.5).") from None
-    info = merge_models([model_a, model_b], w, out, method)
-    say(f"wrote {out} ({method}; config from {info['config_from']})")
+    spec = spec_from_options(MergeSpec, {**(schema_values or {}), "other": str(model_a)}, "merge")
+    # The model so far is MODEL_B; the merged config is the longer-context one's, whichever order they come in.
+    stage = MergeStage(MergeStageSpec(name="merge", merge=spec), Checkpoint(model_b), out, out, config_from=None,
+                       flags={"merge.other": "model"})
+    info = execute(RunPlan(trust_remote_code=trust_remote_code, stages=[stage]))[stage.title]
+    say(f"wrote {out} ({info['method']}; config from {info['config_from']})")
 
 
 class _EvalGroup(TyperGroup):
@@ -582,14 +622,12 @@ def eval_compare(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with eval results.")]) -> None:
-    """Build report.md and report.html (with plots) for a run directory."""
-    from longforge.report.build import build_report, collect, rich_tables
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, or a folder written by `longforge eval`.")]) -> None:
+    """Build report.md and report.html (with plots) for a run directory or a `longforge eval` folder."""
+    from longforge.runner import execute
+    from longforge.stages import ReportStage, RunPlan
 
-    paths = build_report(run_dir)
-    for table in rich_tables(collect(run_dir)):
-        console.print(table)
-    say(f"report: {paths['md']}  and  {paths['html']}")
+    execute(RunPlan(stages=[ReportStage(run_dir)]))
 
 
 def _validated(model: type, data: dict, where: str):  # type: ignore[no-untyped-def]

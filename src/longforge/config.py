@@ -1,25 +1,44 @@
-"""The recipe schema: one YAML file validated into typed config, with defaults."""
+"""The recipe schema: typed sections with their defaults and checks. Loading a recipe file, `--set` overrides, presets
+and path handling live in longforge.recipe; the allowed names of variants come from their registries."""
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from longforge.errors import LongforgeError
+from longforge.data.sampling import PLANS
 from longforge.files import safe_name
+from longforge.model.attention import BACKENDS
+from longforge.positions.methods import ROPE_METHODS
+from longforge.positions.transforms import TRANSFORMS
+from longforge.registry import choice
 
-RopeMethod = Literal["none", "pi", "ntk", "theta", "dynamic", "yarn", "llama3"]
-PositionTransform = Literal["contiguous", "pose", "pit"]
-SamplingPlan = Literal["none", "upsample_long", "length_thresholds", "long_short_mix"]
+RopeMethod = choice(ROPE_METHODS)
+PositionTransform = choice(TRANSFORMS)
+SamplingPlan = choice(PLANS)
+AttentionBackend = choice(BACKENDS)
+# Left as written until the optimizers have their registry (longforge.train.optim.OPTIMIZERS).
+Optimizer = Literal["adamw", "adamw_bf16"]
 SourceFormat = Literal["auto", "jsonl", "parquet", "text", "hf_disk"]
 # Prompt or window lengths in tokens: at least one, each positive.
 Lengths = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]
+
+
+class Input:
+    """Marks a path field as a file or folder the recipe reads: resolved against the recipe's folder, checked before
+    any stage, stamped by content in fingerprints, and never inside a folder a run clears (longforge.recipe finds
+    them by walking the schema). `keep` lists values that are words, not paths (merge.other: base)."""
+
+    def __init__(self, keep: tuple[str, ...] = ()) -> None:
+        self.keep = keep
+
+    def __repr__(self) -> str:
+        return f"Input(keep={self.keep!r})"
+
+
+InputPath = Annotated[Path, Input()]
 
 
 class Strict(BaseModel):
@@ -31,7 +50,7 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     """The checkpoint to extend."""
 
-    path: Path = Field(description="Hugging Face checkpoint folder (config.json + safetensors + tokenizer).")
+    path: InputPath = Field(description="Hugging Face checkpoint folder (config.json + safetensors + tokenizer).")
     original_length: int | None = Field(
         default=None, gt=0, description="Pretraining window; read from the checkpoint's config when absent."
     )
@@ -44,22 +63,22 @@ class ModelSpec(Strict):
 class SourceSpec(Strict):
     """One corpus source with its domain label and weight."""
 
-    name: str
-    path: Path = Field(description="A file, or a folder of files of the same format.")
+    name: str = Field(description="The source's name in tables and in `sources:` lists of the filter and replay.")
+    path: InputPath = Field(description="A file, or a folder of files of the same format.")
     format: SourceFormat = Field(
         default="auto",
         description="jsonl (.jsonl, .gz, .zst), parquet, text (one document per file) or hf_disk "
         "(a Hugging Face dataset saved with save_to_disk); guessed from the path when 'auto'.",
     )
-    text_field: str = "text"
+    text_field: str = Field(default="text", description="JSON field (or column) holding the text.")
     group_by: str | None = Field(
         default=None,
         description="Join consecutive records with the same value of this field into one document "
         "(ProLong's code repositories: the files of one repository become one document).",
     )
     group_joiner: str = Field(default="\n\n", description="Text placed between the records of one group.")
-    domain: str = "default"
-    weight: float = Field(default=1.0, gt=0)
+    domain: str = Field(default="default", description="Domain label in the data tables (e.g. code, books).")
+    weight: float = Field(default=1.0, gt=0, description="Share of the token budget, relative to the other sources' weights.")
     role: Literal["long", "short"] = Field(
         default="long", description="For plan long_short_mix: long data (filtered to >= seq_len) or short data (packed separately)."
     )
@@ -72,7 +91,7 @@ class SentenceFilterSpec(Strict):
         default="digits", description="digits: LongRecipe's released heuristic (sentences with a digit always kept); "
         "profile: sentences with the impactful token types of `profile`; random: the ablation baseline."
     )
-    profile: Path | None = Field(default=None, description="profile.json from `longforge analyze impactful` (method profile).")
+    profile: InputPath | None = Field(default=None, description="profile.json from `longforge analyze impactful` (method profile).")
     keep_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of keeping a sentence the filter does not require.")
     budget_fraction: float = Field(default=0.3, gt=0, le=1, description="Keep at most this share of each document's tokens.")
     min_document_tokens: int = Field(default=0, ge=0, description="Documents shorter than this are left whole.")
@@ -102,19 +121,21 @@ class ReplaySpec(Strict):
 class DataSpec(Strict):
     """How corpus sources become packed training sequences."""
 
-    sources: list[SourceSpec] = Field(min_length=1)
-    tokenizer: Path | None = Field(default=None, description="Tokenizer folder; defaults to the model's.")
+    sources: list[SourceSpec] = Field(min_length=1, description="The corpus files, each with its name, domain and weight.")
+    tokenizer: InputPath | None = Field(default=None, description="Tokenizer folder; defaults to the model's.")
     seq_len: int | None = Field(default=None, gt=1, description="Packed sequence length; defaults to target_length.")
-    plan: SamplingPlan = "upsample_long"
+    plan: SamplingPlan = Field(
+        default="upsample_long", description="How documents are sampled by length: upsample_long is Fu et al.'s, "
+        "length_thresholds UltraLong's, long_short_mix ProLong's.")
     short_threshold: int = Field(default=4096, gt=0, description="Documents shorter than this are 'short' (tokens).")
-    short_keep_prob: float = Field(default=0.1, ge=0, le=1)
+    short_keep_prob: float = Field(default=0.1, ge=0, le=1, description="Probability of keeping a short document.")
     long_threshold: int = Field(default=8192, gt=0, description="Documents longer than this are upsampled (length_thresholds).")
     long_repeat: float = Field(default=2.0, ge=1, description="Expected copies of a long document (length_thresholds); fractions are drawn.")
     long_share: float = Field(default=0.6, gt=0, lt=1, description="Share of long data in the token budget (long_short_mix).")
     token_budget: int | None = Field(default=None, gt=0, description="Tokens to write; all that the plan keeps when absent.")
     separator: str = Field(default="eos", description="'eos', 'bos', 'none', or 'text:<s>' for a literal text separator.")
-    sentence_filter: SentenceFilterSpec | None = None
-    replay: ReplaySpec | None = None
+    sentence_filter: SentenceFilterSpec | None = Field(default=None, description="LongRecipe's sentence selection; off when absent.")
+    replay: ReplaySpec | None = Field(default=None, description="Also write a replay set of short documents to replay/.")
     batch_order: Literal["shuffle", "ssq"] = Field(
         default="shuffle",
         description="ssq: inside each global batch, order sequences by the sum of squared document lengths "
@@ -135,8 +156,8 @@ class DataSpec(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique; rename the repeated source {dup[0]!r}")
-        if self.plan == "long_short_mix" and len({s.role for s in self.sources}) < 2:
-            raise ValueError("plan long_short_mix needs at least one source with role 'long' and one with role 'short'")
+        if PLANS[self.plan].by_role and len({s.role for s in self.sources}) < 2:
+            raise ValueError(f"plan {self.plan} needs at least one source with role 'long' and one with role 'short'")
         for key, part in (("sentence_filter", self.sentence_filter), ("replay", self.replay)):
             unknown = sorted(set(part.sources or []) - set(names)) if part is not None else []
             if unknown:
@@ -147,7 +168,7 @@ class DataSpec(Strict):
 class PositionSpec(Strict):
     """The RoPE scaling method and the training position-id transform."""
 
-    method: RopeMethod = "yarn"
+    method: RopeMethod = Field(default="yarn", description="The RoPE scaling method (longforge.positions.methods).")
     factor: float | None = Field(default=None, gt=0, description="Scale factor; target_length / original_length when absent.")
     theta: float | None = Field(default=None, gt=0, description="RoPE base for method 'theta'.")
     beta_fast: float = Field(default=32.0, gt=0, description="YaRN beta_fast (the paper's beta).")
@@ -156,8 +177,8 @@ class PositionSpec(Strict):
     mscale: float | None = Field(default=None, gt=0, description="YaRN mscale (DeepSeek style); used with mscale_all_dim when attention_factor is absent.")
     mscale_all_dim: float | None = Field(default=None, gt=0, description="YaRN mscale_all_dim; attention factor = m(s, mscale) / m(s, mscale_all_dim).")
     truncate: bool = Field(default=True, description="YaRN: round the ramp's ends to whole frequency indices (transformers' default).")
-    low_freq_factor: float = Field(default=1.0, gt=0, description="llama3: wavelengths above original/low_freq_factor are divided by the factor.")
-    high_freq_factor: float = Field(default=4.0, gt=0, description="llama3: wavelengths below original/high_freq_factor are kept.")
+    low_freq_factor: float = Field(default=1.0, gt=0, description="llama3: wavelengths above original / low_freq_factor are divided by the factor.")
+    high_freq_factor: float = Field(default=4.0, gt=0, description="llama3: wavelengths below original / high_freq_factor are kept.")
     transform: PositionTransform = Field(
         default="contiguous",
         description="Training position ids: contiguous, pose (Zhu et al.: one skip) or pit (LongRecipe: a skip at sentence starts).",
@@ -177,48 +198,49 @@ class PositionSpec(Strict):
 class SFTSpec(Strict):
     """Short-instruction SFT data: chat conversations, loss on the assistant's tokens only."""
 
-    data: Path = Field(description="JSONL file, one conversation per line.")
+    data: InputPath = Field(description="JSONL file, one conversation per line.")
     field: str = Field(default="messages", description="Key holding the list of {role, content} messages.")
     seq_len: int = Field(default=8192, gt=1, description="Packed row length; longer conversations are kept aside.")
-    chat_template: Path | None = Field(default=None, description="Jinja template file; the tokenizer's own when absent.")
+    chat_template: InputPath | None = Field(default=None, description="Jinja template file; the tokenizer's own when absent.")
 
 
 class MergeSpec(Strict):
     """Merge the model so far with another checkpoint (LongRecipe: 0.5 original + 0.5 extended)."""
 
-    other: str = Field(default="base", description="'base' (the recipe's model) or a checkpoint folder.")
-    weights: tuple[float, float] = Field(default=(0.5, 0.5), description="(other, current) weights.")
-    method: Literal["linear", "slerp"] = "linear"
+    other: Annotated[str, Input(keep=("base",))] = Field(
+        default="base", description="'base' (the recipe's model) or a checkpoint folder.")
+    weights: tuple[float, float] = Field(default=(0.5, 0.5), description="(other, current) weights; they sum to 1.")
+    method: Literal["linear", "slerp"] = Field(
+        default="linear", description="linear: the weighted mean of each tensor; slerp: spherical interpolation.")
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> "MergeSpec":
+        if abs(sum(self.weights) - 1) > 1e-6:
+            raise ValueError(f"merge weights {list(self.weights)} must sum to 1")
+        return self
 
 
-class StageSpec(Strict):
-    """One stage after the RoPE change: continual pretraining (extend, replay), SFT, or a merge."""
+class TrainSpec(Strict):
+    """The settings of a training stage (pretrain or sft): optimisation, schedule, precision, memory and speed."""
 
-    name: str = "extend"
-    kind: Literal["pretrain", "sft", "merge"] = "pretrain"
-    steps: int = Field(default=1, gt=0)
-    sft: SFTSpec | None = None
-    merge: MergeSpec | None = None
+    steps: int = Field(default=1, gt=0, description="Optimizer steps.")
     batch_size: int = Field(default=1, gt=0, description="Sequences per micro-batch.")
-    grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=2e-5, gt=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=2e-5, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "constant"] = Field(default="cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warmup to the peak learning rate.")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine: the last step's lr as a share of the peak.")
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas (beta1, beta2).")
     clip_grad: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this; 0 = no clipping.")
-    document_mask: bool = True
-    save_every: int = Field(default=50, gt=0)
-    data: Path | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
-    dataset: Literal["main", "replay"] = Field(
-        default="main", description="Which set of the data stage to train on: the long data, or its replay set (short, contiguous positions).")
+    document_mask: bool = Field(default=True, description="Forbid attention across packed documents.")
+    save_every: int = Field(default=50, gt=0, description="Save a resumable checkpoint every this many steps.")
     sp: int = Field(default=1, gt=0, description="Sequence-parallel degree (Ulysses); processes come from torchrun.")
-    attention: Literal["auto", "dense", "sdpa", "varlen", "flex"] = Field(
+    attention: AttentionBackend = Field(
         default="auto", description="Attention kernel: auto = varlen (document masks; flex in fp32) or sdpa on CUDA, dense on CPU.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
         default="auto", description="auto = fp32 on CPU, bf16-mixed (fp32 master weights) on CUDA; bf16 = bf16 weights.")
-    optimizer: Literal["adamw", "adamw_bf16"] = Field(
+    optimizer: Optimizer = Field(
         default="adamw", description="adamw_bf16: bf16 moments and stochastic rounding (needs precision bf16).")
     activation_checkpointing: Literal["auto", "on", "off"] = Field(
         default="auto", description="Recompute each layer in backward; auto = on for CUDA.")
@@ -237,37 +259,20 @@ class StageSpec(Strict):
         default="auto", description="Fuse SwiGLU, RoPE and RMSNorm into single kernels with torch.compile; auto = on CUDA with Triton.")
     tensorboard: bool = Field(default=False, description="Also write the step log as TensorBoard scalars (tb/).")
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_folder(cls, v: str) -> str:
-        return safe_name(v, "stage name")  # the stage's folder is train/<name> inside the run folder
-
     @model_validator(mode="after")
-    def _kind_settings(self) -> "StageSpec":
-        if self.dataset == "replay" and self.kind != "pretrain":
-            raise ValueError("`dataset: replay` belongs to pretrain stages (replay of the original distribution)")
-        if self.kind != "merge" and "steps" not in self.model_fields_set:
-            raise ValueError(f"a {self.kind} stage needs `steps` (optimizer steps)")
-        if self.kind == "sft" and self.sft is None:
-            raise ValueError("an sft stage needs an `sft:` section with at least `data:`")
-        if self.kind != "sft" and self.sft is not None:
-            raise ValueError(f"`sft:` settings belong to stages of kind sft, not {self.kind}")
-        if self.kind == "merge" and self.merge is None:
-            self.merge = MergeSpec()
-        if self.kind != "merge" and self.merge is not None:
-            raise ValueError(f"`merge:` settings belong to stages of kind merge, not {self.kind}")
-        if self.merge is not None and abs(sum(self.merge.weights) - 1) > 1e-6:
-            raise ValueError(f"merge weights {list(self.merge.weights)} must sum to 1")
+    def _steps_given(self) -> "TrainSpec":
+        if "steps" not in self.model_fields_set:
+            raise ValueError(f"a {getattr(self, 'kind', 'training')} stage needs `steps` (optimizer steps)")
         return self
 
     @model_validator(mode="after")
-    def _bf16_optimizer(self) -> "StageSpec":
+    def _bf16_optimizer(self) -> "TrainSpec":
         if self.optimizer == "adamw_bf16" and self.precision != "bf16":
             raise ValueError("optimizer 'adamw_bf16' keeps bf16 weights; set precision: bf16 with it")
         return self
 
     @model_validator(mode="after")
-    def _memory_options(self) -> "StageSpec":
+    def _memory_options(self) -> "TrainSpec":
         if self.resident_layers and not self.offload_activations:
             raise ValueError("resident_layers chooses which layers stay on the GPU when offloading; "
                              "set offload_activations: true with it (or drop resident_layers)")
@@ -278,6 +283,64 @@ class StageSpec(Strict):
             raise ValueError("optimizer_in_backward updates each parameter before the others' gradients exist, so the "
                              "global norm cannot be clipped; set clip_grad: 0 with it")
         return self
+
+
+class StageName(Strict):
+    """What every stage of the recipe's list has: its name (the folder train/<name> of the run) and its kind."""
+
+    name: str = Field(default="extend", description="The stage's name, and its folder train/<name> in the run folder.")
+    kind: str = Field(default="pretrain", description="pretrain (the default), sft or merge.")  # each kind narrows it
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str) -> str:
+        return safe_name(v, "stage name")  # the stage's folder is train/<name> inside the run folder
+
+
+class PretrainStageSpec(TrainSpec, StageName):
+    """Continual pretraining on packed long sequences (the extension), or on the replay set."""
+
+    kind: Literal["pretrain"] = Field(default="pretrain", description="pretrain (the default), sft or merge.")
+    data: InputPath | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
+    dataset: Literal["main", "replay"] = Field(
+        default="main", description="Which set of the data stage to train on: the long data, or its replay set (short, contiguous positions).")
+
+
+class SFTStageSpec(TrainSpec, StageName):
+    """Supervised fine-tuning on chat conversations, loss on the assistant's tokens."""
+
+    kind: Literal["sft"] = Field(default="sft", description="sft.")
+    sft: SFTSpec = Field(description="The conversations and how they are packed.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sft_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sft") is None:
+            raise ValueError("an sft stage needs an `sft:` section with at least `data:`")
+        return data
+
+
+class MergeStageSpec(StageName):
+    """A merge of the model so far with another checkpoint; it trains nothing, so it has no training settings."""
+
+    kind: Literal["merge"] = Field(default="merge", description="merge.")
+    merge: MergeSpec = Field(default_factory=MergeSpec, description="What to merge with, and how.")
+
+
+# A stage written without `kind` is a pretrain stage, as recipes have always meant; StageSpec keeps naming it, since
+# every caller of the training loop builds one (the recipe's list takes any kind: AnyStageSpec).
+StageSpec = PretrainStageSpec
+STAGE_SPECS: dict[str, type[StageName]] = {"pretrain": PretrainStageSpec, "sft": SFTStageSpec, "merge": MergeStageSpec}
+
+
+def stage_kind(value: Any) -> str:
+    """The kind of a stage mapping (pretrain when it names none) or of a stage object."""
+    kind = value.get("kind", "pretrain") if isinstance(value, dict) else getattr(value, "kind", "pretrain")
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+AnyStageSpec = Annotated[Union[tuple(Annotated[spec, Tag(kind)] for kind, spec in STAGE_SPECS.items())],  # noqa: UP007
+                         Discriminator(stage_kind)]
 
 
 LengthSpacing = Literal["log", "linear"]
@@ -295,7 +358,7 @@ class PasskeySpec(Strict):
     spacing: LengthSpacing = Field(default="log", description="How the lengths are spread between min and max.")
     depths: int = Field(default=10, gt=0, description="Needle depths from 0% to 100% (Fu et al./UltraLong: 10).")
     trials: int = Field(default=1, gt=0, description="Prompts per cell (each with its own key).")
-    haystack: Path | None = Field(default=None, description="Text file/folder or JSONL to hide the key in; the Landmark/YaRN filler when absent.")
+    haystack: InputPath | None = Field(default=None, description="Text file/folder or JSONL to hide the key in; the Landmark/YaRN filler when absent.")
     text_field: str = "text"
     batch_size: int = Field(default=8, gt=0)
 
@@ -310,7 +373,7 @@ class NiahSpec(Strict):
     spacing: LengthSpacing = Field(default="linear", description="Fu et al. spread lengths linearly.")
     depths: int = Field(default=10, gt=0)
     trials: int = Field(default=1, gt=0, description="Prompts per cell; trials after the first start the haystack at seeded offsets.")
-    haystack: Path | None = Field(default=None, description="Text file/folder or JSONL of long prose (e.g. essays); the built-in noise filler when absent.")
+    haystack: InputPath | None = Field(default=None, description="Text file/folder or JSONL of long prose (e.g. essays); the built-in noise filler when absent.")
     text_field: str = "text"
     needle: str = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
     question: str = "What is the best thing to do in San Francisco?"
@@ -325,9 +388,9 @@ class RulerSpec(Strict):
     tasks: list[RulerTask] | None = Field(default=None, description="Tasks to run; the 11 synthetic ones (+ qa_1/qa_2 when their files are given) when absent.")
     lengths: Lengths | None = Field(default=None, description="Prompt lengths; 4K, 8K, ... up to target_length when absent.")
     samples: int = Field(default=25, gt=0, description="Samples per task and length (RULER uses 500).")
-    essays: Path | None = Field(default=None, description="Essay haystack (text file/folder or JSONL) for niah_single_2/3, multikey_1, multivalue, multiquery.")
-    squad: Path | None = Field(default=None, description="SQuAD dev JSON for qa_1.")
-    hotpotqa: Path | None = Field(default=None, description="HotpotQA distractor dev JSON for qa_2.")
+    essays: InputPath | None = Field(default=None, description="Essay haystack (text file/folder or JSONL) for niah_single_2/3, multikey_1, multivalue, multiquery.")
+    squad: InputPath | None = Field(default=None, description="SQuAD dev JSON for qa_1.")
+    hotpotqa: InputPath | None = Field(default=None, description="HotpotQA distractor dev JSON for qa_2.")
     threshold: float = Field(default=85.6, gt=0, le=100, description="Average score a length must beat to count as effective.")
     max_new_tokens: int | None = Field(default=None, gt=0, description="Cap on tokens generated per answer (speed); each task's RULER budget when absent.")
     batch_size: int = Field(default=8, gt=0)
@@ -344,7 +407,7 @@ class RulerSpec(Strict):
 class PplSpec(Strict):
     """Perplexity against length on held-out long documents."""
 
-    source: Path = Field(description="JSONL or text file/folder of long documents.")
+    source: InputPath = Field(description="JSONL or text file/folder of long documents.")
     text_field: str = "text"
     lengths: Lengths | None = None
     num_docs: int = Field(default=8, gt=0)
@@ -379,28 +442,16 @@ class EvalSpec(Strict):
     seed: int = 1234
 
     def resolve_paths(self, fix: Any) -> None:
-        """Apply `fix` (relative -> absolute) to every path of the evaluation."""
-        if self.ppl is not None:
-            self.ppl.source = fix(self.ppl.source)
-        if self.passkey is not None:
-            self.passkey.haystack = fix(self.passkey.haystack)
-        if self.niah is not None:
-            self.niah.haystack = fix(self.niah.haystack)
-        if self.ruler is not None:
-            self.ruler.essays = fix(self.ruler.essays)
-            self.ruler.squad = fix(self.ruler.squad)
-            self.ruler.hotpotqa = fix(self.ruler.hotpotqa)
+        """Apply `fix` (relative -> absolute) to every path of the evaluation (longforge.recipe.map_paths)."""
+        from longforge.recipe import map_paths
+
+        map_paths(self, fix)
 
     def input_paths(self) -> dict[str, Path]:
-        """Every file the evaluation reads, by recipe key (to check they exist before any work)."""
-        out: dict[str, Path | None] = {"eval.ppl.source": self.ppl.source if self.ppl else None,
-                                       "eval.passkey.haystack": self.passkey.haystack if self.passkey else None}
-        if self.niah is not None:
-            out["eval.niah.haystack"] = self.niah.haystack
-        if self.ruler is not None:
-            out.update({"eval.ruler.essays": self.ruler.essays, "eval.ruler.squad": self.ruler.squad,
-                        "eval.ruler.hotpotqa": self.ruler.hotpotqa})
-        return {k: Path(v) for k, v in out.items() if v is not None}
+        """Every file the evaluation reads, by recipe key (longforge.recipe.input_paths)."""
+        from longforge.recipe import input_paths
+
+        return input_paths(self, "eval")
 
 
 class Recipe(Strict):
@@ -414,7 +465,7 @@ class Recipe(Strict):
     target_length: int = Field(gt=0)
     data: DataSpec
     positions: PositionSpec = Field(default_factory=PositionSpec)
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[AnyStageSpec] = Field(min_length=1)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
     @field_validator("name")
@@ -431,145 +482,17 @@ class Recipe(Strict):
         return self
 
 
-def fingerprint(obj: Any) -> str:
-    """Stable short hash of a JSON-serialisable object (used to detect changed stage inputs)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+# Recipe loading, overrides, presets, paths and error messages moved to longforge.recipe (and fingerprint to
+# longforge.stages.base); these names still import from here.
+_MOVED = {"fingerprint": "longforge.stages.base", "parse_recipe": "longforge.recipe", "parse_yaml": "longforge.recipe",
+          "apply_overrides": "longforge.recipe", "load_recipe": "longforge.recipe", "load_preset": "longforge.recipe",
+          "resolve_paths": "longforge.recipe", "dump_recipe": "longforge.recipe", "_format_error": "longforge.recipe"}
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """Field names allowed at the parent of `loc`, to suggest a fix for an unknown key."""
-    model: Any = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        for sub in list(candidates):
-            candidates.extend(getattr(sub, "__args__", ()))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return []
-    return list(model.model_fields)
+def __getattr__(name: str) -> Any:
+    """The names that moved out of the schema, imported from their new module on first use."""
+    if name in _MOVED:
+        import importlib
 
-
-def _format_error(err: dict[str, Any], source: str) -> str:
-    """One sentence for one pydantic error, naming the key and the fix."""
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"did you mean `{close[0]}`?" if close else f"allowed keys here: {', '.join(allowed)}."
-        return f"{source}: unknown key `{key}`; {hint}"
-    if kind == "missing":
-        return f"{source}: `{key}` is required; add it to the recipe."
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    got = err.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{source}: `{key}` {msg[0].lower() + msg[1:]}{got_s}; fix that value in the recipe."
-
-
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate a recipe mapping, turning every problem into one clear LongforgeError."""
-    if not isinstance(data, dict):
-        raise LongforgeError(f"{source}: a recipe must be a YAML mapping of keys to values, not {type(data).__name__}.")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        lines = [_format_error(err, source) for err in e.errors()]
-        raise LongforgeError("\n".join(lines)) from None
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text to data, or one clear error naming the line."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise LongforgeError(f"{source}: not valid YAML{where}; fix the syntax there.") from None
-
-
-def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
-    """Apply `key.sub=value` settings (list items by index, values parsed as YAML) to recipe data."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise LongforgeError(f"--set {item!r} is not KEY=VALUE (e.g. --set model.path=/models/llama).")
-        value = parse_yaml(raw, f"--set {key}")
-        node = data
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise LongforgeError(f"--set {key}: {part!r} is not an index of the {len(node)} items at {'.'.join(parts[:depth])}.")
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise LongforgeError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section.")
-    return data
-
-
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a recipe YAML file; relative paths inside it are taken from the file's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise LongforgeError(f"recipe file {path} does not exist; pass the path of a recipe YAML file.")
-    data = apply_overrides(parse_yaml(path.read_text(), str(path)), overrides or [], str(path))
-    recipe = parse_recipe(data, source=str(path))
-    return resolve_paths(recipe, path.parent)
-
-
-def load_preset(name: str, overrides: list[str] | None = None, base: Path | None = None) -> Recipe:
-    """A shipped preset with overrides; its relative paths are taken from `base` (the working folder by default)."""
-    from longforge.recipes import preset_text
-
-    data = apply_overrides(parse_yaml(preset_text(name), f"preset {name}"), overrides or [], f"preset {name}")
-    recipe = parse_recipe(data, source=f"preset {name}")
-    return resolve_paths(recipe, base or Path.cwd())
-
-
-def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Make every relative path in the recipe relative to `base`."""
-
-    def fix(p: Path | None) -> Path | None:
-        if p is None:
-            return None
-        p = Path(p).expanduser()
-        return p if p.is_absolute() else (base / p).resolve()
-
-    recipe.model.path = fix(recipe.model.path)
-    recipe.data.tokenizer = fix(recipe.data.tokenizer)
-    if recipe.data.sentence_filter is not None:
-        recipe.data.sentence_filter.profile = fix(recipe.data.sentence_filter.profile)
-    for s in recipe.data.sources:
-        s.path = fix(s.path)
-    for st in recipe.stages:
-        st.data = fix(st.data)
-        if st.sft is not None:
-            st.sft.data = fix(st.sft.data)
-            st.sft.chat_template = fix(st.sft.chat_template)
-        if st.merge is not None and st.merge.other != "base":
-            st.merge.other = str(fix(Path(st.merge.other)))
-    recipe.eval.resolve_paths(fix)
-    return recipe
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML, with every default filled in."""
-    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

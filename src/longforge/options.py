@@ -37,9 +37,14 @@ def _scalar(tp: Any) -> Any:
     return tp
 
 
+def _plain(tp: Any) -> Any:
+    """The type of a field without None and Annotated marks (`InputPath | None` -> Path)."""
+    return _scalar(_unwrap(_scalar(tp))[0])
+
+
 def option_kind(tp: Any) -> str | None:
     """How a field becomes a flag: 'scalar', 'choice', 'bool', 'list' (comma-separated), or None (only via --set)."""
-    tp, _ = _unwrap(_scalar(tp))
+    tp = _plain(tp)
     if tp is bool:
         return "bool"
     if get_origin(tp) is Literal:
@@ -63,36 +68,37 @@ def _help(info: Any, default: Any, extra: str = "") -> str:
 
 
 def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: dict[str, str] | None = None,
-                      rename: dict[str, str] | None = None) -> list[inspect.Parameter]:
+                      rename: dict[str, str] | None = None, hide_defaults: Iterable[str] = ()) -> list[inspect.Parameter]:
     """A typer keyword parameter for every settable field of `model` (None when not given, so defaults stay the schema's)."""
     params = []
     for name, info in model.model_fields.items():
         kind = option_kind(info.annotation)
         if name in set(skip) or kind is None:
             continue
-        default = info.get_default(call_default_factory=True)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        shown = None if name in set(hide_defaults) else default  # a flag that switches its section on has no default
         opt_name = flag(rename.get(name, name)) if rename else flag(name)
         decls = [opt_name]
         if kind == "bool":
             # A flag that is off by default needs no --no- form; one that is on by default needs it to turn off.
             decls = [f"{opt_name}/--no-{opt_name[2:]}"] if default is True else [opt_name]
             py: Any = bool | None
-            opt = typer.Option(*decls, help=_help(info, default), rich_help_panel=(panels or {}).get(name),
+            opt = typer.Option(*decls, help=_help(info, shown), rich_help_panel=(panels or {}).get(name),
                                show_default=False)
         elif kind == "choice":
             # The values go into the help, not the metavar, so the option column stays narrow at 80 columns;
             # the schema validates them (an error names the flag and the values).
-            values = ", ".join(str(v) for v in get_args(_unwrap(_scalar(info.annotation))[0]))
+            values = ", ".join(str(v) for v in get_args(_plain(info.annotation)))
             py = str | None
-            opt = typer.Option(*decls, help=_help(info, default, f"One of: {values}"), show_default=False,
+            opt = typer.Option(*decls, help=_help(info, shown, f"One of: {values}"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="<choice>")
         elif kind == "list":
             py = str | None
-            opt = typer.Option(*decls, help=_help(info, default, "Comma-separated"), show_default=False,
+            opt = typer.Option(*decls, help=_help(info, shown, "Comma-separated"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="A,B,...")
         else:
-            py = _unwrap(_scalar(info.annotation))[0] | None
-            opt = typer.Option(*decls, help=_help(info, default), rich_help_panel=(panels or {}).get(name),
+            py = _plain(info.annotation) | None
+            opt = typer.Option(*decls, help=_help(info, shown), rich_help_panel=(panels or {}).get(name),
                                show_default=False)
         params.append(inspect.Parameter(rename.get(name, name) if rename else name, inspect.Parameter.KEYWORD_ONLY,
                                         default=None, annotation=Annotated[py, opt]))
@@ -100,24 +106,27 @@ def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: 
 
 
 def with_schema_options(model: type[BaseModel], skip: Iterable[str] = (), panels: dict[str, str] | None = None,
-                        rename: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                        rename: dict[str, str] | None = None, into: str = "schema_values",
+                        hide_defaults: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a typer command so it also takes one option per field of `model`, passed to it as `schema_values`.
 
     The command's own parameters come first; `schema_values` holds only the fields the user gave (by field name).
+    Decorators stack, one per section (e.g. data build's data, sentence filter and replay), each passing its values
+    by its own `into` name; `rename` gives a field another flag (`token_budget` -> `--budget`).
     """
-    extra = schema_parameters(model, skip, panels, rename)
+    extra = schema_parameters(model, skip, panels, rename, hide_defaults)
     back = {v: k for k, v in (rename or {}).items()}
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(fn, include_extras=True)  # real types, also under `from __future__ import annotations`
         own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()
-               if p.name != "schema_values"]
+               if p.name != into]
         taken = {p.name for p in own}
         fields = [p for p in extra if p.name not in taken]
 
         def command(**kwargs: Any) -> Any:
             values = {back.get(p.name, p.name): kwargs.pop(p.name) for p in fields}
-            return fn(**kwargs, schema_values={k: v for k, v in values.items() if v is not None})
+            return fn(**kwargs, **{into: {k: v for k, v in values.items() if v is not None}})
 
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
         command.__signature__ = inspect.Signature(own + fields)  # type: ignore[attr-defined]
@@ -130,8 +139,7 @@ def with_schema_options(model: type[BaseModel], skip: Iterable[str] = (), panels
 def _parse_list(model: type[BaseModel], name: str, text: str) -> list[Any]:
     """A comma-separated flag value as a list of the field's item type (validation checks the values)."""
     items = [x.strip() for x in text.split(",") if x.strip()]
-    tp, _ = _unwrap(_scalar(model.model_fields[name].annotation))
-    args = [a for a in get_args(tp) if a is not Ellipsis]
+    args = [a for a in get_args(_plain(model.model_fields[name].annotation)) if a is not Ellipsis]
     item = _scalar(args[0]) if args else str
     if item in (int, float):
         try:
@@ -153,12 +161,12 @@ def spec_from_options(model: type[BaseModel], values: dict[str, Any], where: str
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise LongforgeError("\n".join(_flag_error(err, values, where, rename or {}) for err in e.errors())) from None
+        raise LongforgeError("\n".join(_flag_error(err, values, where, rename or {}, model) for err in e.errors())) from None
 
 
-def _flag_error(err: dict[str, Any], given: dict[str, Any], where: str, rename: dict[str, str]) -> str:
-    """One validation error, naming the flag when a flag set the value, else the key in `where`."""
-    from longforge.config import _format_error
+def _flag_error(err: dict[str, Any], given: dict[str, Any], where: str, rename: dict[str, str], model: Any) -> str:
+    """One validation error, naming the flag when a flag set the value (or must), else the key in `where`."""
+    from longforge.recipe import _format_error
 
     loc = err.get("loc", ())
     name = loc[0] if loc and isinstance(loc[0], str) else None
@@ -169,4 +177,7 @@ def _flag_error(err: dict[str, Any], given: dict[str, Any], where: str, rename: 
         got = err.get("input")
         shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
         return f"{flag(rename.get(name, name))}: {msg}{shown}."
-    return _format_error(err, where)
+    if err.get("type") == "missing" and len(loc) == 1 and name in model.model_fields and option_kind(
+            model.model_fields[name].annotation) is not None:
+        return f"{where} needs {flag(rename.get(name, name))}."
+    return _format_error(err, where, model)

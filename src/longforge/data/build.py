@@ -21,7 +21,7 @@ from longforge.data.estimate import SourceEstimate, estimate_source
 from longforge.data.filters import SentenceSelection, vocab_tables
 from longforge.data.pack import Packer, separator_tokens
 from longforge.data.pipeline import SourcePipeline, TokenBatch, batch_target, encode_pool
-from longforge.data.sampling import BUCKET_NAMES, DROP_REASONS, bucket_index, mix_budgets, plan_copies, source_budgets
+from longforge.data.sampling import BUCKET_NAMES, DROP_REASONS, PLANS, bucket_index, plan_copies
 from longforge.data.sources import Rejects, check_source, iter_items
 from longforge.data.store import BUILD_STATE, FORMAT_VERSION, INDEX, ShardWriter, token_dtype
 from longforge.data.verify import vocabulary_id
@@ -270,9 +270,7 @@ def _clean(out: Path) -> None:
 
 
 def _budgets(spec: DataSpec) -> list[int | None]:
-    if spec.plan == "long_short_mix":
-        return mix_budgets([s.weight for s in spec.sources], [s.role for s in spec.sources], spec.token_budget, spec.long_share)
-    return source_budgets([s.weight for s in spec.sources], spec.token_budget)
+    return PLANS[spec.plan].budgets(spec)
 
 
 def _check_budgets(spec: DataSpec, seq_len: int, budgets: list[int | None], estimates: dict[str, SourceEstimate]) -> None:
@@ -412,7 +410,7 @@ class _Build:
                 "batch_order": spec.batch_order, "plan": spec.plan}
         self.writer = ShardWriter(out, seq_len, vocab, spec.shard_sequences, meta=meta)
         # ProLong packs long and short data apart, so a sequence is either one long document or many short ones.
-        self.mix = spec.plan == "long_short_mix"
+        self.mix = PLANS[spec.plan].by_role
         self.packers = {r: Packer(seq_len, prefix=prefix, suffix=suffix, dtype=dtype)
                         for r in (("long", "short") if self.mix else ("all",))}
         self.role_sequences: Counter[str] = Counter()
@@ -638,7 +636,7 @@ def _manifest(spec: DataSpec, sources: list[_Source], rejects: Rejects, pending:
         "cpu_seconds": round(cpu_seconds, 2),  # every thread of this process: on a shared machine, the fairer cost
         "tokens_per_second": round(sum(st["tokens_seen"] for st in per_source.values()) / max(seconds, 1e-9)),
     }
-    if spec.plan == "long_short_mix":
+    if PLANS[spec.plan].by_role:
         n = max(index["num_sequences"], 1)
         m["mix"] = {"target_long_share": spec.long_share,
                     "long_sequences": role_sequences["long"], "short_sequences": role_sequences["short"],

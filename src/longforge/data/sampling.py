@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from longforge.config import DataSpec
+from longforge.registry import Registry
+
+if TYPE_CHECKING:  # the schema reads this registry's names, so this module must not import it at load time
+    from longforge.config import DataSpec
 
 LENGTH_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1 << 62)
 
@@ -15,7 +20,7 @@ KEPT, SHORT_NOT_SAMPLED, BELOW_SEQ_LEN = 0, 1, 2
 DROP_REASONS = {SHORT_NOT_SAMPLED: "short, not sampled", BELOW_SEQ_LEN: "long source, shorter than seq_len"}
 
 # (lengths, role, spec, seq_len, rng) -> (copies per document, reason code per document)
-PlanFn = Callable[[np.ndarray, str, DataSpec, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+PlanFn = Callable[[np.ndarray, str, "DataSpec", int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def _short(n: int) -> str:
@@ -83,17 +88,70 @@ def plan_long_short_mix(lengths: np.ndarray, role: str, spec: DataSpec, seq_len:
     return long_enough.astype(np.int64), np.where(long_enough, KEPT, BELOW_SEQ_LEN)
 
 
-PLANS: dict[str, PlanFn] = {
-    "none": plan_none,
-    "upsample_long": plan_upsample_long,
-    "length_thresholds": plan_length_thresholds,
-    "long_short_mix": plan_long_short_mix,
-}
+def _most_once(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
+    return np.ones(len(lengths))
+
+
+def _most_short_kept(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
+    return np.where(lengths < spec.short_threshold, 1.0 if spec.short_keep_prob > 0 else 0.0, 1.0)
+
+
+def _most_thresholds(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
+    out = _most_short_kept(lengths, role, spec, seq_len)
+    return np.where(lengths > spec.long_threshold, float(np.ceil(spec.long_repeat)), out)
+
+
+def _mean_short_kept(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
+    return np.where(lengths < spec.short_threshold, spec.short_keep_prob, 1.0)
+
+
+def _mean_thresholds(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
+    return np.where(lengths > spec.long_threshold, spec.long_repeat, _mean_short_kept(lengths, role, spec, seq_len))
+
+
+def _long_enough(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
+    """Both the most and the mean copies under long_short_mix: a short source keeps all, a long one what fills seq_len."""
+    return np.ones(len(lengths)) if role == "short" else (lengths >= seq_len).astype(np.float64)
+
+
+# (lengths, role, spec, seq_len) -> copies per document, for estimates before any work
+BoundFn = Callable[[np.ndarray, str, "DataSpec", int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """One sampling plan: its random draw, the most and the mean copies it gives (for estimates), and its budgets."""
+
+    name: str
+    copies: PlanFn
+    most: BoundFn
+    mean: BoundFn
+    # Sources have roles: long sources share long_share of the budget, and long and short data are packed apart.
+    by_role: bool
+    description: str
+
+    def budgets(self, spec: DataSpec) -> list[int | None]:
+        """Each source's share of the token budget."""
+        weights = [s.weight for s in spec.sources]
+        if self.by_role:
+            return mix_budgets(weights, [s.role for s in spec.sources], spec.token_budget, spec.long_share)
+        return source_budgets(weights, spec.token_budget)
+
+
+PLANS: Registry[SamplingPlan] = Registry("sampling plan", [
+    SamplingPlan("none", plan_none, _most_once, _most_once, by_role=False, description="every document once"),
+    SamplingPlan("upsample_long", plan_upsample_long, _most_short_kept, _mean_short_kept, by_role=False,
+                 description="Fu et al.: short documents kept with short_keep_prob"),
+    SamplingPlan("length_thresholds", plan_length_thresholds, _most_thresholds, _mean_thresholds, by_role=False,
+                 description="UltraLong: short documents downsampled, long ones repeated"),
+    SamplingPlan("long_short_mix", plan_long_short_mix, _long_enough, _long_enough, by_role=True,
+                 description="ProLong: long sources filtered to seq_len, short ones packed apart, mixed by long_share"),
+])
 
 
 def plan_copies(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Copies and drop reasons for a batch of document lengths under the recipe's plan."""
-    return PLANS[spec.plan](np.asarray(lengths, dtype=np.int64), role, spec, seq_len, rng)
+    return PLANS[spec.plan].copies(np.asarray(lengths, dtype=np.int64), role, spec, seq_len, rng)
 
 
 def copies(n_tokens: int, spec: DataSpec, rng: np.random.Generator, seq_len: int = 0, role: str = "long") -> int:
@@ -103,31 +161,12 @@ def copies(n_tokens: int, spec: DataSpec, rng: np.random.Generator, seq_len: int
 
 def max_copies(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
     """The most copies documents of these lengths can get under the plan (bounds what a source can yield)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    short_max = 1.0 if spec.short_keep_prob > 0 else 0.0
-    if spec.plan == "none" or (spec.plan == "long_short_mix" and role == "short"):
-        return np.ones(len(lengths))
-    if spec.plan == "long_short_mix":
-        return (lengths >= seq_len).astype(np.float64)
-    out = np.where(lengths < spec.short_threshold, short_max, 1.0)
-    if spec.plan == "length_thresholds":
-        out = np.where(lengths > spec.long_threshold, float(np.ceil(spec.long_repeat)), out)
-    return out
+    return PLANS[spec.plan].most(np.asarray(lengths, dtype=np.int64), role, spec, seq_len)
 
 
 def expected_copies(lengths: np.ndarray, role: str, spec: DataSpec, seq_len: int) -> np.ndarray:
     """Mean copies of documents of these lengths under the plan (for estimates before any work)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    short = lengths < spec.short_threshold
-    if spec.plan == "none":
-        return np.ones(len(lengths))
-    if spec.plan == "upsample_long":
-        return np.where(short, spec.short_keep_prob, 1.0)
-    if spec.plan == "length_thresholds":
-        return np.where(lengths > spec.long_threshold, spec.long_repeat, np.where(short, spec.short_keep_prob, 1.0))
-    if role == "short":
-        return np.ones(len(lengths))
-    return (lengths >= seq_len).astype(np.float64)
+    return PLANS[spec.plan].mean(np.asarray(lengths, dtype=np.int64), role, spec, seq_len)
 
 
 def source_budgets(weights: list[float], token_budget: int | None) -> list[int | None]:

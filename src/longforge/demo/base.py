@@ -13,8 +13,10 @@ import torch
 
 from longforge.config import StageSpec
 from longforge.demo.retrieval import RetrievalDoc, RetrievalDocs
+from longforge.positions.transforms import contiguous
+from longforge.stages.base import RunPlan
+from longforge.stages.training import TrainingStage
 from longforge.train.batches import Batch
-from longforge.train.loop import TrainResult, train_model
 
 MIN_RETRIEVAL_TOKENS = 24
 MIN_TEXT_TOKENS = 64
@@ -71,11 +73,10 @@ class PretrainBatches:
             return self.pool[int(rng.integers(0, n))]
         return self.docs.make(int(rng.integers(MIN_RETRIEVAL_TOKENS, hi + 1)), rng, "noise" if rng.random() < 0.5 else "text")
 
-    def _row(self, rng: np.random.Generator, step: int) -> tuple[list[int], list[int], list[int], list[float]]:
+    def _row(self, rng: np.random.Generator, step: int) -> tuple[list[int], list[int], np.ndarray, list[float]]:
         s = self.settings
         ids: list[int] = []
         docs: list[int] = []
-        pos: list[int] = []
         w: list[float] = []
         k = 0
         while len(ids) < s.window:
@@ -92,18 +93,17 @@ class PretrainBatches:
                 weights = [1.0] * n
             ids += toks
             docs += [k] * len(toks)
-            pos += list(range(len(toks)))
             w += weights
             k += 1
         n = s.window
-        return ids[:n], docs[:n], pos[:n], w[:n]
+        return ids[:n], docs[:n], contiguous(np.asarray(docs[:n]), restart=True), w[:n]
 
     def batch(self, step: int, micro: int) -> Batch:
         """Micro-batch `micro` of `step`."""
         rng = np.random.default_rng([self.seed, step, micro])
         rows = [self._row(rng, step) for _ in range(self.settings.micro_batch)]
         cols = list(zip(*rows))
-        return Batch(torch.tensor(cols[0]), torch.tensor(cols[1]), torch.tensor(cols[2]), torch.tensor(cols[3]))
+        return Batch(torch.tensor(cols[0]), torch.tensor(cols[1]), torch.from_numpy(np.stack(cols[2])), torch.tensor(cols[3]))
 
 
 def make_base_model(s: BaseSettings, vocab_size: int, seed: int) -> Any:
@@ -128,13 +128,37 @@ def make_base_model(s: BaseSettings, vocab_size: int, seed: int) -> Any:
     return LlamaForCausalLM(cfg)
 
 
+@dataclass
+class BaseModelStage(TrainingStage):
+    """The demo's (and the lab's) base model: a fresh small Llama pretrained at its window on generated batches, by
+    the same training assembly as every training stage; the checkpoint lands in folder/final."""
+
+    spec: StageSpec
+    folder: Path
+    settings: BaseSettings
+    tokenizer: Any
+    tokenizer_dir: Path
+    corpus: np.ndarray
+    pool: list[RetrievalDoc] | None = None
+    title: str = "base model"
+    label: str = "base model"
+
+    def model_path(self) -> Path:
+        return self.tokenizer_dir  # a fresh model: the exported checkpoint takes this tokenizer
+
+    def load(self, plan: RunPlan) -> Any:
+        return make_base_model(self.settings, len(self.tokenizer), plan.seed)
+
+    def batches(self, plan: RunPlan, layout: Any) -> PretrainBatches:
+        pool = sorted(self.pool, key=lambda d: len(d.ids)) if self.pool else None
+        return PretrainBatches(self.corpus, RetrievalDocs(self.tokenizer, self.corpus), self.settings, plan.seed, pool)
+
+
 def pretrain_base(s: BaseSettings, tokenizer: Any, tokenizer_dir: Path, corpus: np.ndarray, out: Path,
-                  device: torch.device, seed: int, pool: list[RetrievalDoc] | None = None) -> TrainResult:
-    """Pretrain the base model at its window; resumable; the checkpoint lands in out/final."""
-    model = make_base_model(s, len(tokenizer), seed)
+                  device: torch.device, seed: int, pool: list[RetrievalDoc] | None = None) -> dict[str, Any]:
+    """Pretrain the base model at its window; resumable; returns the stage's record (the checkpoint in out/final)."""
     spec = StageSpec(name="base", steps=s.steps, batch_size=s.micro_batch, lr=s.lr, warmup_steps=s.warmup_steps,
                      schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, clip_grad=1.0, document_mask=True,
                      save_every=max(s.steps // 4, 1))
-    source = PretrainBatches(corpus, RetrievalDocs(tokenizer, corpus), s, seed,
-                             sorted(pool, key=lambda d: len(d.ids)) if pool else None)
-    return train_model(model, source, spec, out, device, tokenizer_from=tokenizer_dir, label="base model")
+    stage = BaseModelStage(spec, out, s, tokenizer, tokenizer_dir, corpus, pool)
+    return stage.run(RunPlan(device=device.type, seed=seed))

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from longforge.config import fingerprint, parse_recipe
 from longforge.demo.base import BaseSettings, pretrain_base
 from longforge.demo.corpus import build_corpus
 from longforge.demo.retrieval import RetrievalDocs
@@ -20,8 +19,10 @@ from longforge.eval.passkey import FILLER, NEEDLE, QUESTION
 from longforge.files import claim_dir
 from longforge.hf import load_tokenizer, resolve_device
 from longforge.progress import say
+from longforge.recipe import parse_recipe, parse_yaml
 from longforge.report.build import build_report, collect, passkey_bands
 from longforge.runner import discard, old_cache_folder, old_run_folder, run_recipe, run_stage
+from longforge.stages import fingerprint
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def build_assets(profile: DemoProfile, cache: Path, device: Any, seed: int) -> d
 
     def do_base() -> dict[str, Any]:
         res = pretrain_base(b, tokenizer, tok_dir, corpus, base_dir, device, seed)
-        return {"final": str(res.final), "last_loss": res.last_loss, "tokens": res.tokens, "params": _params(res.final)}
+        return {"final": res["final"], "last_loss": res["last_loss"], "tokens": res["tokens"], "params": _params(res["final"])}
 
     base_rec = run_stage(f"demo/base model ({b.layers} layers, d={b.hidden_size}, window {b.window})", base_dir,
                          fingerprint(["base", asdict(b), tok_rec["fingerprint"], str(device.type), seed]), do_base,
@@ -150,7 +151,6 @@ def _params(path: Path) -> int:
 
 def demo_recipe(profile: DemoProfile, assets: dict[str, Path], device: str, seed: int) -> dict[str, Any]:
     """The demo preset (recipes/demo.yaml), its paths pointed at the built assets and its sizes at the profile."""
-    from longforge.config import parse_yaml
     from longforge.recipes import preset_text
 
     r = parse_yaml(preset_text("demo"), "preset demo")

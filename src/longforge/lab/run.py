@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from longforge.config import EvalSpec, PositionSpec, fingerprint, parse_recipe
+from longforge.config import DataSpec, EvalSpec, PositionSpec
 from longforge.errors import LongforgeError
 from longforge.files import claim_dir
 from longforge.lab.arms import KEY_ARMS, PROFILES, Arm, LabProfile, arms, schedule, train_length
 from longforge.progress import say
+from longforge.recipe import parse_recipe
 from longforge.runner import discard, old_cache_folder, run_recipe, run_stage
+from longforge.stages import Checkpoint, DataStage, EvalStage, RopeStage, RunPlan, fingerprint
 
 
 def lab_cache(profile: LabProfile) -> Path:
@@ -84,7 +86,7 @@ def build_lab_assets(profile: LabProfile, cache: Path, device: Any) -> dict[str,
 
     def do_base() -> dict[str, Any]:
         res = pretrain_base(b, tokenizer, tok_dir, corpus, base_dir, device, 0, load_pool(pool_dir / "pool.jsonl"))
-        return {"final": str(res.final), "last_loss": res.last_loss, "tokens": res.tokens, "params": _params(res.final)}
+        return {"final": res["final"], "last_loss": res["last_loss"], "tokens": res["tokens"], "params": _params(res["final"])}
 
     base_rec = run_stage(f"lab/base model ({b.layers} layers, d={b.hidden_size}, window {b.window})", base_dir,
                          fingerprint(["base", asdict(b), tok_rec["fingerprint"], pool_rec["fingerprint"], str(device.type)]),
@@ -209,24 +211,23 @@ def impactful_profile(profile: LabProfile, assets: dict[str, Any], extended: Pat
 
 def zero_shot_model(profile: LabProfile, assets: dict[str, Any], arm: Arm, out: Path) -> Path:
     """The base model with the arm's RoPE scaling written into its config, untrained."""
-    from longforge.positions.rope import apply_rope
-
     if arm.rope is None:
         return Path(assets["base"])
-    spec = PositionSpec.model_validate(arm.rope)
+    stage = RopeStage(PositionSpec.model_validate(arm.rope), Checkpoint(Path(assets["base"])), out)
+    plan = RunPlan(target_length=profile.target, original_length=profile.window)
     run_stage(f"lab/{arm.name}: rope", out, fingerprint([arm.rope, str(assets["base"]), profile.target]),
-              lambda: {"method": apply_rope(assets["base"], out, spec, profile.target, profile.window).method})
+              lambda: {"method": stage.run(plan)["method"]})
     return out
 
 
 def evaluate_row(profile: LabProfile, assets: dict[str, Any], model: Path, out: Path, seed: int, device: Any,
                  label: str, model_fp: str) -> dict[str, Any]:
     """Evaluate one model (cached by the model's fingerprint and the evaluation's settings)."""
-    from longforge.eval.run import evaluate
-
     spec = eval_spec(profile, assets, seed)
+    stage = EvalStage(spec, Checkpoint(Path(model)), label, out)
+    plan = RunPlan(original_length=profile.window, target_length=profile.target, device=device.type)
     run_stage(f"lab/eval {label}", out, fingerprint([spec.model_dump(mode="json"), model_fp]),
-              lambda: {"summary": evaluate(model, spec, out, profile.window, profile.target, device, label)["seconds"]})
+              lambda: {"summary": stage.run(plan)["seconds"]})
     return json.loads((out / "summary.json").read_text())
 
 
@@ -247,11 +248,8 @@ def run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, se
     data_dir = seed_dir / "data" / data_key
 
     def do_data() -> dict[str, Any]:
-        from longforge.data.build import build_data
-
-        r = parse_recipe(recipe, arm.name)
-        m = build_data(r.data, assets["tokenizer"], seq, data_dir, seed)
-        return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
+        plan = RunPlan(tokenizer=assets["tokenizer"], seq_len=seq, seed=seed)
+        return DataStage(parse_recipe(recipe, arm.name).data, data_dir).run(plan)
 
     run_stage(f"lab/data {data_key} (sequences of {seq})", data_dir,
               fingerprint([recipe["data"], seed, assets["tok_fp"]]), do_data, resumable=True)
@@ -259,12 +257,9 @@ def run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, se
         rspec = replay_spec(profile, assets)
 
         def do_replay() -> dict[str, Any]:
-            from longforge.config import DataSpec
-            from longforge.data.build import build_data
-
             spec = DataSpec.model_validate({k: v for k, v in rspec.items() if k != "seq_len"})
-            m = build_data(spec, assets["tokenizer"], profile.window, seed_dir / "data" / "replay", seed)
-            return {"sequences": m["sequences"], "tokens": m["tokens_in_sequences"]}
+            plan = RunPlan(tokenizer=assets["tokenizer"], seq_len=profile.window, seed=seed)
+            return DataStage(spec, seed_dir / "data" / "replay").run(plan)
 
         run_stage(f"lab/replay data (sequences of {profile.window})", seed_dir / "data" / "replay",
                   fingerprint([rspec, seed, assets["tok_fp"]]), do_replay, resumable=True)

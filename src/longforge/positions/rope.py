@@ -1,10 +1,10 @@
-"""RoPE scaling: one small function per method, registered by name, writing HF `rope_parameters`."""
+"""RoPE scaling: read a checkpoint's rotary settings, plan the new `rope_parameters` with a method of
+positions.methods, write the rescaled checkpoint, and compute the frequencies any plan gives."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from longforge.errors import LongforgeError
 from longforge.files import atomic_write_text, is_inside, writing
 from longforge.hf import (begin_checkpoint, check_checkpoint, clone_or_copy, copy_tokenizer, finish_checkpoint, load_config,
                           weight_files)
+from longforge.positions.methods import ROPE_METHODS, dynamic_ntk_theta  # noqa: F401 (the methods' registry, here too)
 
 
 @dataclass(frozen=True)
@@ -115,80 +116,6 @@ def target_factor(target_length: int, original_length: int) -> float:
     return target_length / original_length
 
 
-def dynamic_ntk_theta(theta: float, factor: float, rotary_dim: int) -> float:
-    """The base dynamic NTK uses at factor x the original window: LongRecipe's theta (Llama-3, factor 10 -> 48.9M)."""
-    d = rotary_dim
-    return theta * (factor * factor - (factor - 1)) ** (d / (d - 2))
-
-
-def _base(info: RopeInfo) -> dict[str, Any]:
-    extra = {}
-    if "partial_rotary_factor" in info.current:
-        extra["partial_rotary_factor"] = info.current["partial_rotary_factor"]
-    return {"rope_theta": info.theta, **extra}
-
-
-def _none(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    return dict(info.current)
-
-
-def _pi(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    return {"rope_type": "linear", **_base(info), "factor": factor}
-
-
-def _ntk(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    d = info.rotary_dim
-    return {**_base(info), "rope_type": "default", "rope_theta": info.theta * factor ** (d / (d - 2))}
-
-
-def _theta(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    assert spec.theta is not None
-    return {**_base(info), "rope_type": "default", "rope_theta": float(spec.theta)}
-
-
-def _dynamic(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    return {"rope_type": "dynamic", **_base(info), "factor": factor}
-
-
-def _yarn(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    p = {
-        "rope_type": "yarn",
-        **_base(info),
-        "factor": factor,
-        "original_max_position_embeddings": info.original_length,
-        "beta_fast": spec.beta_fast,
-        "beta_slow": spec.beta_slow,
-        "truncate": spec.truncate,
-    }
-    for key in ("attention_factor", "mscale", "mscale_all_dim"):
-        value = getattr(spec, key)
-        if value is not None:
-            p[key] = float(value)
-    return p
-
-
-def _llama3(info: RopeInfo, spec: PositionSpec, factor: float) -> dict[str, Any]:
-    return {
-        "rope_type": "llama3",
-        **_base(info),
-        "factor": factor,
-        "low_freq_factor": spec.low_freq_factor,
-        "high_freq_factor": spec.high_freq_factor,
-        "original_max_position_embeddings": info.original_length,
-    }
-
-
-ROPE_METHODS: dict[str, Callable[[RopeInfo, PositionSpec, float], dict[str, Any]]] = {
-    "none": _none,
-    "pi": _pi,
-    "ntk": _ntk,
-    "theta": _theta,
-    "dynamic": _dynamic,
-    "yarn": _yarn,
-    "llama3": _llama3,
-}
-
-
 def _plan_notes(info: RopeInfo, spec: PositionSpec, factor: float, target_length: int) -> list[str]:
     """What the user should know about a plan: replaced scaling, guessed windows, factors that miss the target."""
     notes: list[str] = []
@@ -216,13 +143,12 @@ def _plan_notes(info: RopeInfo, spec: PositionSpec, factor: float, target_length
 
 def plan_rope(config: Any, spec: PositionSpec, target_length: int, original_length: int | None = None) -> RopePlan:
     """Compute the new rope_parameters for a config, a method and a target length."""
-    if spec.method not in ROPE_METHODS:
-        raise LongforgeError(f"unknown RoPE method {spec.method!r}; use one of {', '.join(ROPE_METHODS)}.")
+    method = ROPE_METHODS.pick(spec.method)
     info = rope_info(config, original_length)
     if spec.factor is not None and spec.factor < 1:
         raise LongforgeError(f"RoPE factor {spec.factor:g} is below 1 and would shrink the window; use a factor >= 1.")
     factor = spec.factor if spec.factor is not None else target_factor(target_length, info.original_length)
-    params = ROPE_METHODS[spec.method](info, spec, float(factor))
+    params = method.parameters(info, spec, float(factor))
     notes = _plan_notes(info, spec, float(factor), target_length)
     # HF's dynamic NTK treats max_position_embeddings as the original window.
     max_pos = info.original_length if params["rope_type"] == "dynamic" else target_length

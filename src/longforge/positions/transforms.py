@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from longforge.errors import LongforgeError
+from longforge.registry import Registry
 
 
 def doc_ids_from_starts(starts: np.ndarray, seq_len: int) -> np.ndarray:
@@ -73,7 +77,36 @@ def pit(segment_starts: np.ndarray, seq_len: int, target_length: int, rng: np.ra
     return pos
 
 
-TRANSFORMS = ("contiguous", "pose", "pit")
+@dataclass(frozen=True)
+class Transform:
+    """One way of numbering a packed training sequence's positions."""
+
+    name: str
+    # (document index per token, target length, rng, restart at documents, segment starts) -> position ids
+    positions: Callable[[np.ndarray, int, np.random.Generator, bool, np.ndarray | None], np.ndarray]
+    skips: bool  # spreads a sequence over the target length, so the target must not be shorter than the sequence
+    sentences: bool  # needs segment starts at sentence ends, hence the tokenizer that wrote the data
+    description: str
+
+
+def _pit(doc_ids: np.ndarray, target: int, rng: np.random.Generator, restart: bool,
+         segment_starts: np.ndarray | None) -> np.ndarray:
+    if segment_starts is None:
+        raise LongforgeError("the 'pit' transform needs sentence boundaries; pass segment_starts (see positions.segments).")
+    return pit(segment_starts, len(doc_ids), target, rng)
+
+
+# `contiguous` restarts at every document when asked; `pose` and `pit` number the whole packed sequence (strictly
+# increasing, hence also within each document) and never restart: document masks come from doc_ids, and RoPE
+# attention inside a masked document only sees position differences anyway.
+TRANSFORMS: Registry[Transform] = Registry("position transform", [
+    Transform("contiguous", lambda d, t, rng, restart, seg: contiguous(d, restart), skips=False, sentences=False,
+              description="0, 1, 2, ... (restarting at each document with document masks)"),
+    Transform("pose", lambda d, t, rng, restart, seg: pose(len(d), t, rng), skips=True, sentences=False,
+              description="PoSE (Zhu et al.): one skip, so short sequences reach the target's positions"),
+    Transform("pit", _pit, skips=True, sentences=True,
+              description="LongRecipe's PIT: skips at sentence starts, spread over the target length"),
+])
 
 
 def position_ids(
@@ -85,15 +118,4 @@ def position_ids(
     segment_starts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Position ids for one packed sequence by transform name (`pit` needs `segment_starts`, document starts included)."""
-    # `contiguous` restarts at every document when asked; `pose` and `pit` number the whole packed sequence
-    # (strictly increasing, hence also within each document) and never restart: document masks come from
-    # doc_ids, and RoPE attention inside a masked document only sees position differences anyway.
-    if method == "contiguous":
-        return contiguous(doc_ids, restart_per_document)
-    if method == "pose":
-        return pose(len(doc_ids), target_length, rng)
-    if method == "pit":
-        if segment_starts is None:
-            raise LongforgeError("the 'pit' transform needs sentence boundaries; pass segment_starts (see positions.segments).")
-        return pit(segment_starts, len(doc_ids), target_length, rng)
-    raise LongforgeError(f"unknown position transform {method!r}; use one of {', '.join(TRANSFORMS)}.")
+    return TRANSFORMS.pick(method).positions(doc_ids, target_length, rng, restart_per_document, segment_starts)
