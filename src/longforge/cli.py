@@ -561,9 +561,11 @@ def eval_cmd(
 ) -> None:
     """Evaluate one checkpoint: passkey/NIAH grids, RULER, perplexity against length."""
     from longforge.eval.registry import EVAL_TASKS
-    from longforge.eval.run import evaluate, model_label
-    from longforge.hf import load_config, resolve_device
+    from longforge.eval.run import model_label
+    from longforge.hf import load_config
     from longforge.positions.rope import rope_info
+    from longforge.runner import execute
+    from longforge.stages import Checkpoint, EvalStage, RunPlan
 
     if label is not None and not label.strip():
         raise LongforgeError("--label is empty; give the model a name (e.g. --label base), or leave it out.")
@@ -571,8 +573,10 @@ def eval_cmd(
     ev = eval_command.build_spec(schema_values or {}, tasks, spec)
     info = rope_info(load_config(model_dir, trust_remote_code), original_length)
     target = target_length or info.max_position_embeddings
-    summary = evaluate(model_dir, ev, out, info.original_length, target, resolve_device(device), name,
-                       trust_remote_code)
+    # The eval stage of `longforge run`, as a one-stage plan: the same checks (inputs, prompt lengths) and run.
+    stage = EvalStage(ev, Checkpoint(model_dir), name, out)
+    summary = execute(RunPlan(base_model=model_dir, target_length=target, original_length=info.original_length,
+                              device=device, trust_remote_code=trust_remote_code, stages=[stage]))[stage.title]
     for table in _eval_tables(name, summary):
         console.print(table)
     written = [f"{out}/{t}.json" for t in EVAL_TASKS if t in summary] + [f"{out}/summary.json"]
@@ -628,18 +632,6 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, or a f
     from longforge.stages import ReportStage, RunPlan
 
     execute(RunPlan(stages=[ReportStage(run_dir)]))
-
-
-def _validated(model: type, data: dict, where: str):  # type: ignore[no-untyped-def]
-    """Validate CLI values with the recipe schema, so errors read the same as recipe errors."""
-    from pydantic import ValidationError
-
-    from longforge.config import _format_error
-
-    try:
-        return model.model_validate({k: v for k, v in data.items() if v is not None})
-    except ValidationError as e:
-        raise LongforgeError("\n".join(_format_error(err, where) for err in e.errors())) from None
 
 
 def _quiet_transformers() -> None:

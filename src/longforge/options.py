@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+from rich.markup import escape
 
 from longforge.errors import LongforgeError
 
@@ -37,29 +39,31 @@ def _scalar(tp: Any) -> Any:
     return tp
 
 
-def _plain(tp: Any) -> Any:
+def plain_type(tp: Any) -> Any:
     """The type of a field without None and Annotated marks (`InputPath | None` -> Path)."""
     return _scalar(_unwrap(_scalar(tp))[0])
 
 
 def option_kind(tp: Any) -> str | None:
     """How a field becomes a flag: 'scalar', 'choice', 'bool', 'list' (comma-separated), or None (only via --set)."""
-    tp = _plain(tp)
+    tp = plain_type(tp)
     if tp is bool:
         return "bool"
     if get_origin(tp) is Literal:
         return "choice"
     if tp in (int, float, str, Path):
         return "scalar"
-    if get_origin(tp) in (list, tuple) and all(_scalar(a) in (int, float, str, Path, Ellipsis) for a in get_args(tp)):
+    if get_origin(tp) in (list, tuple) and all(_scalar(a) in (int, float, str, Path, Ellipsis)
+                                               or get_origin(_scalar(a)) is Literal for a in get_args(tp)):
         return "list"
     return None
 
 
 def _help(info: Any, default: Any, extra: str = "") -> str:
     """The field's description (and `extra`), then its default, as --help shows them."""
-    text = ". ".join(t.rstrip(".") for t in (info.description or "", extra) if t)
-    if default is not None and not isinstance(default, BaseModel):
+    # Escaped: --help renders rich markup, which would swallow a description's "[...]".
+    text = escape(". ".join(t.rstrip(".") for t in (info.description or "", extra) if t))
+    if default is not None and default is not PydanticUndefined and not isinstance(default, BaseModel):
         shown = ",".join(str(x) for x in default) if isinstance(default, (list, tuple)) else default
         text += f" (default: {shown})." if text else f"Default: {shown}."
     elif text:
@@ -88,7 +92,7 @@ def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: 
         elif kind == "choice":
             # The values go into the help, not the metavar, so the option column stays narrow at 80 columns;
             # the schema validates them (an error names the flag and the values).
-            values = ", ".join(str(v) for v in get_args(_plain(info.annotation)))
+            values = ", ".join(str(v) for v in get_args(plain_type(info.annotation)))
             py = str | None
             opt = typer.Option(*decls, help=_help(info, shown, f"One of: {values}"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="<choice>")
@@ -97,7 +101,7 @@ def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: 
             opt = typer.Option(*decls, help=_help(info, shown, "Comma-separated"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="A,B,...")
         else:
-            py = _plain(info.annotation) | None
+            py = plain_type(info.annotation) | None
             opt = typer.Option(*decls, help=_help(info, shown), rich_help_panel=(panels or {}).get(name),
                                show_default=False)
         params.append(inspect.Parameter(rename.get(name, name) if rename else name, inspect.Parameter.KEYWORD_ONLY,
@@ -139,7 +143,7 @@ def with_schema_options(model: type[BaseModel], skip: Iterable[str] = (), panels
 def _parse_list(model: type[BaseModel], name: str, text: str) -> list[Any]:
     """A comma-separated flag value as a list of the field's item type (validation checks the values)."""
     items = [x.strip() for x in text.split(",") if x.strip()]
-    args = [a for a in get_args(_plain(model.model_fields[name].annotation)) if a is not Ellipsis]
+    args = [a for a in get_args(plain_type(model.model_fields[name].annotation)) if a is not Ellipsis]
     item = _scalar(args[0]) if args else str
     if item in (int, float):
         try:

@@ -4,7 +4,6 @@ rest (markers, locks, timeline); for a stage command, its one stage into its --o
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from longforge.files import (
     read_json,
     remove_dir,
 )
+from longforge.model.parallel import Layout
 from longforge.progress import say
 from longforge.recipe import dump_recipe, input_paths
 from longforge.stages.base import RunPlan
@@ -106,24 +106,16 @@ def prepare_stage(folder: Path, fp: str, keep_partial: bool) -> None:
     atomic_write_json(folder / STARTED, {"fingerprint": fp, "started": dt.datetime.now().isoformat(timespec="seconds")})
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]], resumable: bool = False,
-              all_ranks: bool = False, timeline: dict[Path, str] | None = None) -> dict[str, Any]:
+              all_ranks: bool = False, timeline: dict[Path, str] | None = None,
+              processes: Layout | None = None) -> dict[str, Any]:
     """Run one stage unless it is already done with the same inputs; record its time (and in `timeline`, whether it ran).
 
-    Under torchrun only rank 0 runs a stage, the others wait, unless `all_ranks` (training) asks for every process.
+    Under torchrun (`processes`, the run's layout) only rank 0 runs a stage and the others wait, unless `all_ranks`
+    (training) asks for every process. Without `processes`: one process.
     """
-    main = _rank() == 0
+    processes = processes or Layout.single("cpu")
+    main = processes.is_main
     if stage_done(folder, fp):
         say(f"[green]✓[/] {name} [dim](done earlier, skipped)[/]")
         if timeline is not None:
@@ -134,7 +126,7 @@ def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]]
     say(f"[bold cyan]▶ {name}[/]")
     if main:
         prepare_stage(folder, fp, keep_partial=resumable)
-    _barrier()
+    processes.barrier()
     t0 = time.time()
     info = fn() if (main or all_ranks) else {}
     if main:
@@ -142,7 +134,7 @@ def run_stage(name: str, folder: Path, fp: str, fn: Callable[[], dict[str, Any]]
                "finished": dt.datetime.now().isoformat(timespec="seconds"), **info}
         atomic_write_json(folder / DONE, rec)
         say(f"[green]✓[/] {name} [dim]({rec['seconds']:.1f} s)[/]")
-    _barrier()
+    processes.barrier()
     rec = read_json(folder / DONE)
     if not isinstance(rec, dict):
         raise LongforgeError(f"{folder / DONE} could not be read after the stage finished; check the disk and run again.")
@@ -218,14 +210,16 @@ def execute(plan: RunPlan, checked: bool = False) -> dict[str, dict[str, Any]]:
         if plan.run_dir is None:
             records[stage.title] = stage.run(plan)
             continue
+        processes = plan.processes
         if not stage.cached:  # rebuilt on every run, on rank 0
             say(f"[bold cyan]▶ {stage.title}[/]")
-            records[stage.title] = stage.run(plan) if _rank() == 0 else {}
-            _barrier()
+            records[stage.title] = stage.run(plan) if processes.is_main else {}
+            processes.barrier()
             continue
         records[stage.title] = run_stage(stage.title, stage.folder, stage.fingerprint(plan), partial(stage.run, plan),
-                                         resumable=stage.resumable, all_ranks=stage.all_ranks, timeline=timeline)
-        if _rank() == 0:
+                                         resumable=stage.resumable, all_ranks=stage.all_ranks, timeline=timeline,
+                                         processes=processes)
+        if processes.is_main:
             atomic_write_json(plan.run_dir / TIMELINE,
                               {"stages": {str(f.relative_to(plan.run_dir)): s for f, s in timeline.items()}})
     return records
@@ -239,9 +233,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     plan = plan_run(recipe, run_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        plan.layout(1)  # joins torchrun's process group so every stage can wait for rank 0
-    if _rank() != 0:  # the other ranks wait for rank 0 at each stage's barrier
+    if not plan.processes.is_main:  # the other ranks wait for rank 0 at each stage's barrier
         return _run(recipe, plan)
     claim_dir(run_dir, "run folder", ours=old_run_folder)
     with FolderLock(run_dir, "run folder"):

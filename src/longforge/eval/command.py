@@ -17,15 +17,14 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, create_model
 from pydantic.fields import FieldInfo
-from rich.markup import escape
 
 from longforge.config import EvalSpec, InferenceSpec
 from longforge.errors import LongforgeError
-from longforge.options import flag, option_kind, spec_from_options
+from longforge.options import flag, option_kind, plain_type, spec_from_options
 
 GRID = ("lengths", "num_lengths", "depths", "trials")  # fields of every grid task, set together by the plain flags
 GRID_TASKS = ("passkey", "niah")
@@ -79,21 +78,12 @@ def flag_table() -> dict[str, Flag]:
     return table
 
 
-def _plain(tp: Any) -> Any:
-    """A type without None and without Annotated constraints."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            tp = args[0]
-    return get_args(tp)[0] if get_origin(tp) is Annotated else tp
-
-
 def _flag_type(tp: Any) -> Any:
     """A field's type as its flag takes it, None allowed (a flag not given is None); a list holds plain values (its
     items' constraints and choices are the section's to check)."""
-    tp = _plain(tp)
+    tp = plain_type(tp)
     if get_origin(tp) is list:
-        item = _plain(get_args(tp)[0])
+        item = plain_type(get_args(tp)[0])
         tp = list[str] if get_origin(item) is Literal else list[item]  # type: ignore[valid-type]
     return tp | None
 
@@ -104,14 +94,12 @@ def _flag_info(info: FieldInfo) -> FieldInfo:
     out = copy.copy(info)
     if out.is_required():
         out.default = None
-    tp = _plain(info.annotation)
+    tp = plain_type(info.annotation)
     if get_origin(tp) is list:
         out.metadata = []  # the list's own constraints (its length) are the section's to check
-        item = _plain(get_args(tp)[0])
+        item = plain_type(get_args(tp)[0])
         if get_origin(item) is Literal:
             out.description = f"{(info.description or '').rstrip('.')}. Of: {', '.join(get_args(item))}"
-    if out.description:
-        out.description = escape(out.description)  # --help renders rich markup: "[a, b]" would vanish
     return out
 
 

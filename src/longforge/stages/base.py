@@ -65,6 +65,11 @@ class RunPlan:
         assert self.tokenizer is not None, "a plan whose stages read the tokenizer names it"
         return tokenizer_stamp(self.tokenizer)
 
+    @cached_property
+    def processes(self) -> Layout:
+        """The run's processes (torchrun's, joined once; one process otherwise): rank, barrier and device for stages."""
+        return self.layout(1)
+
     def layout(self, sp: int) -> Layout:
         """Where this process sits for `sp`-way sequence parallelism (joins torchrun's process group)."""
         from longforge.model.parallel import init_layout

@@ -14,6 +14,7 @@ import torch
 from longforge.data.sources import Rejects
 from longforge.data.store import LoaderPlan
 from longforge.errors import LongforgeError
+from longforge.positions.transforms import contiguous
 from longforge.train.batches import Batch
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -164,8 +165,5 @@ class SFTBatches:
         ids = torch.from_numpy(np.stack([p[0] for p in pick])).long()
         docs = torch.from_numpy(np.stack([p[1] for p in pick])).long()
         weights = torch.from_numpy(np.stack([p[2] for p in pick])).float()
-        first = torch.ones_like(docs, dtype=torch.bool)
-        first[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        pos = torch.arange(docs.shape[1]).expand_as(docs).clone()
-        start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
-        return Batch(ids, docs, pos - start, weights)
+        pos = torch.from_numpy(np.stack([contiguous(row, restart=True) for row in docs.numpy()]))
+        return Batch(ids, docs, pos, weights)
