@@ -7,6 +7,16 @@ holds two layers' caches at a time, and computes causal attention of a chunk aga
 the fastest exact kernel for the shape (inference/kernels.py: cuDNN, split at the chunk's start, for prefill;
 FlashAttention for decoding; no materialised mask). The HF path (any other model) uses
 transformers' DynamicCache and the model's own attention. Both compute logits for the last position only.
+
+Batches (`generate`) may hold prompts of different lengths. On the longforge path their keys and values share one
+buffer per layer (rows x capacity); rows are sorted by length and tokens, each is prefilled into its own row (rows
+of equal length together, and a prefix several rows share computed once and copied: inference/prefill.py), then
+all rows decode together, each at its own position and attending to its own length (kv.DeviceKV,
+kernels.decode_attention). The host looks at the new tokens every `sync_every` steps (inference/decode.py), and on
+CUDA the decoding step is captured once per batch shape as a CUDA graph and replayed. Where the cache does not fit
+on the GPU (it is offloaded), and on the HF path, rows of equal length run together instead.
+`Engine(model, ragged=False, cuda_graphs="off", sync_every=1, prefix_reuse=False)` is the engine as it was before
+batches could be ragged (benchmarks compare against it).
 """
 
 from __future__ import annotations
@@ -15,11 +25,14 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
 
+from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
+from longforge.inference.prefill import Share, computed_tokens, prefill_plan
 from longforge.model.attention import CONTEXT_ATTR, AttentionContext, attention_layers, bind_attention, context_of, register
 from longforge.model.loss import chunked_lm_loss
 
@@ -27,13 +40,47 @@ PREFILL_CHUNK = 8192
 KVPlace = Literal["auto", "device", "cpu"]
 GIB = 2**30
 AttentionPath = Literal["auto", "longforge", "hf"]
+GraphMode = Literal["auto", "off"]
+Prompts = torch.Tensor | Sequence[Sequence[int]]
+# Steps between host visits: each visit costs a sync and the stop callbacks; a row that ended keeps computing until
+# the next one, so this bounds the wasted steps (answers are a few to a few hundred tokens).
+SYNC_EVERY = 8
+# A prefix shared by several rows of a batch is computed once when at least this long (a shorter one is not worth
+# the separate forward passes it needs).
+PREFIX_MIN = 512
+# Summed over the groups of a batch that runs in groups of equal length (the rest of engine.last is the last group's).
+SUMMED = ("prefill_s", "decode_s", "decode_steps", "host_visits", "prompt_tokens", "prefill_tokens",
+          "prefix_saved_tokens")
 
 
 class TextGenerator(Protocol):
-    """Anything that continues equal-length prompts greedily (the engine, or a test oracle)."""
+    """Anything that continues prompts greedily (the engine, or a test oracle)."""
 
-    def generate(self, prompts: torch.Tensor, max_new_tokens: int,
+    def generate(self, prompts: Prompts, max_new_tokens: int,
                  stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]: ...
+
+
+def token_rows(prompts: Prompts) -> list[list[int]]:
+    """Prompts as lists of token ids: rows of a (B, L) tensor, or token lists (or 1-D tensors) of any lengths."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts must be a (batch, length) tensor of token ids, not of shape {tuple(prompts.shape)}")
+        rows = prompts.tolist()
+    else:
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else [int(t) for t in r] for r in prompts]
+    if any(not r for r in rows):
+        raise ValueError("a prompt has no tokens; every prompt needs at least one")
+    return rows
+
+
+@dataclass
+class _Graphed:
+    """A batch shape's cache and decoding state kept between calls, with the decoding step captured on them."""
+
+    key: tuple[Any, ...]
+    store: DeviceKV
+    state: DecodeState
+    step: GraphStep
 
 
 def supports_longforge_path(model: Any) -> bool:
@@ -91,7 +138,13 @@ class Engine:
     """Greedy long-prompt generation and chunked scoring for one loaded causal LM."""
 
     def __init__(self, model: Any, prefill_chunk: int = PREFILL_CHUNK, kv_cache: KVPlace = "auto",
-                 attention: AttentionPath = "auto", stop_on_eos: bool = True, gpu_memory_gib: float | None = None):
+                 attention: AttentionPath = "auto", stop_on_eos: bool = True, gpu_memory_gib: float | None = None,
+                 ragged: bool = True, cuda_graphs: GraphMode = "auto", sync_every: int = SYNC_EVERY,
+                 prefix_reuse: bool = True, prefix_min: int = PREFIX_MIN):
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1 (steps between host visits), not {sync_every}")
+        if cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"cuda_graphs must be 'auto' or 'off', not {cuda_graphs!r}")
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
@@ -103,7 +156,13 @@ class Engine:
         self.stop_ids = eos_ids(model) if stop_on_eos else set()
         self.cache_kw = cache_keyword(model)  # read once: the signature does not change while the engine lives
         self.pool = HostPool()
-        self.last: dict[str, float] = {}  # timings of the last generate call (benchmarks read them)
+        self.ragged = ragged  # prompts of different lengths decode together (else in groups of equal length)
+        self.cuda_graphs: GraphMode = cuda_graphs
+        self.sync_every = sync_every
+        self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse else None
+        self.graph_failure: str | None = None  # why decoding runs eagerly after a failed capture (describe says it)
+        self._graphed: _Graphed | None = None
+        self.last: dict[str, Any] = {}  # timings and counts of the last generate call (benchmarks read them)
         self.placement: dict[str, int] = {}  # where the last store kept each layer's keys and values
 
     def _sync(self) -> float:
@@ -116,18 +175,39 @@ class Engine:
         """The settings a result file records."""
         kv = self.kv_cache if self.path == "longforge" else "device (transformers DynamicCache)"
         return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv, "gpu_memory_gib": self.gpu_memory_gib,
-                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "ragged": self.ragged, "sync_every": self.sync_every, "prefix_reuse": self.prefix_min,
+                "cuda_graphs": self._graphs_described()}
+
+    def _graphs_described(self) -> str:
+        if self.graph_failure is not None:
+            return f"eager: CUDA graph capture failed ({self.graph_failure})"
+        if self.cuda_graphs == "off" or self.device.type != "cuda" or self.path != "longforge" or not self.ragged:
+            return "off"
+        return "auto"
+
+    def _graphs_wanted(self) -> bool:
+        """Whether decoding steps are captured as CUDA graphs (CUDA, not turned off, no capture failed yet)."""
+        return self.cuda_graphs == "auto" and self.device.type == "cuda" and self.graph_failure is None
+
+    def release(self) -> None:
+        """Drop the cache and graph kept for the last batch shape (their GPU memory goes back to the allocator)."""
+        self._graphed = None
 
     def _store(self, capacity: int, batch: int = 1) -> DeviceKV | OffloadedKV:
         """The KV store for one batch: on the device, offloaded, or (auto) as many layers resident as fit."""
         n_layers = self.model.config.num_hidden_layers
-        resident = {"device": n_layers, "cpu": 0}.get(self.kv_cache)
-        if resident is None:  # auto
-            resident = self._resident_layers(capacity, batch)
+        resident = self._resident(capacity, batch)
         self.placement = {"kv_layers_on_gpu": resident, "kv_layers_in_host_memory": n_layers - resident}
         if resident == n_layers:
             return DeviceKV(capacity)
         return OffloadedKV(capacity, n_layers, self.device, self.pool, spread_layers(resident, n_layers))
+
+    def _resident(self, capacity: int, batch: int) -> int:
+        """Layers whose keys and values stay on the GPU for this batch: kv_cache's choice, or (auto) as many as fit."""
+        n_layers = self.model.config.num_hidden_layers
+        resident = {"device": n_layers, "cpu": 0}.get(self.kv_cache)
+        return self._resident_layers(capacity, batch) if resident is None else resident
 
     def _resident_layers(self, capacity: int, batch: int) -> int:
         """How many layers' caches fit on the GPU under the memory budget next to the weights and one chunk's work."""
@@ -176,37 +256,152 @@ class Engine:
         return h
 
     @torch.no_grad()
-    def generate(self, prompts: torch.Tensor, max_new_tokens: int,
-                 stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
-        """Greedy continuation of equal-length prompts (B, L): new tokens per row, ended by EOS, `stop` or the limit.
+    def generate(self, prompts: Prompts, max_new_tokens: int, stop: Stop | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt: new tokens per row, ended by EOS, `stop` or the limit.
 
-        `stop(row, tokens)` says when a row's answer is complete (the task's score can no longer change).
+        `prompts` is a (B, L) tensor or a list of token-id lists of any lengths. `stop(row, tokens)` says when a
+        row's answer is complete (the task's score can no longer change). Every row's tokens are those it would get
+        alone.
         """
+        rows = token_rows(prompts)
+        self.last = {}
+        if not rows or max_new_tokens <= 0:
+            return [[] for _ in rows]
         if self.path == "longforge":
             try:
-                return self._generate_longforge(prompts, max_new_tokens, stop)
+                return self._generate_longforge(rows, max_new_tokens, stop)
             except RuntimeError as e:
                 if "did not route attention" not in str(e):
                     raise
                 self.path = "hf"
-        return self._generate_hf(prompts, max_new_tokens, stop)
+                self.release()
+        return self._in_groups(rows, max_new_tokens, stop, self._generate_hf)
 
-    def _finished(self, rows: list[list[int]], nxt: torch.Tensor, done: list[bool],
-                  stop: Callable[[int, list[int]], bool] | None) -> list[bool]:
-        """Append each unfinished row's new token and update which rows are done."""
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if t in self.stop_ids:
-                done[i] = True
-                continue
-            rows[i].append(t)
-            if stop is not None and stop(i, rows[i]):
-                done[i] = True
-        return done
+    def _generate_longforge(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
+        """The whole batch at once when its cache fits on the device; else rows of equal length together."""
+        note = "ragged batches are off (ragged=False)"
+        if self.ragged:
+            capacity, width = self._shape(rows, max_new_tokens)
+            key = (len(rows), capacity, width, tuple(sorted(self.stop_ids)), next(self.model.parameters()).data_ptr())
+            if self._graphed is not None and self._graphed.key != key:
+                self.release()  # before sizing: its buffers would count as used memory
+            n_layers = self.model.config.num_hidden_layers
+            if self._graphed is not None or self._resident(capacity, len(rows)) == n_layers:
+                self.placement = {"kv_layers_on_gpu": n_layers, "kv_layers_in_host_memory": 0}
+                return self._generate_ragged(rows, max_new_tokens, stop, capacity, width, key)
+            note = "the batch's KV cache does not fit on the GPU: rows of equal length ran together, offloaded"
+        self.release()
+        return self._in_groups(rows, max_new_tokens, stop, self._generate_group, note)
 
-    def _generate_longforge(self, prompts: torch.Tensor, max_new_tokens: int,
-                            stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+    def _shape(self, rows: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
+        """Cache capacity and token columns of a batch: exact, or with CUDA graphs rounded up (to within an eighth),
+        so the batches of one length bucket share one captured graph."""
+        if not self._graphs_wanted():
+            return max(len(r) for r in rows) + max_new_tokens, max_new_tokens
+        width = max(16, 1 << (max_new_tokens - 1).bit_length())
+        need = max(len(r) for r in rows) + width
+        grain = max(256, 1 << max(0, need.bit_length() - 4))
+        return -(-need // grain) * grain, width
+
+    def _in_groups(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None,
+                   run: Callable[[torch.Tensor, int, Stop | None], list[list[int]]], note: str | None = None) -> list[list[int]]:
+        """Run rows of equal length together through `run` (a (B, L) batch each); outputs in the rows' order."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(len(r), []).append(i)
+        out: list[list[int]] = [[] for _ in rows]
+        totals: dict[str, Any] = {}
+        for idx in groups.values():
+            row_stop = None if stop is None else (lambda r, toks, idx=idx: stop(idx[r], toks))
+            for i, toks in zip(idx, run(torch.tensor([rows[i] for i in idx]), max_new_tokens, row_stop)):
+                out[i] = toks
+            for k, v in self.last.items():
+                totals[k] = totals.get(k, 0) + v if k in SUMMED else v
+        self.last = {**totals, "batch": len(rows), "groups": len(groups), "cuda_graph": False}
+        if note is not None and len(groups) > 1:
+            self.last["ragged_fallback"] = note
+        return out
+
+    def _generate_ragged(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None, capacity: int,
+                         width: int, key: tuple[Any, ...]) -> list[list[int]]:
+        """Every row in one cache: prefill (shared prefixes once), then decode all rows together."""
+        b = len(rows)
+        order = sorted(range(b), key=lambda i: (len(rows[i]), rows[i]))
+        srt = [rows[i] for i in order]
+        lengths = [len(r) for r in srt]
+        plan = prefill_plan(srt, self.prefix_min)
+        store, state, step = self._decoder(b, capacity, width, key)
+        ids = torch.zeros(b, max(lengths), dtype=torch.long)
+        for i, r in enumerate(srt):
+            ids[i, :len(r)] = torch.tensor(r)
+        ids = ids.to(self.device)
+        head = self.model.get_output_embeddings()
+        with self._attached(store):
+            t0 = self._sync()
+            first = torch.zeros(b, dtype=torch.long, device=self.device)
+            for s in plan:
+                if isinstance(s, Share):
+                    store.share(s.source, s.targets, s.start, s.end)
+                    continue
+                h = None
+                for start in range(s.start, s.end, self.prefill_chunk):
+                    store.select(s.first, s.last, start)
+                    h = self._run_decoder(ids[s.first:s.last, start:min(start + self.prefill_chunk, s.end)], start, store)
+                assert h is not None
+                if s.end == lengths[s.first]:  # the rows' last positions: their first new tokens
+                    first[s.first:s.last] = head(h[:, -1]).argmax(-1)
+                del h
+            t1 = self._sync()
+            store.decode(torch.tensor(lengths, device=self.device))
+            state.start(first)
+            row_stop = None if stop is None else (lambda r, toks: stop(order[r], toks))
+            res = run_decode(state, step, max_new_tokens, row_stop, self.sync_every)
+            t2 = self._sync()
+        if isinstance(step, GraphStep) and step.failure is not None:
+            self.graph_failure = step.failure
+        computed = computed_tokens(plan)
+        self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
+                     "batch": b, "prompt_tokens": sum(lengths), "prefill_tokens": computed,
+                     "prefix_saved_tokens": sum(lengths) - computed,
+                     "cuda_graph": isinstance(step, GraphStep) and step.graph is not None, **self.placement}
+        out: list[list[int]] = [[] for _ in rows]
+        for pos, i in enumerate(order):
+            out[i] = res.rows[pos]
+        return out
+
+    def _decoder(self, rows: int, capacity: int, width: int,
+                 key: tuple[Any, ...]) -> tuple[DeviceKV, DecodeState, Callable[[], None]]:
+        """The cache, decoding state and step for a batch: kept with a captured graph per shape, or made afresh."""
+        if not self._graphs_wanted():
+            store = DeviceKV(capacity, rows)
+            state = DecodeState(rows, width, self.device, self.stop_ids)
+            return store, state, self._ragged_step(store, state)
+        if self._graphed is None:
+            store = DeviceKV(capacity, rows)
+            state = DecodeState(rows, width, self.device, self.stop_ids)
+            self._graphed = _Graphed(key, store, state, GraphStep(self._ragged_step(store, state), self.device))
+        g = self._graphed
+        return g.store, g.state, g.step
+
+    def _ragged_step(self, store: DeviceKV, state: DecodeState) -> Callable[[], None]:
+        """One decoding step for every row, on the device only: the current tokens in, the next ones recorded."""
+        decoder = self.model.model
+        head = self.model.get_output_embeddings()
+        # A prepared 4D mask makes transformers skip its mask preparation, which otherwise inspects the position
+        # ids on the host (a sync per step); the store does the attention and reads no mask.
+        no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+
+        def step() -> None:
+            store.step()
+            h = decoder(input_ids=state.current[:, None], position_ids=store.lens[:, None],  # type: ignore[index]
+                        attention_mask=no_mask, use_cache=False).last_hidden_state
+            store.advance()
+            state.record(head(h[:, -1]).argmax(-1))
+
+        return step
+
+    def _generate_group(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
+        """Equal-length prompts (B, L) with one length for the whole batch (the cache may be offloaded)."""
         prompts = prompts.to(self.device)
         b, n = prompts.shape
         store = self._store(n + max_new_tokens, b)
@@ -217,47 +412,50 @@ class Engine:
             for start in range(0, n, self.prefill_chunk):
                 h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
             assert h is not None
-            nxt = head(h[:, -1]).argmax(-1)
+            state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
+            state.start(head(h[:, -1]).argmax(-1))
             del h
             t1 = self._sync()
-            rows: list[list[int]] = [[] for _ in range(b)]
-            done = [False] * b
-            steps = 0
-            for i in range(max_new_tokens):
-                done = self._finished(rows, nxt, done, stop)
-                if all(done) or i + 1 == max_new_tokens:
-                    break
-                h = self._run_decoder(nxt[:, None], n + i, store)
-                nxt = head(h[:, -1]).argmax(-1)
-                steps += 1
-            t2 = self._sync()
-            self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps, "prompt_tokens": b * n,
-                         **self.placement}
-            return rows
+            position = [n]
 
-    def _generate_hf(self, prompts: torch.Tensor, max_new_tokens: int,
-                     stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+            def step() -> None:
+                out = self._run_decoder(state.current[:, None], position[0], store)
+                position[0] += 1
+                state.record(head(out[:, -1]).argmax(-1))
+
+            res = run_decode(state, step, max_new_tokens, stop, self.sync_every)
+            t2 = self._sync()
+        self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
+                     "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0, **self.placement}
+        return res.rows
+
+    def _generate_hf(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
+        """Equal-length prompts through transformers' own cache and attention (any architecture)."""
         from transformers import DynamicCache
 
         model = self.model
         prompts = prompts.to(self.device)
         b, n = prompts.shape
         cache = DynamicCache(config=model.config)
+        t0 = self._sync()
         logits = None
         for start in range(0, n, self.prefill_chunk):
             chunk = prompts[:, start:start + self.prefill_chunk]
             logits = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
         assert logits is not None
-        nxt = logits[:, -1].argmax(-1)
-        rows: list[list[int]] = [[] for _ in range(b)]
-        done = [False] * b
-        for i in range(max_new_tokens):
-            done = self._finished(rows, nxt, done, stop)
-            if all(done) or i + 1 == max_new_tokens:
-                break
-            logits = model(input_ids=nxt[:, None], use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
-            nxt = logits[:, -1].argmax(-1)
-        return rows
+        state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
+        state.start(logits[:, -1].argmax(-1))
+        t1 = self._sync()
+
+        def step() -> None:
+            out = model(input_ids=state.current[:, None], use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
+            state.record(out[:, -1].argmax(-1))
+
+        res = run_decode(state, step, max_new_tokens, stop, self.sync_every)
+        t2 = self._sync()
+        self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
+                     "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0}
+        return res.rows
 
     @torch.no_grad()
     def window_nll(self, ids: torch.Tensor, score_last: int | None = None) -> tuple[float, int]:
@@ -266,6 +464,7 @@ class Engine:
         Prefills in chunks, so activations stay bounded however long the window; the LM head runs on the
         scored positions only, in blocks (no full logits tensor).
         """
+        self.release()  # the cache kept for batches' decoding: its memory is better free for this window
         ids = ids.to(self.device)
         n = ids.shape[1]
         first_target = 1 if score_last is None else max(1, n - score_last)

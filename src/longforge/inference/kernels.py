@@ -14,6 +14,12 @@ shape (benchmarks/attention_gpu.py, H100, torch 2.11):
 The split and FlashAttention paths use private ATen ops, so each is checked once per device, dtype and head
 shape against the public SDPA path on a small input; one that fails or disagrees is not used again and the next
 candidate runs.
+
+Decoding a batch of rows of different lengths (decode_attention): each row's one new query attends to the first
+`used[b]` keys of its row of a buffer (B, capacity, Hkv, D). On CUDA FlashAttention's variable-length forward
+reads each row's used keys only (`seqused_k`, lengths on the device: no host sync, so a CUDA graph can replay it);
+elsewhere, or when that kernel fails its check, SDPA with a boolean mask over the buffer (exact; on CPU the
+reference the tests compare against).
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ def merge_by_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch
 
 
 KERNELS: dict[str, Kernel] = {"split": split_cudnn, "flash": flash_last}
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 
 
 def _usable(name: str, q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -127,4 +134,77 @@ def _agrees(kernel: Kernel, h: int, hkv: int, d: int, device: torch.device, dtyp
     except (RuntimeError, TypeError, NotImplementedError):
         return False
     want = sdpa_lower_right(q, k, v, None).float()
+    return got.shape == want.shape and bool((got - want).abs().max() <= CHECK_TOLERANCE * want.abs().max())
+
+
+# ---- decoding rows of different lengths against one buffer
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
+                     scale: float | None) -> torch.Tensor:
+    """One new query per row against the first used[b] keys of its row: (B, H, 1, D) x (B, C, Hkv, D) -> (B, H, 1, D).
+
+    `used` (B,) int32 stays on the device; keys past a row's length are never read by the flash path and get no
+    weight on the masked one.
+    """
+    if q.is_cuda and _decode_usable("flash_decode", q, k):
+        return DECODE_KERNELS["flash_decode"](q, k, v, used, scale)
+    return masked_decode(q, k, v, used, scale)
+
+
+def masked_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
+                  scale: float | None) -> torch.Tensor:
+    """Exact path: SDPA over the whole buffer with a per-row length mask, the query heads of a KV head as its rows."""
+    b, h, _, d = q.shape
+    cap, hkv = k.shape[1], k.shape[2]
+    mask = (torch.arange(cap, device=q.device)[None] < used[:, None])[:, None, None]  # (B, 1, 1, C)
+    # One query per head: the heads sharing a KV head are independent rows of one attention, so grouped-query
+    # attention needs no copy of the keys.
+    groups = q.reshape(b, hkv, h // hkv, d)
+    out = F.scaled_dot_product_attention(groups, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(b, h, 1, d)
+
+
+_offsets: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
+                 scale: float | None) -> torch.Tensor:
+    """FlashAttention's variable-length forward: row b's query against its first used[b] keys, grouped heads native."""
+    b, h, _, d = q.shape
+    cap, hkv = k.shape[1], k.shape[2]
+    key = (b, cap, str(q.device))
+    if key not in _offsets:  # made once per shape (eagerly, before any graph capture reads them)
+        rows = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+        _offsets[key] = (rows, rows * cap)
+    cu_q, cu_k = _offsets[key]
+    out = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2).reshape(b, h, d), k.view(b * cap, hkv, d), v.view(b * cap, hkv, d), cu_q, cu_k, 1, cap,
+        0.0, False, False, scale=scale, seqused_k=used)[0]
+    return out.view(b, 1, h, d).transpose(1, 2)
+
+
+DECODE_KERNELS: dict[str, DecodeKernel] = {"flash_decode": flash_decode}
+
+
+def _decode_usable(name: str, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether decode kernel `name` runs and matches the masked path for this device, dtype and head shape (checked once)."""
+    key = (name, str(q.device), q.dtype, q.shape[1], k.shape[2], q.shape[3])
+    if key not in _verdicts:
+        _verdicts[key] = _decode_agrees(DECODE_KERNELS[name], q.shape[1], k.shape[2], q.shape[3], q.device, q.dtype)
+    return _verdicts[key]
+
+
+def _decode_agrees(kernel: DecodeKernel, h: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Run `kernel` on three rows of different lengths in a small buffer; compare it with masked_decode."""
+    g = torch.Generator(device=device).manual_seed(0)
+    b, cap = 3, 96
+    q = torch.randn(b, 1, h, d, device=device, dtype=dtype, generator=g).transpose(1, 2)
+    k, v = (torch.randn(b, cap, hkv, d, device=device, dtype=dtype, generator=g) for _ in range(2))
+    used = torch.tensor([1, 40, cap], dtype=torch.int32, device=device)
+    try:
+        got = kernel(q, k, v, used, None).float()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    want = masked_decode(q, k, v, used, None).float()
     return got.shape == want.shape and bool((got - want).abs().max() <= CHECK_TOLERANCE * want.abs().max())

@@ -8,33 +8,90 @@ from typing import Any
 
 import torch
 
-from longforge.inference.kernels import causal_attention
+from longforge.inference.kernels import causal_attention, decode_attention
 
 
 class DeviceKV:
-    """Keys and values of every layer in buffers on the compute device, allocated once per sequence."""
+    """Keys and values of every layer in buffers on the compute device, (rows, capacity, Hkv, D) each, allocated once.
 
-    def __init__(self, capacity: int):
+    Two ways to write. Prefill: a chunk for the run of rows `select`ed, all holding `length` positions, attended
+    causally to everything before it. Decoding (`decode`): one position per row at that row's own length (`lens`,
+    on the device), each row's query attending to its own positions only; nothing on the host changes from step to
+    step, so a CUDA graph can replay it. Rows of a batch may hold different lengths.
+    """
+
+    def __init__(self, capacity: int, rows: int | None = None):
         self.capacity = capacity
+        self.rows = rows  # None: as many as the first chunk has
         self.length = 0
         self.calls = 0
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        self.first, self.last = 0, rows  # the rows a prefill chunk writes
+        self.decoding = False
+        self.lens: torch.Tensor | None = None  # decoding: each row's position of its new token
+        self.used: torch.Tensor | None = None  # decoding: keys per row once the new one is written (int32)
+        self.row_index: torch.Tensor | None = None
+
+    def select(self, first: int, last: int, length: int) -> None:
+        """Prefill rows first..last-1 next, each holding `length` positions already."""
+        self.first, self.last, self.length = first, last, length
+        self.decoding = False
+
+    def decode(self, lens: torch.Tensor) -> None:
+        """Decode every row from here, row b's next position being lens[b]: copied into the store's own tensor, so a
+        graph captured on it sees new values."""
+        if self.lens is None or self.lens.shape != lens.shape:
+            self.lens = torch.empty_like(lens)
+            self.row_index = torch.arange(lens.shape[0], device=lens.device)
+        self.lens.copy_(lens)
+        self.decoding = True
+
+    def step(self) -> None:
+        """Before a decoding forward: the keys each row will have (its length plus the new one), on the device."""
+        assert self.lens is not None
+        self.used = (self.lens + 1).to(torch.int32)
+
+    def advance(self) -> None:
+        """After a decoding forward: every row is one position longer (on the device)."""
+        assert self.lens is not None
+        self.lens.add_(1)
+
+    def _buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.k:
+            rows = self.rows if self.rows is not None else k.shape[0]
+            self.rows = rows
+            _, hkv, _, d = k.shape
+            # Zeros, not empty memory: the masked decoding path gives positions past a row's length no weight,
+            # and a zero weight times a NaN left in uninitialised memory would still be NaN.
+            self.k[layer] = k.new_zeros(rows, self.capacity, hkv, d)
+            self.v[layer] = v.new_zeros(rows, self.capacity, hkv, d)
+        return self.k[layer], self.v[layer]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """Append this chunk's k/v for `layer` and attend the chunk's queries to everything so far."""
+        """Write this chunk's k/v for `layer` and attend its queries: prefill causally, decoding row by row."""
         self.calls += 1
-        if layer not in self.k:
-            b, hkv, _, d = k.shape
-            self.k[layer] = k.new_empty(b, hkv, self.capacity, d)
-            self.v[layer] = v.new_empty(b, hkv, self.capacity, d)
+        kb, vb = self._buffers(layer, k, v)
+        if self.decoding:
+            assert self.used is not None and self.row_index is not None and self.lens is not None
+            kb[self.row_index, self.lens] = k[:, :, 0]
+            vb[self.row_index, self.lens] = v[:, :, 0]
+            return decode_attention(q, kb, vb, self.used, scale)
+        rows = slice(self.first, self.last)
         end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end].copy_(k)
-        self.v[layer][:, :, self.length:end].copy_(v)
-        return causal_attention(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], scale)
+        kb[rows, self.length:end].copy_(k.transpose(1, 2))
+        vb[rows, self.length:end].copy_(v.transpose(1, 2))
+        return causal_attention(q, kb[rows, :end].transpose(1, 2), vb[rows, :end].transpose(1, 2), scale)
+
+    def share(self, source: int, targets: tuple[int, ...], start: int, end: int) -> None:
+        """Copy positions start..end of row `source` into each target row, in every layer (a shared prefix)."""
+        for buffers in (self.k, self.v):
+            for buf in buffers.values():
+                for t in targets:
+                    buf[t, start:end].copy_(buf[source, start:end])
 
     def commit(self, n: int) -> None:
-        """Advance past a chunk once every layer has seen it."""
+        """Advance past a prefill chunk once every layer has seen it."""
         self.length += n
 
     def finish(self) -> None:

@@ -1,0 +1,354 @@
+"""Batched decoding in the inference engine: ragged batches, host visits every few tokens, shared prefixes computed once,
+CUDA graphs (GPU tests). Every row of a batch must get exactly the tokens it gets alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from longforge.inference import Engine
+from longforge.inference import kernels as K
+from longforge.inference.decode import DecodeState, run_decode
+from longforge.inference.prefill import Fill, Share, computed_tokens, prefill_plan
+
+VOCAB = 60
+
+
+def _model(seed: int = 0, **kw):  # noqa: ANN003, ANN202
+    return make_tiny_model(VOCAB, window=512, seed=seed, **kw)
+
+
+def _rows(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _grid(haystack: int, depths: list[int], needle: list[int], seed: int = 0) -> list[list[int]]:
+    """One haystack with the needle put in at each depth (a passkey grid's prompts at one length), plus a question."""
+    hay = torch.randint(1, 50, (haystack,), generator=torch.Generator().manual_seed(seed)).tolist()  # no needle token
+    return [hay[:d] + needle + hay[d:] + [7, 8, 9] for d in depths]
+
+
+def _hf(model, row: list[int], new: int) -> list[int]:  # noqa: ANN001
+    out = model.generate(torch.tensor([row]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    return out[0, len(row):].tolist()
+
+
+def _alone(model, rows: list[list[int]], new: int, **kw) -> list[list[int]]:  # noqa: ANN001, ANN003
+    return [Engine(model, stop_on_eos=False, **kw).generate([r], new)[0] for r in rows]
+
+
+def _cut(tokens: list[int], eos: set[int], stop_at: int | None) -> list[int]:
+    """What token-by-token checking gives: up to the first EOS (dropped), or through the stop callback's token."""
+    out = []
+    for t in tokens:
+        if t in eos:
+            break
+        out.append(t)
+        if stop_at is not None and len(out) == stop_at:
+            break
+    return out
+
+
+def test_ragged_batch_equals_each_row_alone_across_chunk_boundaries(one_thread) -> None:  # noqa: ANN001
+    model = _model()
+    rows = _rows([5, 37, 40, 40, 63, 1, 22])
+    for chunk in (7, 16, 1000):
+        eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False)
+        got = eng.generate(rows, 9)
+        assert got == _alone(model, rows, 9, prefill_chunk=chunk), chunk
+        assert eng.last["batch"] == 7 and eng.last["prompt_tokens"] == sum(map(len, rows))
+    assert got == [_hf(model, r, 9) for r in rows]  # and what transformers generates, row by row
+    assert model.config._attn_implementation == "sdpa"  # the engine puts the model's attention back
+
+
+def test_equal_length_tensor_and_the_old_engine_give_the_same_tokens(one_thread) -> None:  # noqa: ANN001
+    model = _model(seed=1)
+    x = torch.randint(1, VOCAB, (3, 30), generator=torch.Generator().manual_seed(3))
+    new = Engine(model, prefill_chunk=8, stop_on_eos=False)
+    old = Engine(model, prefill_chunk=8, stop_on_eos=False, ragged=False, cuda_graphs="off", sync_every=1,
+                 prefix_reuse=False)
+    assert new.ragged and not old.ragged
+    assert new.generate(x, 7) == old.generate(x, 7) == [_hf(model, r, 7) for r in x.tolist()]
+    assert old.last["host_visits"] == 7 and old.last["decode_steps"] == 6  # a look after every token, as before
+    rows = _rows([12, 30, 12, 19], seed=4)
+    assert new.generate(rows, 5) == old.generate(rows, 5)
+    assert old.last["groups"] == 3 and new.last["batch"] == 4 and "groups" not in new.last
+
+
+@pytest.mark.parametrize("every", [1, 3, 8, 64])
+def test_eos_and_stop_end_rows_where_token_by_token_checks_would(every: int, one_thread) -> None:  # noqa: ANN001
+    model = _model(seed=2)
+    rows = _rows([9, 25, 25, 31, 14], seed=5)
+    full = Engine(model, stop_on_eos=False).generate(rows, 12)
+    eos = {full[1][4], full[3][0]}  # row 1 ends at its 5th token, row 3 at once; others wherever these occur
+    stop_at = {0: 2, 2: 7}  # the stop callback completes row 0 after 2 tokens, row 2 after 7
+    eng = Engine(model, prefill_chunk=10, sync_every=every)
+    eng.stop_ids = eos
+    calls: list[tuple[int, int]] = []
+
+    def stop(row: int, toks: list[int]) -> bool:
+        calls.append((row, len(toks)))
+        return stop_at.get(row) == len(toks)
+
+    got = eng.generate(rows, 12, stop=stop)
+    assert got == [_cut(f, eos, stop_at.get(i)) for i, f in enumerate(full)]
+    # The callback saw each row's tokens one at a time and never a token after the row ended.
+    for i, toks in enumerate(got):
+        seen = [n for r, n in calls if r == i]
+        assert seen == list(range(1, len(toks) + 1))
+    steps = eng.last["decode_steps"]
+    assert eng.last["host_visits"] == 1 + -(-steps // every)
+    assert steps < 11 or every > 1  # with a look every token, decoding stops once every row ended
+
+
+def test_host_visits_every_k_steps_with_forced_length(one_thread) -> None:  # noqa: ANN001
+    model = _model()
+    eng = Engine(model, stop_on_eos=False, sync_every=8)
+    eng.generate(_rows([10, 20]), 33)
+    assert eng.last["decode_steps"] == 32 and eng.last["host_visits"] == 5  # after prefill, then after 8, 16, 24, 32
+
+
+def test_shared_prefixes_are_computed_once_and_change_nothing(one_thread) -> None:  # noqa: ANN001
+    model = _model(seed=3)
+    needle = [50, 51, 52, 53]
+    rows = _grid(60, [10, 30, 30, 45], needle) + _grid(40, [5, 20], needle, seed=9) + _rows([33], seed=11)
+    random.Random(0).shuffle(rows)
+    for chunk in (6, 1000):
+        plain = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_reuse=False)
+        reuse = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=4)
+        assert reuse.generate(rows, 8) == plain.generate(rows, 8) == _alone(model, rows, 8, prefill_chunk=chunk)
+        assert plain.last["prefix_saved_tokens"] == 0
+        # The 60-token haystack's four prompts (67 tokens) share its first 10 tokens (3 rows copy them), the three
+        # deeper ones 20 more (2 copy), and the two at depth 30 are the same prompt: one copies 36 more, all but
+        # its last token. The 40-token haystack's two share 5 tokens.
+        saved = 3 * 10 + 2 * 20 + 36 + 5
+        assert reuse.last["prefix_saved_tokens"] == saved
+        assert reuse.last["prefill_tokens"] == reuse.last["prompt_tokens"] - saved
+
+
+def test_a_short_shared_prefix_is_not_worth_its_own_pass(one_thread) -> None:  # noqa: ANN001
+    model = _model()
+    rows = _grid(30, [3, 20], [50, 51])
+    eng = Engine(model, stop_on_eos=False, prefix_min=5)
+    eng.generate(rows, 3)
+    assert eng.last["prefix_saved_tokens"] == 0  # 3 shared tokens < 5
+    eng.prefix_min = 3
+    eng.generate(rows, 3)
+    assert eng.last["prefix_saved_tokens"] == 3
+
+
+def test_offloaded_cache_runs_rows_of_equal_length_together(one_thread) -> None:  # noqa: ANN001
+    """Ragged batches need the device store; where the cache is offloaded, equal lengths run together instead."""
+    from transformers import LlamaForCausalLM
+
+    cfg = _model().config
+    cfg.num_hidden_layers = 3
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(cfg).eval()
+    rows = _rows([20, 35, 20, 51], seed=2)
+    eng = Engine(model, prefill_chunk=9, stop_on_eos=False)
+    eng.kv_cache = "auto"  # the engine only offloads from a GPU; force the placement to test the logic
+    eng._resident_layers = lambda capacity, batch: 1  # type: ignore[method-assign]
+    got = eng.generate(rows, 6, stop=lambda row, toks: row == 3 and len(toks) == 2)
+    device_rows = Engine(model, prefill_chunk=9, stop_on_eos=False).generate(rows, 6)
+    assert got == device_rows[:3] + [device_rows[3][:2]]
+    assert eng.last["groups"] == 3 and "offloaded" in eng.last["ragged_fallback"]
+    assert eng.placement == {"kv_layers_on_gpu": 1, "kv_layers_in_host_memory": 2}
+
+
+def test_hf_path_takes_ragged_batches(one_thread) -> None:  # noqa: ANN001
+    model = _model()
+    rows = _rows([8, 15, 8], seed=6)
+    hf = Engine(model, prefill_chunk=4, attention="hf", stop_on_eos=False, sync_every=4)
+    assert hf.generate(rows, 6) == [_hf(model, r, 6) for r in rows]
+    assert hf.last["groups"] == 2
+
+
+def test_decoding_steps_prepare_no_mask(monkeypatch: pytest.MonkeyPatch, one_thread) -> None:  # noqa: ANN001
+    """transformers inspects position ids on the host (a sync) when it prepares a mask; decoding steps skip that."""
+    import transformers.masking_utils as mu
+
+    seen: list[int] = []
+    real = mu.find_packed_sequence_indices
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda pos: seen.append(pos.shape[1]) or real(pos))
+    eng = Engine(_model(), prefill_chunk=100, stop_on_eos=False)
+    eng.generate(_rows([30, 40]), 20)
+    assert eng.last["decode_steps"] == 19 and seen == [30, 40]  # the two prefill passes only
+
+
+def test_bad_prompts_are_refused_in_one_sentence() -> None:
+    eng = Engine(_model(), stop_on_eos=False)
+    with pytest.raises(ValueError, match="has no tokens"):
+        eng.generate([[1, 2], []], 3)
+    with pytest.raises(ValueError, match="batch, length"):
+        eng.generate(torch.tensor([1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="sync_every"):
+        Engine(_model(), sync_every=0)
+    assert eng.generate([], 3) == [] and eng.generate([[1, 2]], 0) == [[]]
+
+
+def test_describe_records_the_batching_settings() -> None:
+    d = Engine(_model()).describe()
+    assert d["ragged"] is True and d["sync_every"] == 8 and d["cuda_graphs"] == "off"  # CPU: no graphs
+    assert Engine(_model(), prefix_reuse=False).describe()["prefix_reuse"] is None
+
+
+# ---- the pieces
+
+
+def _simulate(plan: list, rows: list[list[int]]) -> list[list[int | None]]:
+    """Run a plan on token lists instead of keys and values, checking each Fill starts where its rows are filled."""
+    have: list[list[int | None]] = [[None] * len(r) for r in rows]
+    for s in plan:
+        if isinstance(s, Share):
+            for t in s.targets:
+                assert rows[t][s.start:s.end] == rows[s.source][s.start:s.end]
+                have[t][s.start:s.end] = have[s.source][s.start:s.end]
+            continue
+        for r in range(s.first, s.last):
+            assert None not in have[r][:s.start] and all(x is None for x in have[r][s.start:s.end])
+            have[r][s.start:s.end] = rows[r][s.start:s.end]
+    return have
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_plan_gives_every_row_all_its_positions(seed: int) -> None:
+    rng = random.Random(seed)
+    stems = [[rng.randint(1, 4) for _ in range(rng.randint(1, 30))] for _ in range(3)]
+    rows = []
+    for _ in range(rng.randint(1, 9)):
+        stem = rng.choice(stems)
+        rows.append(stem[:rng.randint(0, len(stem))] + [rng.randint(1, 4) for _ in range(rng.randint(1, 12))])
+    rows.sort(key=lambda r: (len(r), r))
+    for min_shared in (None, 1, 3):
+        plan = prefill_plan(rows, min_shared)
+        assert _simulate(plan, rows) == rows
+        # Every row computes its last position itself (its hidden state gives the first new token).
+        assert all(any(isinstance(s, Fill) and s.first <= i < s.last and s.end == len(r) for s in plan)
+                   for i, r in enumerate(rows))
+        assert computed_tokens(plan) <= sum(map(len, rows))
+        if min_shared is None:
+            assert computed_tokens(plan) == sum(map(len, rows))
+
+
+def test_prefill_plan_batches_rows_of_equal_length() -> None:
+    rows = sorted(_rows([8, 8, 8, 12, 12]), key=lambda r: (len(r), r))
+    assert prefill_plan(rows, None) == [Fill(0, 3, 0, 8), Fill(3, 5, 0, 12)]
+    assert prefill_plan(rows, 4) == [Fill(0, 3, 0, 8), Fill(3, 5, 0, 12)]  # nothing shared
+
+
+def test_decode_loop_equals_token_by_token_checks() -> None:
+    script = torch.tensor([[3, 4, 0, 5, 6, 7, 8, 9, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5, 5, 5], [9, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    for every in range(1, 12):
+        for stop_row in (None, 1):
+            state = DecodeState(3, 10, torch.device("cpu"), {0, 99})
+            state.start(script[:, 0])
+            col = [1]
+
+            def step() -> None:
+                state.record(script[:, col[0]])
+                col[0] += 1
+
+            stop = None if stop_row is None else (lambda r, toks: r == stop_row and len(toks) == 4)
+            got = run_decode(state, step, 10, stop, every)
+            assert got.rows == [[3, 4], [5] * (4 if stop_row else 10), [9]], every
+            want_steps = 9 if stop_row is None else min(9, -(-3 // every) * every)
+            assert got.steps == want_steps and got.visits == 1 + -(-got.steps // every)
+
+
+def test_masked_decode_equals_each_row_alone() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, d, cap = 3, 8, 2, 16, 40
+    q = torch.randn(b, 1, h, d, generator=g).transpose(1, 2)
+    k, v = (torch.randn(b, cap, hkv, d, generator=g) for _ in range(2))
+    used = torch.tensor([1, 17, 40], dtype=torch.int32)
+    got = K.decode_attention(q, k, v, used, None)
+    for i, n in enumerate(used.tolist()):
+        want = K.causal_attention(q[i:i + 1], k[i:i + 1, :n].transpose(1, 2), v[i:i + 1, :n].transpose(1, 2), None)
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_decode_kernel_is_used_only_after_it_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(K, "_verdicts", {})
+    q = torch.zeros(1, 4, 1, 16)
+    k = torch.zeros(1, 8, 2, 16)
+    monkeypatch.setitem(K.DECODE_KERNELS, "flash_decode", lambda q, k, v, u, s: K.masked_decode(q, k, v, u, s) + 1)
+    assert not K._decode_usable("flash_decode", q, k)
+    monkeypatch.setattr(K, "_verdicts", {})
+    monkeypatch.setitem(K.DECODE_KERNELS, "flash_decode", K.masked_decode)
+    assert K._decode_usable("flash_decode", q, k)
+
+
+# ---- on a GPU (the lead runs these on an H200)
+
+
+def _cuda_model(dtype: torch.dtype, hidden: int = 256):  # noqa: ANN202
+    return make_tiny_model(VOCAB, window=4096, hidden=hidden).to("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-masked", "bf16-flash"])
+def test_cuda_graph_replay_equals_eager_decoding(dtype: torch.dtype) -> None:
+    model = _cuda_model(dtype)
+    rows = _rows([700, 1300, 64, 1300, 999], seed=1)
+    eager = Engine(model, prefill_chunk=512, stop_on_eos=False, cuda_graphs="off")
+    graphed = Engine(model, prefill_chunk=512, stop_on_eos=False)
+    want = eager.generate(rows, 40)
+    got = graphed.generate(rows, 40)
+    assert graphed.last["cuda_graph"] and graphed.graph_failure is None, graphed.describe()
+    assert got == want
+    step = graphed._graphed.step  # type: ignore[union-attr]
+    assert graphed.generate(rows[::-1], 40) == want[::-1]  # the same shape: the captured graph replays again
+    assert graphed._graphed.step is step  # type: ignore[union-attr]
+    if dtype == torch.bfloat16:
+        q = torch.zeros(1, 4, 1, 64, device="cuda", dtype=dtype)
+        assert K._decode_usable("flash_decode", q, torch.zeros(1, 8, 2, 64, device="cuda", dtype=dtype))
+
+
+@pytest.mark.gpu
+def test_ragged_batch_on_cuda_equals_each_row_alone() -> None:
+    model = _cuda_model(torch.float32)
+    needle = [50, 51, 52]
+    rows = _grid(1500, [100, 900, 900], needle) + _rows([333, 2000], seed=4)
+    eng = Engine(model, prefill_chunk=512, stop_on_eos=False, prefix_min=64)
+    got = eng.generate(rows, 24)
+    assert eng.last["prefix_saved_tokens"] > 2000
+    assert got == _alone(model, rows, 24, prefill_chunk=512, cuda_graphs="off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["auto", "off"])
+def test_no_host_sync_between_visits(graphs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between host visits the decoding steps only queue work on the GPU (a sync there raises)."""
+    import longforge.inference.engine as engine_module
+
+    real = engine_module.run_decode
+
+    def strict(state, step, *args):  # noqa: ANN001, ANN002, ANN202
+        def checked() -> None:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        first = [True]
+
+        def warm_then_checked() -> None:
+            if first[0] and graphs == "auto":  # the first step warms up and captures (kernel checks may sync)
+                first[0] = False
+                step()
+                return
+            checked()
+        return real(state, warm_then_checked, *args)
+
+    monkeypatch.setattr(engine_module, "run_decode", strict)
+    model = _cuda_model(torch.bfloat16)
+    eng = Engine(model, prefill_chunk=512, stop_on_eos=True, cuda_graphs=graphs)  # type: ignore[arg-type]
+    eng.generate(_rows([300, 800], seed=2), 20)
+    eng.generate(_rows([300, 800], seed=3), 20)  # warm kernels: eager steps are checked from the first one
+    assert eng.last["decode_steps"] >= 1
