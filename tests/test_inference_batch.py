@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 from longforge.inference import Engine
 from longforge.inference import kernels as K
 from longforge.inference.decode import DecodeState, run_decode
-from longforge.inference.prefill import Fill, Share, computed_tokens, prefill_plan
+from longforge.inference.prefill import Fill, Share, computed_tokens, prefill_plan, shared_tokens
 
 VOCAB = 60
 
@@ -119,8 +119,8 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(one_thread) -> Non
     rows = _grid(60, [10, 30, 30, 45], needle) + _grid(40, [5, 20], needle, seed=9) + _rows([33], seed=11)
     random.Random(0).shuffle(rows)
     for chunk in (6, 1000):
-        plain = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_reuse=False)
-        reuse = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=4)
+        plain = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_reuse=False, pad_to=None)
+        reuse = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=4, pad_to=None)
         assert reuse.generate(rows, 8) == plain.generate(rows, 8) == _alone(model, rows, 8, prefill_chunk=chunk)
         assert plain.last["prefix_saved_tokens"] == 0
         # The 60-token haystack's four prompts (67 tokens) share its first 10 tokens (3 rows copy them), the three
@@ -129,6 +129,23 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(one_thread) -> Non
         saved = 3 * 10 + 2 * 20 + 36 + 5
         assert reuse.last["prefix_saved_tokens"] == saved
         assert reuse.last["prefill_tokens"] == reuse.last["prompt_tokens"] - saved
+        assert reuse.last["padding_tokens"] == 0
+        padded = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=4, pad_to=16)
+        assert padded.generate(rows, 8) == reuse.generate(rows, 8)
+        assert padded.last["prefix_saved_tokens"] == saved and padded.last["padding_tokens"] > 0
+
+
+def test_rows_of_close_lengths_prefill_together_padded(one_thread) -> None:  # noqa: ANN001
+    """Padding at the end is exact; a padded row's first new token comes from the chunk holding its last position."""
+    model = _model(seed=4)
+    rows = _rows([17, 30, 20, 90], seed=8)
+    want = _alone(model, rows, 7, prefill_chunk=7)
+    eng = Engine(model, prefill_chunk=7, stop_on_eos=False, pad_to=16)
+    assert eng.generate(rows, 7) == want
+    # 17, 20 and 30 round to 32 (within 16 of 17): one Fill of three rows; 90 rounds to 96 alone.
+    assert eng.last["prefill_tokens"] == 3 * 32 + 96 and eng.last["padding_tokens"] == 3 * 32 + 96 - 157
+    exact = Engine(model, prefill_chunk=7, stop_on_eos=False, pad_to=None)
+    assert exact.generate(rows, 7) == want and exact.last["padding_tokens"] == 0
 
 
 def test_a_short_shared_prefix_is_not_worth_its_own_pass(one_thread) -> None:  # noqa: ANN001
@@ -176,9 +193,63 @@ def test_decoding_steps_prepare_no_mask(monkeypatch: pytest.MonkeyPatch, one_thr
     seen: list[int] = []
     real = mu.find_packed_sequence_indices
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda pos: seen.append(pos.shape[1]) or real(pos))
-    eng = Engine(_model(), prefill_chunk=100, stop_on_eos=False)
+    eng = Engine(_model(), prefill_chunk=100, stop_on_eos=False, pad_to=None)
     eng.generate(_rows([30, 40]), 20)
     assert eng.last["decode_steps"] == 19 and seen == [30, 40]  # the two prefill passes only
+
+
+def test_fused_decoding_kernels_go_in_while_decoding_and_out_after(monkeypatch: pytest.MonkeyPatch,
+                                                                   one_thread) -> None:  # noqa: ANN001
+    """The compiled RMSNorm, RoPE and SwiGLU (here not compiled: the identity compiler) only while steps run."""
+    import transformers.models.llama.modeling_llama as llama
+
+    import longforge.inference.engine as engine_module
+    from longforge.inference.fusion import DecodeKernels
+
+    calls = {"norm": 0, "rope": 0, "mlp": 0}
+
+    def counting(name: str):  # noqa: ANN202
+        def compiler(fn):  # noqa: ANN001, ANN202
+            def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+                calls[name] += 1
+                return fn(*a, **kw)
+            return run
+        return compiler
+
+    kernels = DecodeKernels()
+    for name in calls:
+        setattr(kernels, name, type(getattr(kernels, name))(getattr(kernels, name).fn, counting(name)))
+    monkeypatch.setattr(engine_module, "decode_kernels", lambda: kernels)
+    model = _model()
+    rows = _rows([12, 31, 5], seed=9)
+    plain = Engine(model, stop_on_eos=False).generate(rows, 6)
+    rope_before = llama.apply_rotary_pos_emb
+    eng = Engine(model, stop_on_eos=False)
+    eng.fused = True
+    assert eng.generate(rows, 6) == plain
+    steps = eng.last["decode_steps"]
+    assert calls == {"norm": steps * 5, "rope": steps * 2, "mlp": steps * 2}  # 2 layers: 2 norms each + the final
+    assert llama.apply_rotary_pos_emb is rope_before
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_the_benchmark_runs_on_cpu(tmp_path) -> None:  # noqa: ANN001
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "eval_engine.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "eval_engine.py"), "--smoke", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [r["length"] for r in res["lengths"]] == [64, 128]
+    for r in res["lengths"]:
+        assert {"a_old_engine", "b_new_engine", "c_model_generate"} <= set(r) and r["b_calls_equal"]
+        assert r["a_old_engine"]["host_visits"] == r["a_old_engine"]["decode_steps"] + r["a_old_engine"]["groups"]
+        assert r["b_new_engine"]["groups"] == 1 and r["bound_ms_per_step"] > 0
+    assert res["prefix_reuse"][0]["same_tokens"] and res["prefix_reuse"][0]["reuse"]["prefix_saved_tokens"] > 0
 
 
 def test_bad_prompts_are_refused_in_one_sentence() -> None:
@@ -212,7 +283,7 @@ def _simulate(plan: list, rows: list[list[int]]) -> list[list[int | None]]:
             continue
         for r in range(s.first, s.last):
             assert None not in have[r][:s.start] and all(x is None for x in have[r][s.start:s.end])
-            have[r][s.start:s.end] = rows[r][s.start:s.end]
+            have[r][s.start:s.end] = rows[r][s.start:s.end]  # a padded row's own positions end before s.end
     return have
 
 
@@ -226,20 +297,28 @@ def test_prefill_plan_gives_every_row_all_its_positions(seed: int) -> None:
         rows.append(stem[:rng.randint(0, len(stem))] + [rng.randint(1, 4) for _ in range(rng.randint(1, 12))])
     rows.sort(key=lambda r: (len(r), r))
     for min_shared in (None, 1, 3):
-        plan = prefill_plan(rows, min_shared)
-        assert _simulate(plan, rows) == rows
-        # Every row computes its last position itself (its hidden state gives the first new token).
-        assert all(any(isinstance(s, Fill) and s.first <= i < s.last and s.end == len(r) for s in plan)
-                   for i, r in enumerate(rows))
-        assert computed_tokens(plan) <= sum(map(len, rows))
-        if min_shared is None:
-            assert computed_tokens(plan) == sum(map(len, rows))
+        for pad_to in (None, 4):
+            plan = prefill_plan(rows, min_shared, pad_to)
+            assert _simulate(plan, rows) == rows
+            # Every row computes its last position itself (its hidden state gives the first new token).
+            assert all(any(isinstance(s, Fill) and s.first <= i < s.last and s.start < len(r) <= s.end for s in plan)
+                       for i, r in enumerate(rows))
+            assert computed_tokens(plan) + shared_tokens(plan) >= sum(map(len, rows))
+            if pad_to is None:
+                assert computed_tokens(plan) + shared_tokens(plan) == sum(map(len, rows))
+            if min_shared is None:
+                assert shared_tokens(plan) == 0
 
 
-def test_prefill_plan_batches_rows_of_equal_length() -> None:
+def test_prefill_plan_batches_rows_of_equal_or_close_length() -> None:
     rows = sorted(_rows([8, 8, 8, 12, 12]), key=lambda r: (len(r), r))
     assert prefill_plan(rows, None) == [Fill(0, 3, 0, 8), Fill(3, 5, 0, 12)]
     assert prefill_plan(rows, 4) == [Fill(0, 3, 0, 8), Fill(3, 5, 0, 12)]  # nothing shared
+    assert prefill_plan(rows, None, pad_to=2) == [Fill(0, 3, 0, 8), Fill(3, 5, 0, 12)]  # 12 - 8 > max(2, 8 // 8)
+    assert prefill_plan(rows, None, pad_to=8) == [Fill(0, 5, 0, 16)]  # 16 - 8 <= 8
+    long = sorted(_rows([1000, 1100, 1130, 1200]), key=len)
+    # 1100 pads to 1152, 152 past 1000 (more than 1000 // 8); 1130 and 1200 pad to at most 1216, within 1100 // 8.
+    assert prefill_plan(long, None, pad_to=64) == [Fill(0, 1, 0, 1024), Fill(1, 4, 0, 1216)]
 
 
 def test_decode_loop_equals_token_by_token_checks() -> None:
@@ -317,7 +396,7 @@ def test_ragged_batch_on_cuda_equals_each_row_alone() -> None:
     rows = _grid(1500, [100, 900, 900], needle) + _rows([333, 2000], seed=4)
     eng = Engine(model, prefill_chunk=512, stop_on_eos=False, prefix_min=64)
     got = eng.generate(rows, 24)
-    assert eng.last["prefix_saved_tokens"] > 2000
+    assert eng.last["prefix_saved_tokens"] == 2 * 100 + 1405  # all three share 100 tokens, the two at 900 all but one
     assert got == _alone(model, rows, 24, prefill_chunk=512, cuda_graphs="off")
 
 
@@ -327,28 +406,23 @@ def test_no_host_sync_between_visits(graphs: str, monkeypatch: pytest.MonkeyPatc
     """Between host visits the decoding steps only queue work on the GPU (a sync there raises)."""
     import longforge.inference.engine as engine_module
 
+    model = _cuda_model(torch.bfloat16)
+    eng = Engine(model, prefill_chunk=512, stop_on_eos=True, cuda_graphs=graphs)  # type: ignore[arg-type]
+    warm = eng.generate(_rows([300, 800], seed=2), 20)  # compiles, checks kernels and captures: syncs allowed
     real = engine_module.run_decode
+    checked: list[int] = []
 
     def strict(state, step, *args):  # noqa: ANN001, ANN002, ANN202
-        def checked() -> None:
+        def no_sync() -> None:
             torch.cuda.set_sync_debug_mode("error")
             try:
                 step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        first = [True]
-
-        def warm_then_checked() -> None:
-            if first[0] and graphs == "auto":  # the first step warms up and captures (kernel checks may sync)
-                first[0] = False
-                step()
-                return
-            checked()
-        return real(state, warm_then_checked, *args)
+            checked.append(1)
+        return real(state, no_sync, *args)
 
     monkeypatch.setattr(engine_module, "run_decode", strict)
-    model = _cuda_model(torch.bfloat16)
-    eng = Engine(model, prefill_chunk=512, stop_on_eos=True, cuda_graphs=graphs)  # type: ignore[arg-type]
-    eng.generate(_rows([300, 800], seed=2), 20)
-    eng.generate(_rows([300, 800], seed=3), 20)  # warm kernels: eager steps are checked from the first one
-    assert eng.last["decode_steps"] >= 1
+    again = eng.generate(_rows([300, 800], seed=2), 20)
+    assert again == warm and len(checked) == eng.last["decode_steps"] >= 1
+    assert eng.last["cuda_graph"] == (graphs == "auto")

@@ -31,9 +31,11 @@ from typing import Any, Literal, Protocol
 import torch
 
 from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
+from longforge.inference.fusion import decode_kernels, fused_decoding
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
-from longforge.inference.prefill import Share, computed_tokens, prefill_plan
+from longforge.inference.prefill import Fill, Share, Step, computed_tokens, prefill_plan, shared_tokens
 from longforge.model.attention import CONTEXT_ATTR, AttentionContext, attention_layers, bind_attention, context_of, register
+from longforge.model.fused import fused_available
 from longforge.model.loss import chunked_lm_loss
 
 PREFILL_CHUNK = 8192
@@ -48,6 +50,9 @@ SYNC_EVERY = 8
 # A prefix shared by several rows of a batch is computed once when at least this long (a shorter one is not worth
 # the separate forward passes it needs).
 PREFIX_MIN = 512
+# Rows of a batch are prefilled padded to a multiple of this (cuDNN builds an execution plan for each new length,
+# tens of milliseconds; RULER's prompts of one nominal length differ by up to a sixteenth).
+PAD_TO = 256
 # Summed over the groups of a batch that runs in groups of equal length (the rest of engine.last is the last group's).
 SUMMED = ("prefill_s", "decode_s", "decode_steps", "host_visits", "prompt_tokens", "prefill_tokens",
           "prefix_saved_tokens")
@@ -81,6 +86,30 @@ class _Graphed:
     store: DeviceKV
     state: DecodeState
     step: GraphStep
+
+
+@dataclass
+class _Batch:
+    """A batch's rows sorted by length and tokens (`order` maps them back), and what its prefill computes."""
+
+    rows: list[list[int]]
+    order: list[int]
+    plan: list[Step]
+
+    @classmethod
+    def sorted(cls, rows: list[list[int]], min_shared: int | None, pad_to: int | None) -> _Batch:
+        order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), rows[i]))
+        srt = [rows[i] for i in order]
+        return cls(srt, order, prefill_plan(srt, min_shared, pad_to))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.rows]
+
+    @property
+    def filled(self) -> int:
+        """Positions the prefill writes in the longest row (padding included)."""
+        return max(s.end for s in self.plan if isinstance(s, Fill))
 
 
 def supports_longforge_path(model: Any) -> bool:
@@ -140,7 +169,8 @@ class Engine:
     def __init__(self, model: Any, prefill_chunk: int = PREFILL_CHUNK, kv_cache: KVPlace = "auto",
                  attention: AttentionPath = "auto", stop_on_eos: bool = True, gpu_memory_gib: float | None = None,
                  ragged: bool = True, cuda_graphs: GraphMode = "auto", sync_every: int = SYNC_EVERY,
-                 prefix_reuse: bool = True, prefix_min: int = PREFIX_MIN):
+                 prefix_reuse: bool = True, prefix_min: int = PREFIX_MIN, pad_to: int | None = PAD_TO,
+                 fused: GraphMode = "auto"):
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1 (steps between host visits), not {sync_every}")
         if cuda_graphs not in ("auto", "off"):
@@ -160,6 +190,9 @@ class Engine:
         self.cuda_graphs: GraphMode = cuda_graphs
         self.sync_every = sync_every
         self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse else None
+        self.pad_to = pad_to if pad_to and pad_to > 1 else None
+        # Decoding steps with fused RMSNorm, RoPE and SwiGLU kernels (compiled; inference/fusion.py): CUDA only.
+        self.fused = fused == "auto" and fused_available(self.device)
         self.graph_failure: str | None = None  # why decoding runs eagerly after a failed capture (describe says it)
         self._graphed: _Graphed | None = None
         self.last: dict[str, Any] = {}  # timings and counts of the last generate call (benchmarks read them)
@@ -177,7 +210,7 @@ class Engine:
         return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv, "gpu_memory_gib": self.gpu_memory_gib,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "ragged": self.ragged, "sync_every": self.sync_every, "prefix_reuse": self.prefix_min,
-                "cuda_graphs": self._graphs_described()}
+                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "cuda_graphs": self._graphs_described()}
 
     def _graphs_described(self) -> str:
         if self.graph_failure is not None:
@@ -281,25 +314,27 @@ class Engine:
         """The whole batch at once when its cache fits on the device; else rows of equal length together."""
         note = "ragged batches are off (ragged=False)"
         if self.ragged:
-            capacity, width = self._shape(rows, max_new_tokens)
+            batch = _Batch.sorted(rows, self.prefix_min, self.pad_to)
+            capacity, width = self._shape(batch, max_new_tokens)
             key = (len(rows), capacity, width, tuple(sorted(self.stop_ids)), next(self.model.parameters()).data_ptr())
             if self._graphed is not None and self._graphed.key != key:
                 self.release()  # before sizing: its buffers would count as used memory
             n_layers = self.model.config.num_hidden_layers
             if self._graphed is not None or self._resident(capacity, len(rows)) == n_layers:
                 self.placement = {"kv_layers_on_gpu": n_layers, "kv_layers_in_host_memory": 0}
-                return self._generate_ragged(rows, max_new_tokens, stop, capacity, width, key)
+                return self._generate_ragged(batch, max_new_tokens, stop, capacity, width, key)
             note = "the batch's KV cache does not fit on the GPU: rows of equal length ran together, offloaded"
         self.release()
         return self._in_groups(rows, max_new_tokens, stop, self._generate_group, note)
 
-    def _shape(self, rows: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
+    def _shape(self, batch: _Batch, max_new_tokens: int) -> tuple[int, int]:
         """Cache capacity and token columns of a batch: exact, or with CUDA graphs rounded up (to within an eighth),
         so the batches of one length bucket share one captured graph."""
+        longest = max(batch.filled, max(batch.lengths) + max_new_tokens)
         if not self._graphs_wanted():
-            return max(len(r) for r in rows) + max_new_tokens, max_new_tokens
+            return longest, max_new_tokens
         width = max(16, 1 << (max_new_tokens - 1).bit_length())
-        need = max(len(r) for r in rows) + width
+        need = max(batch.filled, max(batch.lengths) + width)
         grain = max(256, 1 << max(0, need.bit_length() - 4))
         return -(-need // grain) * grain, width
 
@@ -322,52 +357,57 @@ class Engine:
             self.last["ragged_fallback"] = note
         return out
 
-    def _generate_ragged(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None, capacity: int,
+    def _generate_ragged(self, batch: _Batch, max_new_tokens: int, stop: Stop | None, capacity: int,
                          width: int, key: tuple[Any, ...]) -> list[list[int]]:
         """Every row in one cache: prefill (shared prefixes once), then decode all rows together."""
-        b = len(rows)
-        order = sorted(range(b), key=lambda i: (len(rows[i]), rows[i]))
-        srt = [rows[i] for i in order]
-        lengths = [len(r) for r in srt]
-        plan = prefill_plan(srt, self.prefix_min)
+        b = len(batch.rows)
         store, state, step = self._decoder(b, capacity, width, key)
-        ids = torch.zeros(b, max(lengths), dtype=torch.long)
-        for i, r in enumerate(srt):
+        ids = torch.zeros(b, batch.filled, dtype=torch.long)
+        for i, r in enumerate(batch.rows):
             ids[i, :len(r)] = torch.tensor(r)
         ids = ids.to(self.device)
-        head = self.model.get_output_embeddings()
         with self._attached(store):
             t0 = self._sync()
             first = torch.zeros(b, dtype=torch.long, device=self.device)
-            for s in plan:
+            for s in batch.plan:
                 if isinstance(s, Share):
                     store.share(s.source, s.targets, s.start, s.end)
-                    continue
-                h = None
-                for start in range(s.start, s.end, self.prefill_chunk):
-                    store.select(s.first, s.last, start)
-                    h = self._run_decoder(ids[s.first:s.last, start:min(start + self.prefill_chunk, s.end)], start, store)
-                assert h is not None
-                if s.end == lengths[s.first]:  # the rows' last positions: their first new tokens
-                    first[s.first:s.last] = head(h[:, -1]).argmax(-1)
-                del h
+                else:
+                    self._fill(s, ids, batch.lengths, store, first)
             t1 = self._sync()
-            store.decode(torch.tensor(lengths, device=self.device))
+            store.decode(torch.tensor(batch.lengths, device=self.device))
             state.start(first)
-            row_stop = None if stop is None else (lambda r, toks: stop(order[r], toks))
-            res = run_decode(state, step, max_new_tokens, row_stop, self.sync_every)
+            row_stop = None if stop is None else (lambda r, toks: stop(batch.order[r], toks))
+            with self._fused():
+                res = run_decode(state, step, max_new_tokens, row_stop, self.sync_every)
             t2 = self._sync()
         if isinstance(step, GraphStep) and step.failure is not None:
             self.graph_failure = step.failure
-        computed = computed_tokens(plan)
+        prompt = sum(batch.lengths)
         self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
-                     "batch": b, "prompt_tokens": sum(lengths), "prefill_tokens": computed,
-                     "prefix_saved_tokens": sum(lengths) - computed,
+                     "batch": b, "prompt_tokens": prompt, "prefill_tokens": computed_tokens(batch.plan),
+                     "prefix_saved_tokens": shared_tokens(batch.plan),
+                     "padding_tokens": computed_tokens(batch.plan) + shared_tokens(batch.plan) - prompt,
                      "cuda_graph": isinstance(step, GraphStep) and step.graph is not None, **self.placement}
-        out: list[list[int]] = [[] for _ in rows]
-        for pos, i in enumerate(order):
+        out: list[list[int]] = [[] for _ in batch.rows]
+        for pos, i in enumerate(batch.order):
             out[i] = res.rows[pos]
         return out
+
+    def _fill(self, s: Fill, ids: torch.Tensor, lengths: list[int], store: DeviceKV, first: torch.Tensor) -> None:
+        """Prefill one Fill chunk by chunk; a row whose last position falls in a chunk gets its first new token there
+        (a padded row's last position comes before the Fill's end)."""
+        head = self.model.get_output_embeddings()
+        rows = range(s.first, s.last)
+        for start in range(s.start, s.end, self.prefill_chunk):
+            stop = min(start + self.prefill_chunk, s.end)
+            store.select(s.first, s.last, start)
+            h = self._run_decoder(ids[s.first:s.last, start:stop], start, store)
+            ending = [r for r in rows if start < lengths[r] <= stop]
+            if ending:
+                at = torch.tensor([lengths[r] - 1 - start for r in ending], device=self.device)
+                pick = torch.tensor([r - s.first for r in ending], device=self.device)
+                first[torch.tensor(ending, device=self.device)] = head(h[pick, at]).argmax(-1)
 
     def _decoder(self, rows: int, capacity: int, width: int,
                  key: tuple[Any, ...]) -> tuple[DeviceKV, DecodeState, Callable[[], None]]:
@@ -399,6 +439,15 @@ class Engine:
             state.record(head(h[:, -1]).argmax(-1))
 
         return step
+
+    @contextlib.contextmanager
+    def _fused(self) -> Iterator[None]:
+        """Decoding steps with single-kernel RMSNorm, RoPE and SwiGLU (when fused), the model as it was after."""
+        if not self.fused:
+            yield
+            return
+        with fused_decoding(self.model, decode_kernels()):
+            yield
 
     def _generate_group(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
         """Equal-length prompts (B, L) with one length for the whole batch (the cache may be offloaded)."""

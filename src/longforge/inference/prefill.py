@@ -1,8 +1,10 @@
 """Which prompt positions the engine computes for a batch: each row's own tokens once, a prefix shared by several rows
 once for all of them.
 
-Rows are given sorted (by length, then tokens), so rows of equal length sit side by side and can be prefilled
-together. Prompts that share a prefix (the depths of a needle grid share the haystack up to the needle; RULER's
+Rows are given sorted (by length, then tokens), so rows of similar length sit side by side and can be prefilled
+together: padded at the end to one length (a multiple of `pad_to`), which is exact, since no real position attends
+to a later one, and the decoding steps overwrite the padding's keys and values or never read them; fewer distinct
+shapes also let cuDNN reuse its execution plans (it builds one for each new length). Prompts that share a prefix (the depths of a needle grid share the haystack up to the needle; RULER's
 essay tasks share their opening) form a tree of common prefixes: each prefix of at least `min_shared` tokens is
 computed once, in one row, and its keys and values are copied into the other rows that have it; every row then
 computes the rest of its tokens, always including its last one (whose hidden state gives its first new token).
@@ -18,7 +20,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Fill:
-    """Compute positions start..end of rows first..last-1 together; each already holds positions 0..start."""
+    """Compute positions start..end of rows first..last-1 together; each already holds positions 0..start.
+
+    A row shorter than `end` is padded: its own positions end earlier (the engine reads its last one where it is).
+    """
 
     first: int
     last: int
@@ -44,11 +49,13 @@ class Share:
 Step = Fill | Share
 
 
-def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None) -> list[Step]:
+def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None, pad_to: int | None = None) -> list[Step]:
     """Fills and copies, in order, after which every row holds the keys and values of all its positions.
 
-    `min_shared` None computes every row whole (rows of equal length together); otherwise a prefix of at least
-    `min_shared` tokens common to several rows is computed once. Each row's last position is always its own Fill.
+    `min_shared` None computes every row whole; otherwise a prefix of at least `min_shared` tokens common to several
+    rows is computed once. Each row's last position is always in a Fill of its own rows. `pad_to` None fills rows
+    of equal length together; else adjacent rows that start at the same position and whose lengths, rounded up to
+    a multiple of pad_to, differ by at most max(pad_to, an eighth of the shortest) are one padded Fill.
     """
     arrays = [np.asarray(r, dtype=np.int64) for r in rows]
     shared: list[Step] = []
@@ -91,21 +98,33 @@ def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None) -> list[
         leaves = [(i, 0) for i in range(len(rows))]
     elif rows:
         node(list(range(len(rows))), 0)
-    return shared + _fills(leaves, [len(r) for r in rows])
+    return shared + _fills(leaves, [len(r) for r in rows], pad_to)
 
 
-def _fills(leaves: list[tuple[int, int]], lengths: list[int]) -> list[Step]:
-    """Each row's own positions, rows with the same span and adjacent indices in one Fill."""
+def _fills(leaves: list[tuple[int, int]], lengths: list[int], pad_to: int | None) -> list[Step]:
+    """Each row's own positions; adjacent rows with the same start and an equal (or, padded, close) end in one Fill."""
+    def end(n: int) -> int:
+        return n if pad_to is None else -(-n // pad_to) * pad_to
+
     out: list[Step] = []
+    shortest = 0
     for row, start in sorted(leaves, key=lambda x: (x[1], lengths[x[0]], x[0])):
         last = out[-1] if out else None
-        if (isinstance(last, Fill) and last.last == row and last.start == start and last.end == lengths[row]):
-            out[-1] = Fill(last.first, row + 1, start, last.end)
-        else:
-            out.append(Fill(row, row + 1, start, lengths[row]))
+        if isinstance(last, Fill) and last.last == row and last.start == start:
+            slack = 0 if pad_to is None else max(pad_to, shortest // 8)
+            if end(lengths[row]) - shortest <= slack:
+                out[-1] = Fill(last.first, row + 1, start, max(last.end, end(lengths[row])))
+                continue
+        out.append(Fill(row, row + 1, start, end(lengths[row])))
+        shortest = lengths[row]
     return out
 
 
 def computed_tokens(plan: Sequence[Step]) -> int:
-    """Prompt positions the plan computes (the rest are copied)."""
+    """Positions the plan computes, padding included (the rest are copied)."""
     return sum(s.tokens for s in plan if isinstance(s, Fill))
+
+
+def shared_tokens(plan: Sequence[Step]) -> int:
+    """Prompt positions copied from a row that computed them instead of being computed again."""
+    return sum((s.end - s.start) * len(s.targets) for s in plan if isinstance(s, Share))

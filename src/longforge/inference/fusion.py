@@ -1,0 +1,74 @@
+"""Fewer kernels in a decoding step: the model's RMSNorms, RoPE and SwiGLU as single compiled kernels while it decodes.
+
+A decoding step computes one token per row, so its matrix products are small and most of its kernels are tiny
+elementwise ones: transformers' RMSNorm is about eight kernels, RoPE about ten, SwiGLU two, per layer; in a CUDA
+graph each still costs about 3 us, which for a 30-layer 135M model was most of a 4 ms step (benchmarks/
+eval_engine.py). model/fused.py's compiled functions (the same expressions) make each one kernel. The engine puts
+them in while it decodes (or captures the step) and takes them out after, so prefill, scoring and the model outside
+the engine are as they were; every row of a batch, and a row alone, decodes with the same kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from longforge.model.fused import ROPE_FUNCTION, Compiled, fuse_mlp, rope, silu_mul
+from longforge.model.memory import LEAN_NORM_CLASSES, rms_forward
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm (rms_forward without the inverse RMS a backward would keep)."""
+    return rms_forward(x, weight, eps)[0]
+
+
+class DecodeKernels:
+    """The compiled functions, made once per process and shared by every engine (compiling takes seconds)."""
+
+    def __init__(self, compiler: Callable[..., Any] | None = None):
+        self.norm = Compiled(rms_norm, compiler)
+        self.rope = Compiled(rope, compiler)
+        self.mlp = Compiled(silu_mul, compiler)
+
+
+_kernels: DecodeKernels | None = None
+
+
+def decode_kernels() -> DecodeKernels:
+    """The process's compiled decoding functions."""
+    global _kernels
+    if _kernels is None:
+        _kernels = DecodeKernels()
+    return _kernels
+
+
+@contextlib.contextmanager
+def fused_decoding(model: Any, kernels: DecodeKernels) -> Iterator[int]:
+    """Route the model's RMSNorms, RoPE and SiLU MLPs through `kernels` inside the block; yields how many modules
+    changed. Modules that already have a forward of their own (training's lean norms, fused MLPs) are left alone."""
+    patched: list[Any] = []
+    for module in model.modules():
+        if "forward" in vars(module):
+            continue
+        if type(module).__name__ in LEAN_NORM_CLASSES:
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+            module.forward = (lambda m, e: lambda x: kernels.norm(x, m.weight, e))(module, eps)
+            patched.append(module)
+        elif fuse_mlp(module, kernels.mlp):
+            patched.append(module)
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    modeling = sys.modules.get(type(layers[0].self_attn).__module__) if len(layers) else None
+    previous = getattr(modeling, ROPE_FUNCTION, None) if modeling is not None else None
+    if previous is not None:
+        setattr(modeling, ROPE_FUNCTION, kernels.rope)
+    try:
+        yield len(patched) + (previous is not None)
+    finally:
+        for module in patched:
+            del module.forward
+        if previous is not None:
+            setattr(modeling, ROPE_FUNCTION, previous)
