@@ -427,6 +427,9 @@ class InferenceSpec(Strict):
     gpu_memory_gib: float | None = Field(default=None, gt=0, description="GPU memory the engine may use with kv_cache "
                                          "'auto' (default: 90% of the GPU).")
     attention: Literal["auto", "longforge", "hf"] = Field(default="auto", description="'hf' uses transformers' cache and attention (any model).")
+    cuda_graphs: Literal["auto", "off"] = Field(
+        default="auto", description="'auto' captures the decoding step as a CUDA graph per batch shape and replays it "
+        "(eager if capture fails); 'off' decodes eagerly.")
     batch_tokens: int = Field(default=131072, gt=0, description="At most this many prompt tokens in one batch.")
 
 
