@@ -65,7 +65,7 @@ def make_engine(model: Any, spec: EvalSpec) -> Engine:
     """The generation engine with the recipe's inference settings."""
     inf = spec.inference
     return Engine(model, prefill_chunk=inf.prefill_chunk, kv_cache=inf.kv_cache, attention=inf.attention,
-                  gpu_memory_gib=inf.gpu_memory_gib)
+                  gpu_memory_gib=inf.gpu_memory_gib, cuda_graphs=inf.cuda_graphs)
 
 
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
