@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from longforge.inference import Engine  # noqa: E402
-from longforge.inference.engine import PREFIX_MIN  # noqa: E402
+from longforge.inference.engine import PAD_TO, PREFIX_MIN  # noqa: E402
 
 GIB = 2**30
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e, the datasheet's
@@ -173,7 +173,8 @@ def run_hf(model: Any, rows: list[list[int]], new: int, device: torch.device) ->
     assert out is not None
     decode = max(0.0, times[new] - times[1])
     return {"wall_s": times[new], "prefill_s": times[1], "decode_s": decode, "decode_steps": new - 1,
-            "decoded_tokens": len(rows) * (new - 1), "ms_per_step": 1e3 * decode / max(1, new - 1), "peak_gib": peak_gib(device),
+            "decoded_tokens": len(rows) * (new - 1), "ms_per_step": 1e3 * decode / max(1, new - 1),
+            "peak_gib": peak_gib(device),
             "tokens": out[:, width:].tolist()}
 
 
@@ -187,7 +188,7 @@ def summarise(res: dict[str, Any], rows: int, new: int, bound_s: float) -> dict[
 
 
 def bench_length(model: Any, shape: str, length: int, rows: int, new: int, old_rows: int, chunk: int,
-                 device: torch.device, prefix_min: int) -> dict[str, Any]:
+                 device: torch.device, prefix_min: int, pad_to: int) -> dict[str, Any]:
     """Modes (a), (b) twice and (c) on one batch of prompts of about `length` tokens."""
     batch = prompts_at(length, rows, model.config.vocab_size, seed=length)
     lengths = [len(r) for r in batch]
@@ -200,7 +201,7 @@ def bench_length(model: Any, shape: str, length: int, rows: int, new: int, old_r
                  prefix_reuse=False)
     a = run_engine(old, batch[:old_rows], new, device)  # one prompt at a time: its rate is the batch's
     row["a_old_engine"] = {**summarise(a, old_rows, new, old_bound), "rows_measured": old_rows}
-    new_engine = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=prefix_min)
+    new_engine = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=prefix_min, pad_to=pad_to)
     b1 = run_engine(new_engine, batch, new, device)
     b2 = run_engine(new_engine, batch, new, device)
     row["b_new_engine_first_call"] = summarise(b1, rows, new, bound)
@@ -209,7 +210,8 @@ def bench_length(model: Any, shape: str, length: int, rows: int, new: int, old_r
     row["b_rows_equal_to_a"] = sum(x == y for x, y in zip(b2["tokens"], a["tokens"]))
     row["b_calls_equal"] = b1["tokens"] == b2["tokens"]
     if new_engine.fused:  # the same without the fused RMSNorm, RoPE and SwiGLU kernels (second call: graph reused)
-        unfused = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=prefix_min, fused="off")
+        unfused = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=prefix_min, pad_to=pad_to,
+                         fused="off")
         run_engine(unfused, batch, new, device)
         row["b_new_engine_unfused"] = summarise(run_engine(unfused, batch, new, device), rows, new, bound)
         del unfused
@@ -230,13 +232,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def bench_prefix(model: Any, shape: str, length: int, depths: int, new: int, chunk: int,
-                 device: torch.device, prefix_min: int) -> dict[str, Any]:
+                 device: torch.device, prefix_min: int, pad_to: int) -> dict[str, Any]:
     """A grid's depths at one length: the new engine with and without prefix reuse (same tokens expected)."""
     batch = grid_prompts(length, depths, model.config.vocab_size, seed=7)
     out: dict[str, Any] = {"shape": shape, "length": length, "depths": depths}
     tokens = {}
     for reuse in (False, True, True):  # the second reuse run: warm
-        eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_reuse=reuse, prefix_min=prefix_min)
+        eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_reuse=reuse, prefix_min=prefix_min,
+                     pad_to=pad_to)
         res = run_engine(eng, batch, new, device)
         tokens[reuse] = res["tokens"]
         out["reuse" if reuse else "no_reuse"] = {k: res[k] for k in ("prefill_s", "prefill_tokens",
@@ -253,20 +256,23 @@ def main() -> None:
     ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
     ap.add_argument("--lengths", default="4096,8192,16384,32768")
     ap.add_argument("--new-tokens", type=int, default=64, help="Forced generation length.")
-    ap.add_argument("--batch-tokens", type=int, default=262144, help="Rows per batch: this many prompt tokens, at most --rows.")
+    ap.add_argument("--batch-tokens", type=int, default=262144,
+                    help="Rows per batch: this many prompt tokens, at most --rows.")
     ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--old-rows", type=int, default=4, help="Prompts the old engine runs (one at a time; its rate is the batch's).")
+    ap.add_argument("--old-rows", type=int, default=4,
+                    help="Prompts the old engine runs (one at a time; its rate is the batch's).")
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--budget-s", type=float, default=420, help="Skip what is left once this much time has passed.")
     args = ap.parse_args()
-    prefix_min = PREFIX_MIN
+    prefix_min, pad_to = PREFIX_MIN, PAD_TO
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add synchronisation
         device, dtype = torch.device("cpu"), torch.float32
-        shapes, lengths, new, chunk, prefix_min = ["tiny"], [64, 128], 6, 32, 8
+        shapes, lengths, new, chunk, prefix_min, pad_to = ["tiny"], [64, 128], 6, 32, 8, 8
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
-        shapes, lengths, new, chunk = args.shapes.split(","), [int(x) for x in args.lengths.split(",")], args.new_tokens, args.chunk
+        shapes, lengths = args.shapes.split(","), [int(x) for x in args.lengths.split(",")]
+        new, chunk = args.new_tokens, args.chunk
     start = time.perf_counter()
     import transformers
 
@@ -291,7 +297,7 @@ def main() -> None:
                 continue
             rows = 3 if args.smoke else max(1, min(args.rows, args.batch_tokens // length))
             old_rows = min(rows, 2 if args.smoke else args.old_rows)
-            row = bench_length(model, shape, length, rows, new, old_rows, chunk, device, prefix_min)
+            row = bench_length(model, shape, length, rows, new, old_rows, chunk, device, prefix_min, pad_to)
             row["elapsed_s"] = round(time.perf_counter() - start, 1)
             result["lengths"].append(row)
             print(json.dumps({k: row[k] for k in ("shape", "length", "rows", "bound_ms_per_step")}),
@@ -301,7 +307,7 @@ def main() -> None:
         grid_length = 96 if args.smoke else 16384
         if time.perf_counter() - start <= args.budget_s:
             result["prefix_reuse"].append(bench_prefix(model, shape, grid_length, 4 if args.smoke else 8, new,
-                                                       chunk, device, prefix_min))
+                                                       chunk, device, prefix_min, pad_to))
             print(json.dumps(result["prefix_reuse"][-1]), flush=True)
         else:
             result["skipped"].append(f"{shape} prefix reuse")

@@ -132,7 +132,9 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(one_thread) -> Non
         assert reuse.last["padding_tokens"] == 0
         padded = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=4, pad_to=16)
         assert padded.generate(rows, 8) == reuse.generate(rows, 8)
-        assert padded.last["prefix_saved_tokens"] == saved and padded.last["padding_tokens"] > 0
+        # Shared parts cut down to multiples of 16: the three deeper rows of the 60-token haystack share 16 tokens
+        # (2 copy them), the two same prompts 48 more; nothing else reaches 16 tokens.
+        assert padded.last["prefix_saved_tokens"] == 2 * 16 + 48 and padded.last["padding_tokens"] > 0
 
 
 def test_rows_of_close_lengths_prefill_together_padded(one_thread) -> None:  # noqa: ANN001
@@ -151,7 +153,7 @@ def test_rows_of_close_lengths_prefill_together_padded(one_thread) -> None:  # n
 def test_a_short_shared_prefix_is_not_worth_its_own_pass(one_thread) -> None:  # noqa: ANN001
     model = _model()
     rows = _grid(30, [3, 20], [50, 51])
-    eng = Engine(model, stop_on_eos=False, prefix_min=5)
+    eng = Engine(model, stop_on_eos=False, prefix_min=5, pad_to=None)
     eng.generate(rows, 3)
     assert eng.last["prefix_saved_tokens"] == 0  # 3 shared tokens < 5
     eng.prefix_min = 3
@@ -252,6 +254,14 @@ def test_the_benchmark_runs_on_cpu(tmp_path) -> None:  # noqa: ANN001
     assert res["prefix_reuse"][0]["same_tokens"] and res["prefix_reuse"][0]["reuse"]["prefix_saved_tokens"] > 0
 
 
+def test_the_eval_spec_turns_cuda_graphs_off() -> None:
+    from longforge.config import EvalSpec
+    from longforge.eval.run import make_engine
+
+    assert make_engine(_model(), EvalSpec()).cuda_graphs == "auto"
+    assert make_engine(_model(), EvalSpec(inference={"cuda_graphs": "off"})).cuda_graphs == "off"
+
+
 def test_bad_prompts_are_refused_in_one_sentence() -> None:
     eng = Engine(_model(), stop_on_eos=False)
     with pytest.raises(ValueError, match="has no tokens"):
@@ -306,6 +316,8 @@ def test_prefill_plan_gives_every_row_all_its_positions(seed: int) -> None:
             assert computed_tokens(plan) + shared_tokens(plan) >= sum(map(len, rows))
             if pad_to is None:
                 assert computed_tokens(plan) + shared_tokens(plan) == sum(map(len, rows))
+            else:
+                assert all(s.start % pad_to == 0 and s.end % pad_to == 0 for s in plan)
             if min_shared is None:
                 assert shared_tokens(plan) == 0
 

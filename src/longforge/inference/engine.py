@@ -69,7 +69,8 @@ def token_rows(prompts: Prompts) -> list[list[int]]:
     """Prompts as lists of token ids: rows of a (B, L) tensor, or token lists (or 1-D tensors) of any lengths."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2:
-            raise ValueError(f"prompts must be a (batch, length) tensor of token ids, not of shape {tuple(prompts.shape)}")
+            raise ValueError(f"prompts must be a (batch, length) tensor of token ids, not of shape "
+                             f"{tuple(prompts.shape)}")
         rows = prompts.tolist()
     else:
         rows = [r.tolist() if isinstance(r, torch.Tensor) else [int(t) for t in r] for r in prompts]
@@ -339,7 +340,8 @@ class Engine:
         return -(-need // grain) * grain, width
 
     def _in_groups(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None,
-                   run: Callable[[torch.Tensor, int, Stop | None], list[list[int]]], note: str | None = None) -> list[list[int]]:
+                   run: Callable[[torch.Tensor, int, Stop | None], list[list[int]]],
+                   note: str | None = None) -> list[list[int]]:
         """Run rows of equal length together through `run` (a (B, L) batch each); outputs in the rows' order."""
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
@@ -497,7 +499,8 @@ class Engine:
         t1 = self._sync()
 
         def step() -> None:
-            out = model(input_ids=state.current[:, None], use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
+            out = model(input_ids=state.current[:, None], use_cache=True, logits_to_keep=1,
+                        **{self.cache_kw: cache}).logits
             state.record(out[:, -1].argmax(-1))
 
         res = run_decode(state, step, max_new_tokens, stop, self.sync_every)

@@ -4,10 +4,11 @@ once for all of them.
 Rows are given sorted (by length, then tokens), so rows of similar length sit side by side and can be prefilled
 together: padded at the end to one length (a multiple of `pad_to`), which is exact, since no real position attends
 to a later one, and the decoding steps overwrite the padding's keys and values or never read them; fewer distinct
-shapes also let cuDNN reuse its execution plans (it builds one for each new length). Prompts that share a prefix (the depths of a needle grid share the haystack up to the needle; RULER's
-essay tasks share their opening) form a tree of common prefixes: each prefix of at least `min_shared` tokens is
-computed once, in one row, and its keys and values are copied into the other rows that have it; every row then
-computes the rest of its tokens, always including its last one (whose hidden state gives its first new token).
+shapes also let cuDNN reuse its execution plans (it builds one for each new length). Prompts that share a prefix
+(the depths of a needle grid share the haystack up to the needle; RULER's essay tasks share their opening) form a
+tree of common prefixes: each prefix of at least `min_shared` tokens is computed once, in one row, and its keys and
+values are copied into the other rows that have it; every row then computes the rest of its tokens, always
+including its last one (whose hidden state gives its first new token).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None, pad_to: 
     `min_shared` None computes every row whole; otherwise a prefix of at least `min_shared` tokens common to several
     rows is computed once. Each row's last position is always in a Fill of its own rows. `pad_to` None fills rows
     of equal length together; else adjacent rows that start at the same position and whose lengths, rounded up to
-    a multiple of pad_to, differ by at most max(pad_to, an eighth of the shortest) are one padded Fill.
+    a multiple of pad_to, differ by at most max(pad_to, an eighth of the shortest) are one padded Fill, and a shared
+    prefix is cut down to a multiple of pad_to (every Fill then starts and ends on one).
     """
     arrays = [np.asarray(r, dtype=np.int64) for r in rows]
     shared: list[Step] = []
@@ -76,10 +78,12 @@ def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None, pad_to: 
         for i in members[1:]:
             prefix = common(arrays[rep], arrays[i], start, prefix)
         base = start
-        if min_shared is not None and prefix - start >= max(min_shared, 1):
-            shared.append(Fill(rep, rep + 1, start, prefix))
-            shared.append(Share(rep, tuple(members[1:]), start, prefix))
-            base = prefix
+        # With padding every Fill starts and ends on a multiple of pad_to, so its shapes recur across batches.
+        cut = prefix if pad_to is None else prefix // pad_to * pad_to
+        if min_shared is not None and cut - start >= max(min_shared, 1):
+            shared.append(Fill(rep, rep + 1, start, cut))
+            shared.append(Share(rep, tuple(members[1:]), start, cut))
+            base = cut
         if prefix == limit:  # the shortest members end right after the common part; the others may share more
             ending = [i for i in members if len(arrays[i]) - 1 == limit]
             leaves.extend((i, base) for i in ending)
