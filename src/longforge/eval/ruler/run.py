@@ -18,6 +18,7 @@ from longforge.eval.ruler.generators import Resources, make_sample
 from longforge.eval.ruler.qa import load_hotpotqa, load_squad
 from longforge.eval.ruler.scoring import THRESHOLD, answer_done, score, summarize
 from longforge.eval.ruler.tasks import TASKS
+from longforge.eval.share import SINGLE, Share
 from longforge.eval.task import RETRIEVAL_TABLE, EvalTask, TaskRun
 from longforge.inference import as_engine
 from longforge.progress import say
@@ -124,8 +125,9 @@ def check_tasks(tasks: list[str], essays: Path | None, squad: Path | None, hotpo
 def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
               essays: Path | None = None, squad: Path | None = None, hotpotqa: Path | None = None,
               fmt: PromptFormat = PromptFormat(), batch_size: int = 8, batch_tokens: int = 131072,
-              label: str = "ruler", threshold: float = THRESHOLD, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """Generate and score every task at every length; returns every sample and the summary."""
+              label: str = "ruler", threshold: float = THRESHOLD, max_new_tokens: int | None = None,
+              share: Share = SINGLE) -> dict[str, Any]:
+    """Generate and score every task at every length (this process's share, under torchrun); returns every sample and the summary."""
     check_tasks(tasks, essays, squad, hotpotqa)
     engine = as_engine(model)
     lengths = sorted(lengths)
@@ -147,7 +149,7 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
             engine, tokenizer, prompts, min(TASKS[task].max_new_tokens, max_new_tokens or TASKS[task].max_new_tokens),
             lambda p, out, task=task: {"score": score(task, out, p.meta["answers"])},
             f"{label} {task}", batch_size, batch_tokens,
-            stop=lambda p, text, task=task: answer_done(task, text, p.meta["answers"]))
+            stop=lambda p, text, task=task: answer_done(task, text, p.meta["answers"]), share=share)
         all_samples += done
     haystacks = {t: haystack_of(t, res) for t in tasks}
     return {"task": "ruler", "tasks": tasks, "lengths": lengths, "samples_per_task": samples, "seed": seed,
@@ -167,7 +169,7 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     return run_ruler(job.engine, job.tokenizer, r.task_list(), lengths, r.samples, job.spec.seed, essays=r.essays,
                      squad=r.squad, hotpotqa=r.hotpotqa, fmt=job.fmt, batch_size=r.batch_size,
                      batch_tokens=job.batch_tokens, label=f"{job.label} ruler", threshold=r.threshold,
-                     max_new_tokens=r.max_new_tokens)
+                     max_new_tokens=r.max_new_tokens, share=job.share)
 
 
 def check_inputs(spec: EvalSpec) -> None:
