@@ -41,12 +41,12 @@ def ruler_answer(prompt: str, qa: dict[str, list[str]] | None = None) -> str:
         for k in keys:
             values += re.findall(rf"One of the special magic \w+ for {re.escape(k)} is: ([\w-]+)\.", context)
         return " " + ", ".join(values) + "."
-    m = re.search(r"assgined the value (\d+), they are: $", prompt)
+    m = re.search(r"assigned the value (\d+), they are: $", prompt)
     if m:
         context = _after_last(prompt, "Memorize and track the chain(s) of variable assignment hidden in the following text.")
-        chain = re.findall(rf"VAR (\w+) = {m.group(1)}\.", context)
+        chain = re.findall(rf"VAR (\w+) = {m.group(1)}\b", context)
         while True:
-            nxt = re.findall(rf"VAR (\w+) = VAR {chain[-1]}\.", context)
+            nxt = re.findall(rf"VAR (\w+) = VAR {chain[-1]}\b", context)
             if not nxt:
                 break
             chain += nxt

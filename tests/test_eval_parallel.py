@@ -45,7 +45,7 @@ def _longforge(processes: int, args: list[str]) -> None:
 def _eval_args(model_dir: Path, corpus_dir: Path, out: Path) -> list[str]:
     return ["eval", str(model_dir), "--out", str(out), "--device", "cpu", "--target-length", "256",
             "--tasks", "passkey,niah,ruler,ppl", "--lengths", "160,200,256", "--depths", "3", "--trials", "2",
-            "--ruler-tasks", "niah_single_1,niah_multikey_2,fwe", "--ruler-lengths", "300,400", "--samples", "3",
+            "--ruler-tasks", "niah_single_1,niah_multikey_2,fwe", "--ruler-lengths", "520,600", "--samples", "3",
             "--ppl-source", str(corpus_dir / "heldout.jsonl"), "--ppl-lengths", "64,256", "--ppl-stride", "48"]
 
 

@@ -677,6 +677,16 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: a gloo group still alive at exit can
+    abort a process (`terminate called without an active exception`) after its work is done."""
+    dist = sys.modules.get("torch.distributed")  # never imported for a command that did not use it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _out_arg(args: list[str]) -> str:
