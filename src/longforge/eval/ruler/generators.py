@@ -150,19 +150,16 @@ def _vt_parts(rng: np.random.Generator, n: int, chains: int, hops: int, letters:
     """Variable-tracking context (n noise paragraphs with the chains' statements, one per line), the value queried
     and the first chain's variables."""
     names = _var_names(rng, chains * (hops + 1), letters)
+    # Only the first chain's value is asked for; further chains are distractors with their own values. Drawn before
+    # the haystack, whose size the prompt fitting changes, so the question stays the same.
+    values = [_vt_value(rng) for _ in range(chains)]
     units = [NOISE_BLOCK] * n
-    value = ""
-    answers: list[str] = []
     for c in range(chains):
         chain = names[c * (hops + 1):(c + 1) * (hops + 1)]
-        # Only the first chain's value is asked for; further chains are distractors with their own values.
-        start = _vt_value(rng)
-        if c == 0:
-            value, answers = start, chain
         # RULER's statements: no full stop, and a space after each hop's right-hand side.
-        statements = [f"VAR {chain[0]} = {start}"] + [f"VAR {chain[i + 1]} = VAR {chain[i]} " for i in range(hops)]
+        statements = [f"VAR {chain[0]} = {values[c]}"] + [f"VAR {chain[i + 1]} = VAR {chain[i]} " for i in range(hops)]
         units, _ = insert_among(rng, units, statements)
-    return "\n".join(units), value, answers
+    return "\n".join(units), values[0], names[:hops + 1]
 
 
 def vt_sample(rng: np.random.Generator, n: int, p: dict[str, Any], res: Resources) -> RulerSample:
