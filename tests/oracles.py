@@ -41,12 +41,12 @@ def ruler_answer(prompt: str, qa: dict[str, list[str]] | None = None) -> str:
         for k in keys:
             values += re.findall(rf"One of the special magic \w+ for {re.escape(k)} is: ([\w-]+)\.", context)
         return " " + ", ".join(values) + "."
-    m = re.search(r"assgined the value (\d+), they are: $", prompt)
+    m = re.search(r"assigned the value (\d+), they are: $", prompt)
     if m:
         context = _after_last(prompt, "Memorize and track the chain(s) of variable assignment hidden in the following text.")
-        chain = re.findall(rf"VAR (\w+) = {m.group(1)}\.", context)
+        chain = re.findall(rf"VAR (\w+) = {m.group(1)}\b", context)
         while True:
-            nxt = re.findall(rf"VAR (\w+) = VAR {chain[-1]}\.", context)
+            nxt = re.findall(rf"VAR (\w+) = VAR {chain[-1]}\b", context)
             if not nxt:
                 break
             chain += nxt
@@ -67,13 +67,25 @@ def ruler_answer(prompt: str, qa: dict[str, list[str]] | None = None) -> str:
 
 
 class Oracle:
-    """A generator that answers every prompt correctly by reading it (and records how it was called)."""
+    """A generator that answers every prompt correctly by reading it (and records how it was called).
 
-    def __init__(self, tokenizer, answer: Callable[[str], str]):  # noqa: ANN001
+    It takes an equal-length batch (a tensor) and, when `ragged`, a list of token-id lists of any lengths; `batches`
+    records (rows, longest row) and `lengths` every batch's row lengths.
+    """
+
+    def __init__(self, tokenizer, answer: Callable[[str], str], ragged: bool = False):  # noqa: ANN001
         self.tok = tokenizer
         self.answer = answer
+        self.ragged = ragged
         self.batches: list[tuple[int, int]] = []
+        self.lengths: list[list[int]] = []
 
-    def generate(self, prompts: torch.Tensor, max_new_tokens: int, stop=None) -> list[list[int]]:  # noqa: ANN001
-        self.batches.append(tuple(prompts.shape))
-        return [list(self.tok(self.answer(self.tok.decode(row)), add_special_tokens=False)["input_ids"]) for row in prompts.tolist()]
+    def generate(self, prompts: torch.Tensor | list[list[int]], max_new_tokens: int, stop=None) -> list[list[int]]:  # noqa: ANN001
+        if isinstance(prompts, torch.Tensor):
+            rows = prompts.tolist()
+        else:
+            assert self.ragged, "a ragged batch was given to an engine that did not say it takes one"
+            rows = [list(r) for r in prompts]
+        self.batches.append((len(rows), max(len(r) for r in rows)))
+        self.lengths.append([len(r) for r in rows])
+        return [list(self.tok(self.answer(self.tok.decode(row)), add_special_tokens=False)["input_ids"]) for row in rows]

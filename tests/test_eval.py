@@ -272,7 +272,7 @@ def test_eval_stage_writes_every_task_and_compare_reads_them(model_dir: Path, co
     from longforge.cli import app
 
     base = ["--target-length", "256", "--lengths", "200,256", "--depths", "2", "--ruler-tasks", "niah_single_1,fwe",
-            "--ruler-lengths", "400", "--samples", "2", "--ppl-source", str(corpus_dir / "heldout.jsonl")]
+            "--ruler-lengths", "520", "--samples", "2", "--ppl-source", str(corpus_dir / "heldout.jsonl")]
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "a"), "--tasks", "passkey,niah,ruler,ppl", *base])
     assert res.exit_code == 0, res.output

@@ -92,5 +92,5 @@ def test_the_schema_names_the_ruler_tasks_the_generators_know() -> None:
     from longforge.eval.ruler import SYNTHETIC, TASKS
 
     assert list(get_args(RulerTask)) == list(TASKS)
-    assert RulerSpec().task_list() == SYNTHETIC
-    assert RulerSpec(squad=Path("s"), hotpotqa=Path("h")).task_list() == [*SYNTHETIC, "qa_1", "qa_2"]
+    assert RulerSpec(essays=Path("e")).task_list() == SYNTHETIC
+    assert RulerSpec(essays=Path("e"), squad=Path("s"), hotpotqa=Path("h")).task_list() == [*SYNTHETIC, "qa_1", "qa_2"]

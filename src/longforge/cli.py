@@ -574,9 +574,13 @@ def eval_cmd(
     info = rope_info(load_config(model_dir, trust_remote_code), original_length)
     target = target_length or info.max_position_embeddings
     # The eval stage of `longforge run`, as a one-stage plan: the same checks (inputs, prompt lengths) and run.
+    # Under torchrun every process runs it, each on its share of the prompts; the first one writes and prints.
     stage = EvalStage(ev, Checkpoint(model_dir), name, out)
-    summary = execute(RunPlan(base_model=model_dir, target_length=target, original_length=info.original_length,
-                              device=device, trust_remote_code=trust_remote_code, stages=[stage]))[stage.title]
+    plan = RunPlan(base_model=model_dir, target_length=target, original_length=info.original_length, device=device,
+                   trust_remote_code=trust_remote_code, stages=[stage])
+    summary = execute(plan)[stage.title]
+    if not plan.processes.is_main:
+        return
     for table in _eval_tables(name, summary):
         console.print(table)
     written = [f"{out}/{t}.json" for t in EVAL_TASKS if t in summary] + [f"{out}/summary.json"]
@@ -673,6 +677,16 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: a gloo group still alive at exit can
+    abort a process (`terminate called without an active exception`) after its work is done."""
+    dist = sys.modules.get("torch.distributed")  # never imported for a command that did not use it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _out_arg(args: list[str]) -> str:

@@ -4,7 +4,7 @@ and path handling live in longforge.recipe; the allowed names of variants come f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -346,6 +346,11 @@ AnyStageSpec = Annotated[Union[tuple(Annotated[spec, Tag(kind)] for kind, spec i
 LengthSpacing = Literal["log", "linear"]
 RulerTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
                     "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+# The RULER tasks that read one of the user's files, by the RulerSpec field naming it (eval/ruler/tasks.py says the
+# same in each task's `needs`; a test keeps the two equal).
+RULER_NEEDS: dict[str, tuple[str, ...]] = {
+    "essays": ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"),
+    "squad": ("qa_1",), "hotpotqa": ("qa_2",)}
 
 
 class PasskeySpec(Strict):
@@ -385,7 +390,7 @@ class NiahSpec(Strict):
 class RulerSpec(Strict):
     """RULER's tasks at several lengths, with per-task scores, their average and the effective length."""
 
-    tasks: list[RulerTask] | None = Field(default=None, description="Tasks to run; the 11 synthetic ones (+ qa_1/qa_2 when their files are given) when absent.")
+    tasks: list[RulerTask] | None = Field(default=None, description="Tasks to run; when absent, every task the given files allow: niah_single_1, niah_multikey_2/3, vt, cwe and fwe need none, the other niah tasks need essays, qa_1 SQuAD and qa_2 HotpotQA (the tasks left out are named).")
     lengths: Lengths | None = Field(default=None, description="Prompt lengths; 4K, 8K, ... up to target_length when absent.")
     samples: int = Field(default=25, gt=0, description="Samples per task and length (RULER uses 500).")
     essays: InputPath | None = Field(default=None, description="Essay haystack (text file/folder or JSONL) for niah_single_2/3, multikey_1, multivalue, multiquery.")
@@ -396,12 +401,18 @@ class RulerSpec(Strict):
     batch_size: int = Field(default=8, gt=0)
 
     def task_list(self) -> list[str]:
-        """The tasks to run: the given ones, or every synthetic task plus the QA tasks whose files are given."""
+        """The tasks to run: the given ones, or every task whose files are given (`left_out` names the others)."""
         if self.tasks:
             return list(dict.fromkeys(self.tasks))
-        synthetic = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-                     "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
-        return synthetic + (["qa_1"] if self.squad else []) + (["qa_2"] if self.hotpotqa else [])
+        missing = self.left_out()
+        return [t for t in get_args(RulerTask) if t not in missing]
+
+    def left_out(self) -> dict[str, str]:
+        """The tasks the default list leaves out, each with the field of the file it needs (none when tasks are given)."""
+        if self.tasks:
+            return {}
+        needs = {t: field for field, tasks in RULER_NEEDS.items() if getattr(self, field) is None for t in tasks}
+        return {t: needs[t] for t in get_args(RulerTask) if t in needs}
 
 
 class PplSpec(Strict):

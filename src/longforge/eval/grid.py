@@ -1,4 +1,5 @@
-"""What the generation tasks share: length spreads, batching prompts of equal token length, the lengths x depths summary."""
+"""What the generation tasks share: length spreads, batching prompts by length (spread over torchrun's processes), the
+lengths x depths summary."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from longforge.errors import LongforgeError
+from longforge.eval.share import SINGLE, Share
 from longforge.eval.task import Metric
 from longforge.progress import progress_bar
 
@@ -43,32 +45,67 @@ def batch_size_for(length: int, batch_size: int, batch_tokens: int) -> int:
     return max(1, min(batch_size, batch_tokens // max(length, 1)))
 
 
+def length_slack(shortest: int) -> int:
+    """How many tokens a ragged batch's longest prompt may exceed its shortest: about 5%, at least a few tokens."""
+    return max(4, shortest // 20)
+
+
+def batch_plan(lengths: Sequence[int], batch_size: int, batch_tokens: int, ragged: bool) -> list[list[int]]:
+    """Prompt indices in batches, shortest prompts first, each batch within batch_size and batch_tokens.
+
+    Equal-length engines get batches of prompts of exactly one length; a ragged engine (one that takes rows of
+    different lengths) gets prompts of similar length together: at most `length_slack` tokens apart.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if batches:
+            last = batches[-1]
+            first = lengths[last[0]]
+            fits = n == first or (ragged and n - first <= length_slack(first))
+            if fits and len(last) < batch_size_for(n, batch_size, batch_tokens):
+                last.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 def generate_all(engine: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int,
                  score: Callable[[Prompt, str], dict[str, Any]], label: str, batch_size: int = 8,
-                 batch_tokens: int = 131072, stop: Callable[[Prompt, str], bool] | None = None) -> list[dict[str, Any]]:
-    """Generate for every prompt (equal token lengths batched together) and score each output; returns samples in input order."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        groups[len(p.ids)].append(i)
-    outputs: dict[int, dict[str, Any]] = {}
-    with progress_bar() as bar:
-        task = bar.add_task(f"{label}: prompts", total=len(prompts))
-        for n in sorted(groups):
-            idx = groups[n]
-            step = batch_size_for(n, batch_size, batch_tokens)
-            for s in range(0, len(idx), step):
-                chunk = [prompts[i] for i in idx[s:s + step]]
-                x = torch.tensor([p.ids for p in chunk])
+                 batch_tokens: int = 131072, stop: Callable[[Prompt, str], bool] | None = None,
+                 share: Share = SINGLE) -> list[dict[str, Any]]:
+    """Generate for every prompt (batched by length, see batch_plan) and score each output; samples in input order.
+
+    Under torchrun (`share`) each process runs its share of the batches and every process gets every sample; a
+    batch is the same whichever process runs it, so the samples are those of one process.
+    """
+    ragged = bool(getattr(engine, "ragged", False))
+    batches = batch_plan([len(p.ids) for p in prompts], batch_size, batch_tokens, ragged)
+    # What a batch costs: the tokens it reads and at most writes (prefill and decoding).
+    mine = share.mine([sum(len(prompts[i].ids) + max_new_tokens for i in b) for b in batches])
+
+    def work() -> dict[int, dict[str, Any]]:
+        outputs: dict[int, dict[str, Any]] = {}
+        with progress_bar() as bar:
+            task = bar.add_task(f"{label}: prompts", total=sum(len(batches[b]) for b in mine))
+            for b in mine:
+                idx = batches[b]
+                chunk = [prompts[i] for i in idx]
+                x: Any = [list(p.ids) for p in chunk] if ragged else torch.tensor([p.ids for p in chunk])
 
                 def row_stop(row: int, toks: list[int], chunk: list[Prompt] = chunk) -> bool:
                     return stop(chunk[row], tokenizer.decode(toks, skip_special_tokens=True)) if stop else False
 
                 rows = engine.generate(x, max_new_tokens, stop=row_stop if stop else None)
-                for i, p, toks in zip(idx[s:s + step], chunk, rows):
+                for i, p, toks in zip(idx, chunk, rows):
                     out = tokenizer.decode(toks, skip_special_tokens=True)
                     outputs[i] = {"length": p.length, "prompt_tokens": len(p.ids), **p.meta, "output": out,
                                   "new_tokens": len(toks), **score(p, out)}
                 bar.update(task, advance=len(chunk))
+        return outputs
+
+    outputs = share.collect(work)
     return [outputs[i] for i in range(len(prompts))]
 
 

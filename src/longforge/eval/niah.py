@@ -19,6 +19,7 @@ from longforge.eval.grid import (Prompt, depth_values, generate_all, grid_by_len
                                  shortest_prompt, summarize_grid)
 from longforge.eval.metrics import rouge1, rouge_tokens
 from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, depth_of, fit_count, insert_at_depths, noise_sentences, prompt_hash
+from longforge.eval.share import SINGLE, Share
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -113,7 +114,7 @@ def answer_done(text: str) -> bool:
 def run_niah(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials: int, seed: int,
              haystack: Path | None = None, needle: Needle = Needle(), batch_size: int = 8, label: str = "niah",
              fmt: PromptFormat = PromptFormat(), batch_tokens: int = 131072,
-             max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+             max_new_tokens: int = MAX_NEW_TOKENS, share: Share = SINGLE) -> dict[str, Any]:
     """Generate and score the NIAH grid; returns every sample and the summary (mean ROUGE-1 F1 per cell)."""
     engine = as_engine(model)
     lengths = sorted(lengths)
@@ -121,7 +122,7 @@ def run_niah(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials
     hay = TextHaystack.load(haystack, max_words=4 * max(lengths) + 1000) if haystack is not None else None
     prompts = build_niah(tokenizer, lengths, depth_list, trials, needle, hay, fmt, seed)
     samples = generate_all(engine, tokenizer, prompts, max_new_tokens, lambda p, out: score_answer(needle, out), label,
-                           batch_size, batch_tokens, stop=lambda p, text: answer_done(text))
+                           batch_size, batch_tokens, stop=lambda p, text: answer_done(text), share=share)
     summary = summarize_grid(samples, lengths, depth_list, "rouge1_f1")
     summary["exact"] = float(np.mean([s["exact"] for s in samples]))
     return {"task": "niah", "lengths": lengths, "depths": depth_list, "trials": trials, "seed": seed,
@@ -146,7 +147,8 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     assert nh is not None
     return run_niah(job.engine, job.tokenizer, grid_lengths(nh, job.original_length, job.target_length), nh.depths,
                     nh.trials, job.spec.seed, haystack=nh.haystack, needle=_needle(job.spec), batch_size=nh.batch_size,
-                    label=f"{job.label} niah", fmt=job.fmt, batch_tokens=job.batch_tokens, max_new_tokens=nh.max_new_tokens)
+                    label=f"{job.label} niah", fmt=job.fmt, batch_tokens=job.batch_tokens, max_new_tokens=nh.max_new_tokens,
+                    share=job.share)
 
 
 def check_prompts(spec: EvalSpec, tokenizer: Any, original_length: int, target_length: int) -> None:

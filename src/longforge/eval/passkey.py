@@ -16,6 +16,7 @@ from longforge.eval.grid import (Prompt, depth_values, generate_all, grid_by_len
                                  shortest_prompt, spread_lengths, summarize_grid)
 from longforge.eval.metrics import answer_complete_integer, first_integer
 from longforge.eval.prompts import NOISE_SENTENCES, PromptFormat, TextHaystack, fit_count, prompt_hash
+from longforge.eval.share import SINGLE, Share
 from longforge.eval.task import EvalTask, TaskRun
 
 FILLER = NOISE_SENTENCES
@@ -111,8 +112,8 @@ def summarize(samples: list[dict[str, Any]], lengths: list[int], depths: list[fl
 @torch.no_grad()
 def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, trials: int, seed: int,
                 batch_size: int = 8, label: str = "passkey", fmt: PromptFormat = PLAIN,
-                batch_tokens: int = 131072, haystack: Path | None = None) -> dict[str, Any]:
-    """Generate and score the whole grid; returns every sample and the summary."""
+                batch_tokens: int = 131072, haystack: Path | None = None, share: Share = SINGLE) -> dict[str, Any]:
+    """Generate and score the whole grid (this process's share of it, under torchrun); returns every sample and the summary."""
     engine = as_engine(model)
     depth_list = depth_values(depths)
     lengths = sorted(lengths)
@@ -127,7 +128,7 @@ def run_passkey(model: Any, tokenizer: Any, lengths: list[int], depths: int, tri
         return {"answer": got, "correct": got == p.meta["key"], "score": float(got == p.meta["key"])}
 
     samples = generate_all(engine, tokenizer, prompts, MAX_NEW_TOKENS, score, label, batch_size, batch_tokens,
-                           stop=lambda p, text: answer_complete_integer(text))
+                           stop=lambda p, text: answer_complete_integer(text), share=share)
     return {"task": "passkey", "lengths": lengths, "depths": depth_list, "trials": trials, "seed": seed,
             "haystack": "noise" if hay is None else hay.describe(),
             "format": {"chat_template": fmt.chat_template}, "engine": _describe(engine),
@@ -147,7 +148,7 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     assert pk is not None
     return run_passkey(job.engine, job.tokenizer, grid_lengths(pk, job.original_length, job.target_length), pk.depths,
                        pk.trials, job.spec.seed, pk.batch_size, label=f"{job.label} passkey", fmt=job.fmt,
-                       batch_tokens=job.batch_tokens, haystack=pk.haystack)
+                       batch_tokens=job.batch_tokens, haystack=pk.haystack, share=job.share)
 
 
 def check_prompts(spec: EvalSpec, tokenizer: Any, original_length: int, target_length: int) -> None:

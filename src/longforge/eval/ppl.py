@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from longforge.config import EvalSpec, SourceSpec
 from longforge.data.sources import Rejects, iter_documents
 from longforge.errors import LongforgeError
+from longforge.eval.share import SINGLE, Share
 from longforge.eval.task import EvalTask, Metric, Results, TaskRun
 from longforge.inference import as_engine
 from longforge.progress import progress_bar
@@ -34,43 +36,74 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
         begin += stride
 
 
+@dataclass(frozen=True)
+class Window:
+    """One scored window: the length it counts toward, its document, its token span and how many targets it scores."""
+
+    length: int
+    doc: int
+    begin: int
+    end: int
+    new: int | None  # score only the last `new` targets (None: every target of the window)
+
+
+def ppl_windows(docs: list[list[int]], lengths: list[int], num_docs: int, stride: int | None) -> tuple[list[Window], dict[int, int]]:
+    """Every window the perplexity curve scores, in order, and how many documents each length uses (see run_ppl)."""
+    windows: list[Window] = []
+    used: dict[int, int] = {}
+    span = max(lengths)
+    for L in lengths:
+        if stride is None:
+            pool = [i for i, d in enumerate(docs) if len(d) >= L][:num_docs]
+            windows += [Window(L, i, 0, L, None) for i in pool]
+        else:
+            pool = [i for i, d in enumerate(docs[:num_docs]) if len(d) >= 2]
+            for i in pool:
+                windows += [Window(L, i, b, e, new) for b, e, new in sliding_windows(min(len(docs[i]), span), L, min(stride, L))]
+        used[L] = len(pool)
+    return windows, used
+
+
 @torch.no_grad()
 def run_ppl(model: Any, docs: list[list[int]], lengths: list[int], num_docs: int, label: str = "ppl",
-            stride: int | None = None) -> dict[str, Any]:
+            stride: int | None = None, share: Share = SINGLE) -> dict[str, Any]:
     """Perplexity at each length.
 
     Without a stride: the first `num_docs` documents at least L tokens long, truncated at L, one window each
     (YaRN/PoSE's protocol). With a stride: the same tokens at every length (the first max(lengths) tokens of
     the `num_docs` longest documents), scored by windows of at most L tokens moving by the stride, so the
-    curve isolates the effect of the context length.
+    curve isolates the effect of the context length. Under torchrun (`share`) each process scores its share of
+    the windows; the sums are taken in window order on every process, as one process takes them.
     """
     engine = as_engine(model)
     lengths = sorted(lengths)
+    windows, used = ppl_windows(docs, lengths, num_docs, stride)
+    mine = share.mine([w.end - w.begin for w in windows])
+
+    def work() -> dict[int, tuple[float, int]]:
+        out: dict[int, tuple[float, int]] = {}
+        with progress_bar() as bar:
+            task = bar.add_task(f"{label}: windows", total=len(mine))
+            for k in mine:
+                w = windows[k]
+                ids = torch.tensor([docs[w.doc][w.begin:w.end]])
+                out[k] = engine.window_nll(ids) if w.new is None else engine.window_nll(ids, score_last=w.new)
+                bar.update(task, advance=1)
+        return out
+
+    scored = share.collect(work)
     rows = []
-    span = max(lengths)
-    with progress_bar() as bar:
-        task = bar.add_task(f"{label}: lengths", total=len(lengths))
-        for L in lengths:
-            if stride is None:
-                pool = [d[:L] for d in docs if len(d) >= L][:num_docs]
-            else:
-                pool = [d[:span] for d in docs[:num_docs] if len(d) >= 2]
-            nll, n = 0.0, 0
-            for d in pool:
-                ids = torch.tensor([d])
-                if stride is None:
-                    a, b = engine.window_nll(ids)
-                    nll, n = nll + a, n + b
-                    continue
-                for begin, end, new in sliding_windows(len(d), L, min(stride, L)):
-                    a, b = engine.window_nll(ids[:, begin:end], score_last=new)
-                    nll, n = nll + a, n + b
-            row: dict[str, Any] = {"length": L, "documents": len(pool), "tokens": n,
-                                   "nll": nll / n if n else None, "ppl": math.exp(nll / n) if n else None}
-            if stride is not None:
-                row["stride"] = min(stride, L)
-            rows.append(row)
-            bar.update(task, advance=1)
+    for L in lengths:
+        nll, n = 0.0, 0
+        for k, w in enumerate(windows):
+            if w.length == L:
+                a, b = scored[k]
+                nll, n = nll + a, n + b
+        row: dict[str, Any] = {"length": L, "documents": used[L], "tokens": n,
+                               "nll": nll / n if n else None, "ppl": math.exp(nll / n) if n else None}
+        if stride is not None:
+            row["stride"] = min(stride, L)
+        rows.append(row)
     if all(r["documents"] == 0 for r in rows):
         raise LongforgeError(f"no perplexity document reaches even {min(lengths)} tokens; give longer documents or shorter lengths.")
     return {"task": "ppl", "lengths": lengths, "stride": stride, "rows": rows,
@@ -109,7 +142,7 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     assert pp is not None
     docs = load_ppl_docs(job.spec, job.tokenizer)
     lengths = ppl_lengths(pp.lengths, job.original_length, job.target_length)
-    return run_ppl(job.engine, docs, lengths, pp.num_docs, label=f"{job.label} ppl", stride=pp.stride)
+    return run_ppl(job.engine, docs, lengths, pp.num_docs, label=f"{job.label} ppl", stride=pp.stride, share=job.share)
 
 
 def _by_model(evals: dict[str, Results]) -> tuple[list[str], list[dict[str, float]]]:

@@ -14,6 +14,7 @@ import torch
 from longforge.config import EvalSpec
 from longforge.errors import LongforgeError
 from longforge.eval.registry import enabled
+from longforge.eval.share import SINGLE, Share
 from longforge.eval.task import TaskRun
 from longforge.files import atomic_write_text, writing
 from longforge.hf import load_model, load_tokenizer
@@ -69,18 +70,23 @@ def make_engine(model: Any, spec: EvalSpec) -> Engine:
 
 
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
-             device: torch.device, label: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json."""
+             device: torch.device, label: str, trust_remote_code: bool = False, share: Share = SINGLE) -> dict[str, Any]:
+    """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json.
+
+    Under torchrun every process calls this with its `share` (and its own device): each runs its share of every
+    task's prompts, every process returns the same summary, and only the first process writes.
+    """
     check_inputs(spec)
     tok = load_tokenizer(model_dir, trust_remote_code)
     check_prompts(spec, tok, original_length, target_length)
     out = Path(out)
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
+    if share.main:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, device, dtype, trust_remote_code)
     engine = make_engine(model, spec)
-    job = TaskRun(engine, tok, spec, original_length, target_length, label)
+    job = TaskRun(engine, tok, spec, original_length, target_length, label, share)
     summary: dict[str, Any] = {"model": str(model_dir), "label": label, "original_length": original_length,
                                "target_length": target_length}
     t0 = time.time()
@@ -88,13 +94,17 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
     for task in enabled(spec):
         t = time.time()
         res = task.run(job)
-        _write(out / f"{task.name}.json", res)
+        if share.main:
+            _write(out / f"{task.name}.json", res)
         summary[task.name] = task.summary(res)
         seconds[task.name] = round(time.time() - t, 2)
     summary["engine"] = engine.describe()
     summary["task_seconds"] = seconds
     summary["seconds"] = round(time.time() - t0, 2)
-    _write(out / "summary.json", summary)
+    if share.world > 1:
+        summary["processes"] = share.world
+    if share.main:
+        _write(out / "summary.json", summary)
     return summary
 
 

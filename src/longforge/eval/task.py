@@ -17,6 +17,7 @@ from typing import Any
 
 from longforge.config import EvalSpec
 from longforge.eval.prompts import PromptFormat
+from longforge.eval.share import SINGLE, Share
 
 # The terminal table of `longforge report` that NIAH and RULER share.
 RETRIEVAL_TABLE = "needle in a haystack (ROUGE-1 F1) and RULER"
@@ -26,7 +27,8 @@ Columns = tuple[list[str], list[list[str]]]  # a header and one row of cells per
 
 @dataclass(frozen=True)
 class TaskRun:
-    """What a task runs with: the model's generation engine and tokenizer, the eval spec, the stage's lengths."""
+    """What a task runs with: the model's generation engine and tokenizer, the eval spec, the stage's lengths, and
+    this process's share of the work under torchrun."""
 
     engine: Any
     tokenizer: Any
@@ -34,6 +36,7 @@ class TaskRun:
     original_length: int
     target_length: int
     label: str
+    share: Share = SINGLE
 
     @property
     def fmt(self) -> PromptFormat:

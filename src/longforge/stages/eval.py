@@ -1,7 +1,8 @@
 """The eval stage: one model's tasks (passkey, NIAH, RULER, perplexity) at lengths up to the target.
 
 Entry: `EvalStage.run` (longforge.eval.run.evaluate); `longforge run` builds one per `eval.models` entry (base, final).
-Writes eval/<model>/: <task>.json for each task and summary.json.
+Writes eval/<model>/: <task>.json for each task and summary.json. Under torchrun every process evaluates its share of
+the prompts on its own device (LOCAL_RANK's GPU); the first process writes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class EvalStage(Stage):
     """Evaluate `model` with the recipe's `eval` section; `label` names it in the results and the report."""
 
     kind: ClassVar[str] = "eval"
+    all_ranks: ClassVar[bool] = True  # the prompts are spread over every process (longforge.eval.share)
     spec: Any  # EvalSpec
     model: Checkpoint
     label: str
@@ -47,10 +49,13 @@ class EvalStage(Stage):
 
     def run(self, plan: RunPlan) -> dict[str, Any]:
         from longforge.eval.run import evaluate
+        from longforge.eval.share import Share
 
         assert plan.original_length is not None and plan.target_length is not None
+        processes = plan.processes  # torchrun's processes (joined once), or this one alone
+        device = processes.device if processes.distributed else plan.torch_device
         return evaluate(self.model.path, self.spec, self.folder, plan.original_length, plan.target_length,
-                        plan.torch_device, self.label, plan.trust_remote_code)
+                        device, self.label, plan.trust_remote_code, Share.of(processes))
 
 
 KIND = StageKind("eval", EvalStage, "eval/<model>", "one model's evaluation tasks")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,29 +12,38 @@ from longforge.errors import LongforgeError
 
 @dataclass
 class QAData:
-    """Paragraphs and questions of a QA set; each question names its gold paragraphs."""
+    """Paragraphs and questions of a QA set; each question names its gold paragraphs and, for SQuAD, the other
+    paragraphs of its article (RULER's first distractors; empty when the set has none)."""
 
     name: str
     docs: list[str]
     questions: list[tuple[str, list[str], list[int]]]
+    related: list[list[int]] = field(default_factory=list)
 
 
 def load_squad(path: Path) -> QAData:
     """SQuAD (v1 or v2 JSON): every paragraph is a document; answerable questions with their paragraph as gold."""
     data = _read_json(path, "SQuAD")
+    index: dict[str, int] = {}  # a paragraph's text -> its document (a repeated paragraph is one document, as RULER)
     docs: list[str] = []
     questions: list[tuple[str, list[str], list[int]]] = []
+    related: list[list[int]] = []
     try:
         for article in data["data"]:
             for para in article["paragraphs"]:
-                docs.append(para["context"])
+                if para["context"] not in index:
+                    index[para["context"]] = len(docs)
+                    docs.append(para["context"])
+            article_docs = [index[p["context"]] for p in article["paragraphs"]]
+            for para, doc in zip(article["paragraphs"], article_docs):
                 for qa in para["qas"]:
                     answers = [a["text"] for a in qa.get("answers", [])]
                     if answers and not qa.get("is_impossible", False):
-                        questions.append((qa["question"], list(dict.fromkeys(answers)), [len(docs) - 1]))
+                        questions.append((qa["question"], list(dict.fromkeys(answers)), [doc]))
+                        related.append([d for d in dict.fromkeys(article_docs) if d != doc])
     except (KeyError, TypeError):
         raise LongforgeError(f"{path} is not in SQuAD's format (data -> paragraphs -> context, qas); pass the official dev JSON.") from None
-    return _check_qa(QAData("SQuAD", docs, questions), path)
+    return _check_qa(QAData("SQuAD", docs, questions, related), path)
 
 
 def load_hotpotqa(path: Path) -> QAData:

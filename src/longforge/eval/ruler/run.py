@@ -18,6 +18,7 @@ from longforge.eval.ruler.generators import Resources, make_sample
 from longforge.eval.ruler.qa import load_hotpotqa, load_squad
 from longforge.eval.ruler.scoring import THRESHOLD, answer_done, score, summarize
 from longforge.eval.ruler.tasks import TASKS
+from longforge.eval.share import SINGLE, Share
 from longforge.eval.task import RETRIEVAL_TABLE, EvalTask, TaskRun
 from longforge.inference import as_engine
 from longforge.progress import say
@@ -37,12 +38,16 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
                fmt: PromptFormat) -> tuple[list[Prompt], dict[str, str]]:
     """Every prompt of one task, each sample fitted to its length (haystack size searched with the tokenizer).
 
-    Returns the prompts and, per length where even an empty haystack does not fit, why it was skipped.
+    As in RULER, the prompt and the task's answer budget (its tokens to generate) fit the length together, so a
+    model answers within the length it is tested at. Returns the prompts and, per length where even an empty
+    haystack does not fit, why it was skipped.
     """
     prompts: list[Prompt] = []
     skipped: dict[str, str] = {}
     guess = None
+    budget = TASKS[task].max_new_tokens
     for length in sorted(lengths):
+        room = length - budget  # the prompt's tokens at most
 
         def tokens(i: int, length: int = length) -> Callable[[int], int]:
             def count(n: int) -> int:
@@ -53,25 +58,26 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
         upper = max_units(task, res)
         i = 0  # the sample being fitted; every length keeps the same samples, so one that cannot fit skips it
         try:
-            n0 = fit_count(tokens(0), length, f"RULER {task} prompt", guess=guess or max(1, length // 16), upper=upper)
+            n0 = fit_count(tokens(0), room, f"RULER {task} prompt", guess=guess or max(1, room // 16), upper=upper)
             at_length: list[Prompt] = []
             for i in range(samples):
                 n = n0
                 s = make_sample(task, n, seed, length, i, res)
                 text = fmt.render(tokenizer, s.user, s.answer_prefix)
                 ids = fmt.encode(tokenizer, text)
-                if len(ids) > length or len(ids) < 0.99 * length:
+                if len(ids) > room or len(ids) < 0.99 * room:
                     # This sample's needles or words tokenize differently: search its own size.
-                    n = fit_count(tokens(i), length, f"RULER {task} prompt", guess=n0, upper=upper)
+                    n = fit_count(tokens(i), room, f"RULER {task} prompt", guess=n0, upper=upper)
                     s = make_sample(task, n, seed, length, i, res)
                     text = fmt.render(tokenizer, s.user, s.answer_prefix)
                     ids = fmt.encode(tokenizer, text)
-                if upper is not None and n == upper and len(ids) < 0.9 * length:
+                if upper is not None and n == upper and len(ids) < 0.9 * room:
                     raise LongforgeError(f"RULER {task}: the QA file has too few paragraphs to fill {length} tokens; give a larger file or shorter lengths.")
                 at_length.append(Prompt(length, ids, text, {"task": task, "index": i, "units": n, "answers": s.answers,
                                                              "prompt_sha1": prompt_hash(text), **s.meta}))
         except PromptTooLong as e:
-            skipped[str(length)] = f"needs at least {e.minimum} tokens" + (f" (sample {i})" if i else "")
+            skipped[str(length)] = (f"needs at least {e.minimum + budget} tokens ({e.minimum} of prompt, {budget} of answer)"
+                                    + (f" (sample {i})" if i else ""))
             continue
         prompts += at_length
         guess = int(n0 * 2)
@@ -124,8 +130,9 @@ def check_tasks(tasks: list[str], essays: Path | None, squad: Path | None, hotpo
 def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], samples: int, seed: int,
               essays: Path | None = None, squad: Path | None = None, hotpotqa: Path | None = None,
               fmt: PromptFormat = PromptFormat(), batch_size: int = 8, batch_tokens: int = 131072,
-              label: str = "ruler", threshold: float = THRESHOLD, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """Generate and score every task at every length; returns every sample and the summary."""
+              label: str = "ruler", threshold: float = THRESHOLD, max_new_tokens: int | None = None,
+              share: Share = SINGLE) -> dict[str, Any]:
+    """Generate and score every task at every length (this process's share, under torchrun); returns every sample and the summary."""
     check_tasks(tasks, essays, squad, hotpotqa)
     engine = as_engine(model)
     lengths = sorted(lengths)
@@ -147,7 +154,7 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
             engine, tokenizer, prompts, min(TASKS[task].max_new_tokens, max_new_tokens or TASKS[task].max_new_tokens),
             lambda p, out, task=task: {"score": score(task, out, p.meta["answers"])},
             f"{label} {task}", batch_size, batch_tokens,
-            stop=lambda p, text, task=task: answer_done(task, text, p.meta["answers"]))
+            stop=lambda p, text, task=task: answer_done(task, text, p.meta["answers"]), share=share)
         all_samples += done
     haystacks = {t: haystack_of(t, res) for t in tasks}
     return {"task": "ruler", "tasks": tasks, "lengths": lengths, "samples_per_task": samples, "seed": seed,
@@ -159,15 +166,34 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
 # ---- how the eval stage runs the task and how its results are read (the registry's entry)
 
 
+# The user files RULER tasks read: what each is, and the recipe key and flag that give it.
+FILES = {"essays": ("essays", "eval.ruler.essays", "--essays"), "squad": ("SQuAD", "eval.ruler.squad", "--squad"),
+         "hotpotqa": ("HotpotQA", "eval.ruler.hotpotqa", "--hotpotqa")}
+
+
+def left_out_line(left_out: dict[str, str]) -> str:
+    """One line naming the tasks the default list left out and the files they need."""
+    needs = " / ".join(f"{FILES[n][0]} (`{FILES[n][1]}`, {FILES[n][2]})" for n in dict.fromkeys(left_out.values()))
+    return f"RULER: left out {', '.join(left_out)}: {'it needs' if len(left_out) == 1 else 'they need'} {needs}"
+
+
 def run_task(job: TaskRun) -> dict[str, Any]:
-    """The eval spec's RULER tasks at its lengths (4K doubling to the target when none are given) on one model."""
+    """The eval spec's RULER tasks at its lengths (4K doubling to the target when none are given) on one model.
+
+    Without a task list, the tasks whose files were not given are left out, and the output says so in one line.
+    """
     r = job.spec.ruler
     assert r is not None
     lengths = sorted(r.lengths) if r.lengths else ruler_lengths(job.target_length)
-    return run_ruler(job.engine, job.tokenizer, r.task_list(), lengths, r.samples, job.spec.seed, essays=r.essays,
-                     squad=r.squad, hotpotqa=r.hotpotqa, fmt=job.fmt, batch_size=r.batch_size,
-                     batch_tokens=job.batch_tokens, label=f"{job.label} ruler", threshold=r.threshold,
-                     max_new_tokens=r.max_new_tokens)
+    left_out = r.left_out()
+    if left_out:
+        say(f"  [yellow]{job.label} {left_out_line(left_out)}[/]")
+    res = run_ruler(job.engine, job.tokenizer, r.task_list(), lengths, r.samples, job.spec.seed, essays=r.essays,
+                    squad=r.squad, hotpotqa=r.hotpotqa, fmt=job.fmt, batch_size=r.batch_size,
+                    batch_tokens=job.batch_tokens, label=f"{job.label} ruler", threshold=r.threshold,
+                    max_new_tokens=r.max_new_tokens, share=job.share)
+    res["left_out"] = res["summary"]["left_out"] = left_out
+    return res
 
 
 def check_inputs(spec: EvalSpec) -> None:

@@ -71,4 +71,6 @@ def table(name: str, summary: dict[str, Any]) -> Table:
     for task, scores in summary["per_task"].items():
         t.add_row(task, *[f"{scores[str(L)]:.1f}" if str(L) in scores else "-" for L in lengths])
     t.add_row("average", *[f"{summary['average'][str(L)]:.1f}" if str(L) in summary["average"] else "-" for L in lengths])
+    if summary.get("left_out"):
+        t.caption = f"left out (no file given): {', '.join(summary['left_out'])}"
     return t

@@ -1,4 +1,8 @@
-"""RULER's tasks: each one's generator family, parameters, metric, answer budget and the user data it needs."""
+"""RULER's tasks: each one's generator family, parameters, metric, answer budget and the user data it needs.
+
+As NVIDIA/RULER's scripts/synthetic.yaml (parameters), scripts/data/synthetic/constants.py (tokens_to_generate: the
+answer budget, which RULER also keeps free within the prompt length) and scripts/eval/synthetic/constants.py (metrics).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ class TaskDef:
     family: str
     params: dict[str, Any]
     metric: str = "string_match_all"
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # RULER's tokens_to_generate: what is generated, and kept free within the length
     needs: str | None = None
 
 
@@ -33,7 +37,7 @@ TASKS: dict[str, TaskDef] = {
     "niah_multiquery": _niah("essay", "words", "numbers", k=4, q=4),
     "vt": TaskDef("vt", {"chains": 1, "hops": 4}, max_new_tokens=30),
     "cwe": TaskDef("cwe", {"num_cw": 10}, max_new_tokens=120),
-    "fwe": TaskDef("fwe", {"alpha": 2.0, "vocab": 2000, "wordlen": 6}, max_new_tokens=50),
+    "fwe": TaskDef("fwe", {"alpha": 2.0, "wordlen": 6}, max_new_tokens=50),  # vocabulary: (length - 50) // 50
     "qa_1": TaskDef("qa", {"dataset": "squad"}, metric="string_match_part", max_new_tokens=32, needs="squad"),
     "qa_2": TaskDef("qa", {"dataset": "hotpotqa"}, metric="string_match_part", max_new_tokens=32, needs="hotpotqa"),
 }

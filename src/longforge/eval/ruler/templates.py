@@ -1,4 +1,5 @@
-"""RULER's prompt templates, needle format and answer prefixes, word for word (Hsieh et al. 2024, RULER's code)."""
+"""RULER's prompt templates, needle format and answer prefixes, word for word (Hsieh et al. 2024; NVIDIA/RULER's
+scripts/data/synthetic/constants.py as of May 2025, which fixed the VT prefix's "assgined")."""
 
 NIAH_TEMPLATE = (
     "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -11,9 +12,8 @@ VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
     "Question: Find all variables that are assigned the value {query} in the text above."
 )
-# "assgined" is RULER's own spelling; kept so prompts match the benchmark's.
 VT_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-             "assgined the value {query}, they are: ")
+             "assigned the value {query}, they are: ")
 CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones "
     "that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?"
@@ -31,3 +31,5 @@ QA_TEMPLATE = (
     "Only give me the answer and do not output any other words.\n\nQuestion: {query}"
 )
 QA_PREFIX = " Answer:"
+# RULER's noise haystack unit: the whole filler paragraph, units joined by line breaks (niah.py, variable_tracking.py).
+NOISE_BLOCK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
