@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from longforge.inference import Engine  # noqa: E402
-from longforge.inference.engine import PAD_TO, PREFIX_MIN  # noqa: E402
+from longforge.inference.engine import PAD_TO, PREFIX_MIN, _Batch  # noqa: E402
+from longforge.inference.prefill import Fill  # noqa: E402
 
 GIB = 2**30
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e, the datasheet's
@@ -54,6 +55,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
                          rms_norm_eps=1e-5, max_position_embeddings=131072,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    # meta-llama/Llama-3.1-8B's config.json
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         rms_norm_eps=1e-5, max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 8192}),
     # CPU check of the script
@@ -188,7 +196,8 @@ def summarise(res: dict[str, Any], rows: int, new: int, bound_s: float) -> dict[
 
 
 def bench_length(model: Any, shape: str, length: int, rows: int, new: int, old_rows: int, chunk: int,
-                 device: torch.device, prefix_min: int, pad_to: int) -> dict[str, Any]:
+                 device: torch.device, prefix_min: int, pad_to: int, unfused: bool = True,
+                 hf: bool = True) -> dict[str, Any]:
     """Modes (a), (b) twice and (c) on one batch of prompts of about `length` tokens."""
     batch = prompts_at(length, rows, model.config.vocab_size, seed=length)
     lengths = [len(r) for r in batch]
@@ -210,15 +219,19 @@ def bench_length(model: Any, shape: str, length: int, rows: int, new: int, old_r
     row["b_rows_equal_to_a"] = sum(x == y for x, y in zip(b2["tokens"], a["tokens"]))
     row["b_calls_equal"] = b1["tokens"] == b2["tokens"]
     new_engine.release()  # its cache and graph: not counted in the next engine's peak memory
-    if new_engine.fused:  # the same without the fused RMSNorm, RoPE and SwiGLU kernels (second call: graph reused)
+    if new_engine.fused and unfused:  # the same without the fused RMSNorm, RoPE and SwiGLU kernels (second call: graph reused)
         unfused = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_min=prefix_min, pad_to=pad_to,
                          fused="off")
         run_engine(unfused, batch, new, device)
         row["b_new_engine_unfused"] = summarise(run_engine(unfused, batch, new, device), rows, new, bound)
         del unfused
     del new_engine, old
-    c = run_hf(model, batch, new, device)
-    row["c_model_generate"] = summarise(c, rows, new, bound)
+    if hf:
+        c = run_hf(model, batch, new, device)
+        row["c_model_generate"] = summarise(c, rows, new, bound)
+    else:
+        row["c_model_generate"] = {"skipped": "beyond --hf-max-length", "ms_per_step": None,
+                                   "decode_tokens_per_s": None, "end_to_end_tokens_per_s": None}
     row["speedup_b_over_a_decode_tokens_per_s"] = _ratio(row["b_new_engine"]["decode_tokens_per_s"],
                                                          row["a_old_engine"]["decode_tokens_per_s"])
     row["speedup_b_over_a_end_to_end"] = _ratio(row["b_new_engine"]["end_to_end_tokens_per_s"],
@@ -226,6 +239,36 @@ def bench_length(model: Any, shape: str, length: int, rows: int, new: int, old_r
     row["speedup_b_over_c_end_to_end"] = _ratio(row["b_new_engine"]["end_to_end_tokens_per_s"],
                                                 row["c_model_generate"]["end_to_end_tokens_per_s"])
     return row
+
+
+def prefill_flops(model: Any, length: int) -> float:
+    """Forward FLOPs of prefilling `length` tokens, causal-counted as eval_gpu.py does: 2 N per token for the layers'
+    matmuls (embedding and LM head left out) and 2 n_layers d L^2 for causal attention."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name)
+    return 2.0 * n * length + 2.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * length * length
+
+
+def bench_prefill(model: Any, shape: str, length: int, chunks: list[int], device: torch.device) -> dict[str, Any]:
+    """One prompt of `length` tokens prefilled (one new token) with each chunk size: seconds and TFLOP/s, warm."""
+    ids = prompts_at(length, 1, model.config.vocab_size, seed=length + 1)[0][:length]
+    ids = ids + [5] * (length - len(ids))
+    flops = prefill_flops(model, length)
+    out: dict[str, Any] = {"shape": shape, "length": length, "flops": flops}
+    for chunk in chunks:
+        eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, kv_cache="device")
+        times = []
+        for _ in range(2):  # the first pass builds cuDNN's plans for the chunk shapes
+            reset_peak(device)
+            t0 = sync(device)
+            eng.generate([ids], 1)
+            times.append(sync(device) - t0)
+        eng.release()
+        out[f"chunk_{chunk}"] = {"cold_s": round(times[0], 4), "s": round(times[1], 4),
+                                 "tflops_per_s": round(flops / times[1] / 1e12, 1), "peak_gib": round(peak_gib(device), 2)}
+        print(json.dumps({"prefill": shape, "length": length, "chunk": chunk, **out[f"chunk_{chunk}"]}), flush=True)
+        del eng
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -238,13 +281,15 @@ def bench_prefix(model: Any, shape: str, length: int, depths: int, new: int, chu
     batch = grid_prompts(length, depths, model.config.vocab_size, seed=7)
     out: dict[str, Any] = {"shape": shape, "length": length, "depths": depths}
     tokens = {}
-    for reuse in (False, True, True):  # the second reuse run: warm
+    for reuse in (False, True, False, True):  # the second of each: warm (cuDNN plans built)
         eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, prefix_reuse=reuse, prefix_min=prefix_min,
                      pad_to=pad_to)
         res = run_engine(eng, batch, new, device)
         tokens[reuse] = res["tokens"]
-        out["reuse" if reuse else "no_reuse"] = {k: res[k] for k in ("prefill_s", "prefill_tokens",
-                                                                     "prefix_saved_tokens", "wall_s")}
+        out["reuse" if reuse else "no_reuse"] = {**{k: res[k] for k in ("prefill_s", "prefill_tokens",
+                                                                        "prefix_saved_tokens", "wall_s")},
+                                                 "fills": sum(isinstance(s, Fill) for s in
+                                                              _Batch.sorted(batch, eng.prefix_min, eng.pad_to).plan)}
     out["prefill_speedup"] = _ratio(out["no_reuse"]["prefill_s"], out["reuse"]["prefill_s"])
     out["same_tokens"] = tokens[True] == tokens[False]
     return out
@@ -264,6 +309,12 @@ def main() -> None:
                     help="Prompts the old engine runs (one at a time; its rate is the batch's).")
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--budget-s", type=float, default=420, help="Skip what is left once this much time has passed.")
+    ap.add_argument("--rows-at", default="", help="Rows per length, e.g. 4096:16,131072:1 (else --batch-tokens).")
+    ap.add_argument("--hf-max-length", type=int, default=1 << 30, help="model.generate only up to this length.")
+    ap.add_argument("--no-unfused", action="store_true", help="Skip the run without fused decoding kernels.")
+    ap.add_argument("--prefill-lengths", default="", help="Also prefill one prompt at these lengths (TFLOP/s).")
+    ap.add_argument("--prefill-chunks", default="8192", help="Chunk sizes for --prefill-lengths.")
+    ap.add_argument("--grid-length", type=int, default=16384, help="Prefix-reuse grid length (0: skip).")
     args = ap.parse_args()
     prefix_min, pad_to = PREFIX_MIN, PAD_TO
     if args.smoke:
@@ -296,17 +347,26 @@ def main() -> None:
             if time.perf_counter() - start > args.budget_s:
                 result["skipped"].append(f"{shape} {length}")
                 continue
-            rows = 3 if args.smoke else max(1, min(args.rows, args.batch_tokens // length))
+            rows_at = dict(tuple(map(int, x.split(":"))) for x in args.rows_at.split(",") if x)
+            rows = 3 if args.smoke else rows_at.get(length, max(1, min(args.rows, args.batch_tokens // length)))
             old_rows = min(rows, 2 if args.smoke else args.old_rows)
-            row = bench_length(model, shape, length, rows, new, old_rows, chunk, device, prefix_min, pad_to)
+            row = bench_length(model, shape, length, rows, new, old_rows, chunk, device, prefix_min, pad_to,
+                               unfused=not args.no_unfused, hf=length <= args.hf_max_length)
             row["elapsed_s"] = round(time.perf_counter() - start, 1)
             result["lengths"].append(row)
             print(json.dumps({k: row[k] for k in ("shape", "length", "rows", "bound_ms_per_step")}),
                   {m: (row[m]["ms_per_step"], row[m]["decode_tokens_per_s"], row[m]["end_to_end_tokens_per_s"])
                    for m in ("a_old_engine", "b_new_engine", "c_model_generate")}, flush=True)
             save()
-        grid_length = 96 if args.smoke else 16384
-        if time.perf_counter() - start <= args.budget_s:
+        for length in [int(x) for x in args.prefill_lengths.split(",") if x]:
+            if time.perf_counter() - start > args.budget_s:
+                result["skipped"].append(f"{shape} prefill {length}")
+                continue
+            result.setdefault("prefill", []).append(
+                bench_prefill(model, shape, length, [int(x) for x in args.prefill_chunks.split(",")], device))
+            save()
+        grid_length = 96 if args.smoke else args.grid_length
+        if grid_length and time.perf_counter() - start <= args.budget_s:
             result["prefix_reuse"].append(bench_prefix(model, shape, grid_length, 4 if args.smoke else 8, new,
                                                        chunk, device, prefix_min, pad_to))
             print(json.dumps(result["prefix_reuse"][-1]), flush=True)
