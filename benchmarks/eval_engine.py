@@ -24,6 +24,7 @@ Usage (CPU, tiny shape, checks the script; numbers mean nothing):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -255,19 +256,24 @@ def bench_prefill(model: Any, shape: str, length: int, chunks: list[int], device
     ids = ids + [5] * (length - len(ids))
     flops = prefill_flops(model, length)
     out: dict[str, Any] = {"shape": shape, "length": length, "flops": flops}
+    from longforge.inference.fusion import decode_kernels, fused_decoding
+
     for chunk in chunks:
-        eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, kv_cache="device")
-        times = []
-        for _ in range(2):  # the first pass builds cuDNN's plans for the chunk shapes
-            reset_peak(device)
-            t0 = sync(device)
-            eng.generate([ids], 1)
-            times.append(sync(device) - t0)
-        eng.release()
-        out[f"chunk_{chunk}"] = {"cold_s": round(times[0], 4), "s": round(times[1], 4),
-                                 "tflops_per_s": round(flops / times[1] / 1e12, 1), "peak_gib": round(peak_gib(device), 2)}
-        print(json.dumps({"prefill": shape, "length": length, "chunk": chunk, **out[f"chunk_{chunk}"]}), flush=True)
-        del eng
+        for fused in (False, True) if device.type == "cuda" else (False,):
+            eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, kv_cache="device")
+            times = []
+            for _ in range(2):  # the first pass builds cuDNN's plans for the chunk shapes
+                reset_peak(device)
+                t0 = sync(device)
+                with fused_decoding(model, decode_kernels()) if fused else contextlib.nullcontext():
+                    eng.generate([ids], 1)
+                times.append(sync(device) - t0)
+            eng.release()
+            name = f"chunk_{chunk}" + ("_fused" if fused else "")
+            out[name] = {"cold_s": round(times[0], 4), "s": round(times[1], 4),
+                         "tflops_per_s": round(flops / times[1] / 1e12, 1), "peak_gib": round(peak_gib(device), 2)}
+            print(json.dumps({"prefill": shape, "length": length, "mode": name, **out[name]}), flush=True)
+            del eng
     return out
 
 
@@ -289,7 +295,7 @@ def bench_prefix(model: Any, shape: str, length: int, depths: int, new: int, chu
         out["reuse" if reuse else "no_reuse"] = {**{k: res[k] for k in ("prefill_s", "prefill_tokens",
                                                                         "prefix_saved_tokens", "wall_s")},
                                                  "fills": sum(isinstance(s, Fill) for s in
-                                                              _Batch.sorted(batch, eng.prefix_min, eng.pad_to).plan)}
+                                                              _Batch.sorted(batch, eng.prefix_min, eng.pad_to, eng.worth).plan)}
     out["prefill_speedup"] = _ratio(out["no_reuse"]["prefill_s"], out["reuse"]["prefill_s"])
     out["same_tokens"] = tokens[True] == tokens[False]
     return out

@@ -33,7 +33,7 @@ import torch
 from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
 from longforge.inference.fusion import decode_kernels, fused_decoding
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
-from longforge.inference.prefill import Fill, Share, Step, computed_tokens, prefill_plan, shared_tokens
+from longforge.inference.prefill import Fill, Share, Step, Worth, computed_tokens, prefill_plan, shared_tokens
 from longforge.model.attention import CONTEXT_ATTR, AttentionContext, attention_layers, bind_attention, context_of, register
 from longforge.model.fused import fused_available
 from longforge.model.loss import chunked_lm_loss
@@ -50,6 +50,12 @@ SYNC_EVERY = 8
 # A prefix shared by several rows of a batch is computed once when at least this long (a shorter one is not worth
 # the separate forward passes it needs).
 PREFIX_MIN = 512
+# What sharing a prefix costs on a GPU: the prefix's own forward pass and fills that no longer run together, ~40 ms
+# a share on an H200 (measured with benchmarks/eval_engine.py on a 16K grid of 8 depths: 12 more fills cost the
+# SmolLM2-135M shape 0.48 s, 2.3x slower prefill, while the 1B and 8B shapes gained 1.2x and 1.4x). A prefix is shared
+# when the work it saves, at PREFILL_FLOPS, takes longer than that.
+SHARE_OVERHEAD_S = 0.04
+PREFILL_FLOPS = 5e14
 # Rows of a batch are prefilled padded to a multiple of this (cuDNN builds an execution plan for each new length,
 # tens of milliseconds; RULER's prompts of one nominal length differ by up to a sixteenth).
 PAD_TO = 256
@@ -98,10 +104,11 @@ class _Batch:
     plan: list[Step]
 
     @classmethod
-    def sorted(cls, rows: list[list[int]], min_shared: int | None, pad_to: int | None) -> _Batch:
+    def sorted(cls, rows: list[list[int]], min_shared: int | None, pad_to: int | None,
+               worth: Worth | None = None) -> _Batch:
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), rows[i]))
         srt = [rows[i] for i in order]
-        return cls(srt, order, prefill_plan(srt, min_shared, pad_to))
+        return cls(srt, order, prefill_plan(srt, min_shared, pad_to, worth))
 
     @property
     def lengths(self) -> list[int]:
@@ -111,6 +118,20 @@ class _Batch:
     def filled(self) -> int:
         """Positions the prefill writes in the longest row (padding included)."""
         return max(s.end for s in self.plan if isinstance(s, Fill))
+
+
+def share_worth(model: Any) -> Worth:
+    """Whether a prefix shared by some rows saves more time than the forward passes its sharing adds (GPU)."""
+    cfg = model.config
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    def worth(start: int, end: int, copies: int) -> bool:
+        # Each copy saves end - start positions, each 2 N for the matmuls and 4 d_attn per earlier key for attention.
+        per_token = 2.0 * layer_params + 4.0 * cfg.num_hidden_layers * d_attn * (start + end) / 2
+        return copies * (end - start) * per_token / PREFILL_FLOPS > SHARE_OVERHEAD_S
+
+    return worth
 
 
 def supports_longforge_path(model: Any) -> bool:
@@ -191,6 +212,7 @@ class Engine:
         self.cuda_graphs: GraphMode = cuda_graphs
         self.sync_every = sync_every
         self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse else None
+        self.worth = share_worth(model) if self.device.type == "cuda" else None  # on CPU a pass costs little
         self.pad_to = pad_to if pad_to and pad_to > 1 else None
         # Decoding steps with fused RMSNorm, RoPE and SwiGLU kernels (compiled; inference/fusion.py): CUDA only.
         self.fused = fused == "auto" and fused_available(self.device)
@@ -315,7 +337,7 @@ class Engine:
         """The whole batch at once when its cache fits on the device; else rows of equal length together."""
         note = "ragged batches are off (ragged=False)"
         if self.ragged:
-            batch = _Batch.sorted(rows, self.prefix_min, self.pad_to)
+            batch = _Batch.sorted(rows, self.prefix_min, self.pad_to, self.worth)
             capacity, width = self._shape(batch, max_new_tokens)
             key = (len(rows), capacity, width, tuple(sorted(self.stop_ids)), next(self.model.parameters()).data_ptr())
             if self._graphed is not None and self._graphed.key != key:

@@ -13,7 +13,7 @@ including its last one (whose hidden state gives its first new token).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,14 +50,19 @@ class Share:
 Step = Fill | Share
 
 
-def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None, pad_to: int | None = None) -> list[Step]:
+Worth = Callable[[int, int, int], bool]  # (start, end, rows that copy it): is computing the prefix once worth it?
+
+
+def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None, pad_to: int | None = None,
+                 worth: Worth | None = None) -> list[Step]:
     """Fills and copies, in order, after which every row holds the keys and values of all its positions.
 
     `min_shared` None computes every row whole; otherwise a prefix of at least `min_shared` tokens common to several
     rows is computed once. Each row's last position is always in a Fill of its own rows. `pad_to` None fills rows
     of equal length together; else adjacent rows that start at the same position and whose lengths, rounded up to
     a multiple of pad_to, differ by at most max(pad_to, an eighth of the shortest) are one padded Fill, and a shared
-    prefix is cut down to a multiple of pad_to (every Fill then starts and ends on one).
+    prefix is cut down to a multiple of pad_to (every Fill then starts and ends on one). `worth`, when given, must
+    also accept a shared prefix (the engine weighs the work it saves against the extra forward passes).
     """
     arrays = [np.asarray(r, dtype=np.int64) for r in rows]
     shared: list[Step] = []
@@ -80,7 +85,8 @@ def prefill_plan(rows: Sequence[Sequence[int]], min_shared: int | None, pad_to: 
         base = start
         # With padding every Fill starts and ends on a multiple of pad_to, so its shapes recur across batches.
         cut = prefix if pad_to is None else prefix // pad_to * pad_to
-        if min_shared is not None and cut - start >= max(min_shared, 1):
+        if (min_shared is not None and cut - start >= max(min_shared, 1)
+                and (worth is None or worth(start, cut, len(members) - 1))):
             shared.append(Fill(rep, rep + 1, start, cut))
             shared.append(Share(rep, tuple(members[1:]), start, cut))
             base = cut
