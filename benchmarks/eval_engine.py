@@ -24,7 +24,6 @@ Usage (CPU, tiny shape, checks the script; numbers mean nothing):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -251,22 +250,21 @@ def prefill_flops(model: Any, length: int) -> float:
 
 
 def bench_prefill(model: Any, shape: str, length: int, chunks: list[int], device: torch.device) -> dict[str, Any]:
-    """One prompt of `length` tokens prefilled (one new token) with each chunk size: seconds and TFLOP/s, warm."""
+    """One prompt of `length` tokens prefilled (one new token) with each chunk size, with the fused RMSNorm, RoPE and
+    SwiGLU kernels (the engine's default on CUDA) and without: seconds and TFLOP/s, warm."""
     ids = prompts_at(length, 1, model.config.vocab_size, seed=length + 1)[0][:length]
     ids = ids + [5] * (length - len(ids))
     flops = prefill_flops(model, length)
     out: dict[str, Any] = {"shape": shape, "length": length, "flops": flops}
-    from longforge.inference.fusion import decode_kernels, fused_decoding
-
     for chunk in chunks:
         for fused in (False, True) if device.type == "cuda" else (False,):
-            eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, kv_cache="device")
+            eng = Engine(model, prefill_chunk=chunk, stop_on_eos=False, kv_cache="device",
+                         fused="auto" if fused else "off")
             times = []
             for _ in range(2):  # the first pass builds cuDNN's plans for the chunk shapes
                 reset_peak(device)
                 t0 = sync(device)
-                with fused_decoding(model, decode_kernels()) if fused else contextlib.nullcontext():
-                    eng.generate([ids], 1)
+                eng.generate([ids], 1)
                 times.append(sync(device) - t0)
             eng.release()
             name = f"chunk_{chunk}" + ("_fused" if fused else "")

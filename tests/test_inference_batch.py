@@ -208,20 +208,21 @@ def test_fused_decoding_kernels_go_in_while_decoding_and_out_after(monkeypatch: 
     import longforge.inference.engine as engine_module
     from longforge.inference.fusion import DecodeKernels
 
-    calls = {"norm": 0, "rope": 0, "mlp": 0}
+    calls = {phase: {"norm": 0, "rope": 0, "mlp": 0} for phase in ("decode", "prefill")}
 
-    def counting(name: str):  # noqa: ANN202
+    def counting(phase: str, name: str):  # noqa: ANN202
         def compiler(fn):  # noqa: ANN001, ANN202
             def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-                calls[name] += 1
+                calls[phase][name] += 1
                 return fn(*a, **kw)
             return run
         return compiler
 
-    kernels = DecodeKernels()
-    for name in calls:
-        setattr(kernels, name, type(getattr(kernels, name))(getattr(kernels, name).fn, counting(name)))
-    monkeypatch.setattr(engine_module, "decode_kernels", lambda: kernels)
+    kernels = {phase: DecodeKernels() for phase in calls}
+    for phase, k in kernels.items():
+        for name in calls[phase]:
+            setattr(k, name, type(getattr(k, name))(getattr(k, name).fn, counting(phase, name)))
+    monkeypatch.setattr(engine_module, "decode_kernels", lambda phase="decode": kernels[phase])
     model = _model()
     rows = _rows([12, 31, 5], seed=9)
     plain = Engine(model, stop_on_eos=False).generate(rows, 6)
@@ -230,7 +231,10 @@ def test_fused_decoding_kernels_go_in_while_decoding_and_out_after(monkeypatch: 
     eng.fused = True
     assert eng.generate(rows, 6) == plain
     steps = eng.last["decode_steps"]
-    assert calls == {"norm": steps * 5, "rope": steps * 2, "mlp": steps * 2}  # 2 layers: 2 norms each + the final
+    # 2 layers: 2 norms each + the final, per forward pass; prefill: one pass per Fill here (each within a chunk)
+    assert calls["decode"] == {"norm": steps * 5, "rope": steps * 2, "mlp": steps * 2}
+    fills = sum(isinstance(s, Fill) for s in engine_module._Batch.sorted(rows, eng.prefix_min, eng.pad_to).plan)
+    assert calls["prefill"] == {"norm": fills * 5, "rope": fills * 2, "mlp": fills * 2}
     assert llama.apply_rotary_pos_emb is rope_before
     assert not any("forward" in vars(m) for m in model.modules())
 
@@ -407,6 +411,7 @@ def test_ragged_batch_on_cuda_equals_each_row_alone() -> None:
     needle = [50, 51, 52]
     rows = _grid(1500, [100, 900, 900], needle) + _rows([333, 2000], seed=4)
     eng = Engine(model, prefill_chunk=512, stop_on_eos=False, prefix_min=64, pad_to=None)  # prefixes not cut to 256
+    eng.worth = None  # share every prefix (a tiny model's would not pay on a GPU): the copies are what is tested
     got = eng.generate(rows, 24)
     assert eng.last["prefix_saved_tokens"] == 2 * 100 + 1405  # all three share 100 tokens, the two at 900 all but one
     assert got == _alone(model, rows, 24, prefill_chunk=512, cuda_graphs="off")
@@ -438,58 +443,6 @@ def test_no_host_sync_between_visits(graphs: str, monkeypatch: pytest.MonkeyPatc
     again = eng.generate(_rows([300, 800], seed=2), 20)
     assert again == warm and len(checked) == eng.last["decode_steps"] >= 1
     assert eng.last["cuda_graph"] == (graphs == "auto")
-
-
-def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, scale):
-    """FlashAttention's non-causal varlen forward in plain torch: output and lse in the unpadded (heads, queries) layout."""
-    outs, lses = [], []
-    for j in range(cu_q.numel() - 1):
-        qs = q[cu_q[j]:cu_q[j + 1]].transpose(0, 1).float()  # (H, nq, D)
-        n = int(seqused_k[j])
-        ks = k[cu_k[j]:cu_k[j] + n].transpose(0, 1).float()
-        vs = v[cu_k[j]:cu_k[j] + n].transpose(0, 1).float()
-        s = qs @ ks.transpose(1, 2) * (scale or qs.shape[-1] ** -0.5)
-        lse = torch.logsumexp(s, -1) if n else torch.full(s.shape[:2], float("inf"))  # the kernel's +inf when empty
-        p = torch.softmax(s, -1) if n else torch.zeros_like(s)
-        outs.append((p @ vs).transpose(0, 1).to(q.dtype))
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses, 1)
-
-
-@pytest.mark.parametrize("splits", [1, 2, 4])
-def test_split_decode_merges_pieces_exactly(monkeypatch: pytest.MonkeyPatch, splits: int) -> None:
-    """Each row's keys cut into pieces, attended apart and merged by log-sum-exp, equal the masked path; pieces past a
-    row's length (the kernel reports +inf) get no weight; query heads of a KV head are one piece's queries."""
-    monkeypatch.setattr(K, "flash_varlen", _varlen_reference)
-    monkeypatch.setattr(K, "decode_splits", lambda rows, kv_heads, capacity, device: splits)
-    g = torch.Generator().manual_seed(3)
-    b, h, hkv, d, cap = 3, 6, 2, 8, 64
-    q = torch.randn(b, 1, h, d, generator=g).transpose(1, 2)
-    k, v = (torch.randn(b, cap, hkv, d, generator=g) for _ in range(2))
-    used = torch.tensor([1, 37, cap], dtype=torch.int32)
-    got = K.flash_split_decode(q, k, v, used, None)
-    want = K.masked_decode(q, k, v, used, None)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)])
-def test_split_decode_agrees_on_cuda(heads: tuple[int, int, int]) -> None:
-    """The split decoding kernel passes its own check on the GPU (real model head shapes) and equals the masked path
-    on one long row cut into many pieces."""
-    h, hkv, d = heads
-    q = torch.zeros(1, h, 1, d, device="cuda", dtype=torch.bfloat16)
-    assert K._decode_usable("flash_split_decode", q, torch.zeros(1, 8, hkv, d, device="cuda", dtype=torch.bfloat16))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    cap = 65536
-    assert K.decode_splits(1, hkv, cap, torch.device("cuda")) > 1
-    q = torch.randn(1, 1, h, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-    k, v = (torch.randn(1, cap, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    used = torch.tensor([cap - 1000], dtype=torch.int32, device="cuda")
-    got = K.flash_split_decode(q, k, v, used, None).float()
-    want = K.masked_decode(q, k, v, used, None).float()
-    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 def test_a_prefix_is_shared_only_when_worth_it() -> None:

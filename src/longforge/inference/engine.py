@@ -393,11 +393,12 @@ class Engine:
         with self._attached(store):
             t0 = self._sync()
             first = torch.zeros(b, dtype=torch.long, device=self.device)
-            for s in batch.plan:
-                if isinstance(s, Share):
-                    store.share(s.source, s.targets, s.start, s.end)
-                else:
-                    self._fill(s, ids, batch.lengths, store, first)
+            with self._fused("prefill"):
+                for s in batch.plan:
+                    if isinstance(s, Share):
+                        store.share(s.source, s.targets, s.start, s.end)
+                    else:
+                        self._fill(s, ids, batch.lengths, store, first)
             t1 = self._sync()
             store.decode(torch.tensor(batch.lengths, device=self.device))
             state.start(first)
@@ -465,12 +466,13 @@ class Engine:
         return step
 
     @contextlib.contextmanager
-    def _fused(self) -> Iterator[None]:
-        """Decoding steps with single-kernel RMSNorm, RoPE and SwiGLU (when fused), the model as it was after."""
+    def _fused(self, phase: str = "decode") -> Iterator[None]:
+        """Decoding steps or prefill chunks with single-kernel RMSNorm, RoPE and SwiGLU (when fused), the model as it
+        was after."""
         if not self.fused:
             yield
             return
-        with fused_decoding(self.model, decode_kernels()):
+        with fused_decoding(self.model, decode_kernels(phase)):
             yield
 
     def _generate_group(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:

@@ -147,11 +147,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: to
     `used` (B,) int32 stays on the device; keys past a row's length are never read by the flash path and get no
     weight on the masked one.
     """
-    if q.is_cuda:
-        split = decode_splits(q.shape[0], k.shape[2], k.shape[1], q.device) > 1
-        for name in ("flash_split_decode", "flash_decode") if split else ("flash_decode",):
-            if _decode_usable(name, q, k):
-                return DECODE_KERNELS[name](q, k, v, used, scale)
+    if q.is_cuda and _decode_usable("flash_decode", q, k):
+        return DECODE_KERNELS["flash_decode"](q, k, v, used, scale)
     return masked_decode(q, k, v, used, scale)
 
 
@@ -187,68 +184,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.
     return out.view(b, 1, h, d).transpose(1, 2)
 
 
-_split_offsets: dict[tuple[int, int, int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-SPLIT_MIN_KEYS = 2048  # keys per piece at least: shorter pieces cost more in the merge than they gain in parallelism
-
-
-def decode_splits(rows: int, kv_heads: int, capacity: int, device: torch.device) -> int:
-    """Pieces each row's keys are cut into so the GPU's multiprocessors all work (a power of two dividing capacity).
-
-    FlashAttention runs one block per (row, KV head) for a decoding query: 8 KV heads of one long row keep 8 of an
-    H200's 132 multiprocessors busy while the row's keys are read; cut into pieces, every piece is a block.
-    """
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, -(-2 * sms // max(1, rows * kv_heads)))
-    s = 1
-    while s * 2 <= min(want, 64) and capacity % (s * 2) == 0 and capacity // (s * 2) >= SPLIT_MIN_KEYS:
-        s *= 2
-    return s
-
-
-def flash_split_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
-                       scale: float | None) -> torch.Tensor:
-    """flash_decode with each row's keys cut into pieces attended separately, merged exactly by log-sum-exp.
-
-    The query heads of a KV head are that piece's queries (non-causal: one position), so each piece's keys are read
-    once for all of them. Piece lengths come from `used` on the device: no host sync, graph-safe.
-    """
-    b, h, _, d = q.shape
-    cap, hkv = k.shape[1], k.shape[2]
-    g = h // hkv
-    s = decode_splits(b, hkv, cap, q.device)
-    piece, p = cap // s, b * s
-    key = (b, cap, s, g, str(q.device))
-    if key not in _split_offsets:  # made once per shape, eagerly, before any graph capture reads them
-        seqs = torch.arange(p + 1, dtype=torch.int32, device=q.device)
-        _split_offsets[key] = (seqs * g, seqs * piece, torch.arange(s, dtype=torch.int32, device=q.device) * piece)
-    cu_q, cu_k, starts = _split_offsets[key]
-    seq = (used[:, None] - starts[None]).clamp(0, piece).reshape(p).to(torch.int32)
-    qq = q.reshape(b, hkv, g, d).transpose(1, 2)[:, None].expand(b, s, g, hkv, d).reshape(p * g, hkv, d)
-    out, lse = flash_varlen(qq, k.view(b * cap, hkv, d), v.view(b * cap, hkv, d), cu_q, cu_k, g, piece, seq, scale)
-    out = out.view(b, s, g, hkv, d).float()
-    if lse.shape == (hkv, p * g):  # unpadded layout: (heads, total queries)
-        lse = lse.view(hkv, b, s, g).permute(1, 2, 3, 0)
-    else:  # padded layout: (sequences, heads, queries)
-        lse = lse.reshape(p, hkv, -1)[:, :, :g].view(b, s, hkv, g).transpose(2, 3)
-    # A piece past its row's length attended to nothing: no weight (the kernel may report its lse as +inf).
-    lse = lse.float().masked_fill((seq == 0).view(b, s, 1, 1), float("-inf"))
-    top = lse.amax(1, keepdim=True)
-    w = torch.exp(lse - top)
-    merged = (out * w[..., None]).sum(1) / w.sum(1)[..., None]  # (b, g, hkv, d)
-    return merged.transpose(1, 2).reshape(b, h, 1, d).to(q.dtype)
-
-
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
-                 max_k: int, seqused_k: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATen's FlashAttention variable-length forward, non-causal: output and log-sum-exp (tests replace it on CPU)."""
-    out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
-                                                       scale=scale, seqused_k=seqused_k)[:2]
-    return out, lse
-
-
-DECODE_KERNELS: dict[str, DecodeKernel] = {"flash_split_decode": flash_split_decode, "flash_decode": flash_decode}
+DECODE_KERNELS: dict[str, DecodeKernel] = {"flash_decode": flash_decode}
 
 
 def _decode_usable(name: str, q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -262,10 +198,10 @@ def _decode_usable(name: str, q: torch.Tensor, k: torch.Tensor) -> bool:
 def _decode_agrees(kernel: DecodeKernel, h: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Run `kernel` on three rows of different lengths in a small buffer; compare it with masked_decode."""
     g = torch.Generator(device=device).manual_seed(0)
-    b, cap = 3, (4 * SPLIT_MIN_KEYS if kernel is flash_split_decode else 96)  # long enough to be cut into pieces
+    b, cap = 3, 96
     q = torch.randn(b, 1, h, d, device=device, dtype=dtype, generator=g).transpose(1, 2)
     k, v = (torch.randn(b, cap, hkv, d, device=device, dtype=dtype, generator=g) for _ in range(2))
-    used = torch.tensor([1, cap // 2 + 37, cap], dtype=torch.int32, device=device)
+    used = torch.tensor([1, 40, cap], dtype=torch.int32, device=device)
     try:
         got = kernel(q, k, v, used, None).float()
     except (RuntimeError, TypeError, NotImplementedError):
