@@ -176,3 +176,14 @@ def test_a_count_no_job_can_meet_is_refused_before_any_work(model_dir: Path, tmp
     assert isinstance(res.exception, LongforgeError)  # `longforge` prints it as one line and exits 2
     assert "kv_shards 2 shards each prompt over 2 processes, but this job has 1" in str(res.exception)
     assert not (tmp_path / "e").exists()
+
+
+def test_the_longest_prompt_is_known_before_any_work() -> None:
+    """evaluate() sizes the longest prompt of the generation tasks before the first one runs."""
+    from longforge.config import EvalSpec
+    from longforge.eval.run import longest_prompt
+
+    spec = EvalSpec.model_validate({"passkey": {"lengths": [1000, 5000]}, "ruler": {"lengths": [4096, 8192]}})
+    assert longest_prompt(spec, 2048, 4096) == 8192
+    assert longest_prompt(EvalSpec.model_validate({"niah": {}, "passkey": None}), 2048, 65536) == 65536
+    assert longest_prompt(EvalSpec.model_validate({"passkey": None}), 2048, 4096) == 0

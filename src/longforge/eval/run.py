@@ -72,6 +72,21 @@ def make_engine(model: Any, spec: EvalSpec, share: Share = SINGLE) -> Engine:
                   kv_group=kv_group(inf.kv_shards, share.rank, share.world))
 
 
+# Tokens the longest answer may add to a prompt (RULER's largest budget, niah's 128): for the check before any work.
+ANSWER_ROOM = 128
+
+
+def longest_prompt(spec: EvalSpec, original_length: int, target_length: int) -> int:
+    """The longest prompt the generation tasks build (their grids' and RULER's longest length)."""
+    from longforge.eval.grid import grid_lengths
+    from longforge.eval.ruler.run import ruler_lengths
+
+    longest = [max(grid_lengths(s, original_length, target_length)) for s in (spec.passkey, spec.niah) if s is not None]
+    if spec.ruler is not None:
+        longest.append(max(spec.ruler.lengths or ruler_lengths(target_length)))
+    return max(longest, default=0)
+
+
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
              device: torch.device, label: str, trust_remote_code: bool = False, share: Share = SINGLE) -> dict[str, Any]:
     """Run the configured tasks on one checkpoint; write <task>.json for each and summary.json.
@@ -91,6 +106,10 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, device, dtype, trust_remote_code)
     engine = make_engine(model, spec, share)
+    longest = longest_prompt(spec, original_length, target_length)
+    if longest:
+        # A prompt too long even with its KV cache sharded over every process is refused now, not after other tasks.
+        engine.kv_shards_for([longest], ANSWER_ROOM)
     job = TaskRun(engine, tok, spec, original_length, target_length, label, share)
     summary: dict[str, Any] = {"model": str(model_dir), "label": label, "original_length": original_length,
                                "target_length": target_length}
