@@ -15,6 +15,8 @@ all rows decode together, each at its own position and attending to its own leng
 kernels.decode_attention). The host looks at the new tokens every `sync_every` steps (inference/decode.py), and on
 CUDA the decoding step is captured once per batch shape as a CUDA graph and replayed. Where the cache does not fit
 on the GPU (it is offloaded), and on the HF path, rows of equal length run together instead.
+Under torchrun, a prompt whose cache does not fit one GPU (or every prompt, with kv_shards N) runs on every process of
+its group together, each keeping a shard of the keys and values (inference/sharded.py; `kv_shards_for` decides).
 `Engine(model, ragged=False, cuda_graphs="off", sync_every=1, prefix_reuse=False)` is the engine as it was before
 batches could be ragged (benchmarks compare against it).
 """
