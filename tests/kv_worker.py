@@ -32,17 +32,18 @@ def model() -> torch.nn.Module:
     return make_tiny_model(VOCAB, window=256, seed=1)
 
 
-def sharded(rank: int, world: int, port: int, out: str) -> None:
-    """Generate the test prompts with the KV cache sharded over `world` processes; record tokens, the last
-    position's logits of each prompt, and where the keys went."""
+def sharded(rank: int, world: int, port: int, out: str, shards: int | None = None) -> None:
+    """Generate the test prompts with the KV cache sharded over `shards` processes (default: all `world`); record
+    tokens, the last position's logits of each prompt, and where the keys went."""
+    shards = shards or world
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     from longforge.inference import Engine
     from longforge.inference.sharded import ShardedKV, kv_group, shard_sizes
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    engine = Engine(model(), prefill_chunk=CHUNK, stop_on_eos=False, kv_shards=world,
-                    kv_group=kv_group(world, rank, world))
+    engine = Engine(model(), prefill_chunk=CHUNK, stop_on_eos=False, kv_shards=shards,
+                    kv_group=kv_group(shards, rank, world))
     rows = prompts()
     tokens = engine.generate(rows, NEW)  # ragged: rows of one length run together, sharded
     last = dict(engine.last)
@@ -51,7 +52,7 @@ def sharded(rank: int, world: int, port: int, out: str) -> None:
     with torch.no_grad():
         for r in rows:
             group = engine.kv_group
-            store = ShardedKV(shard_sizes(len(r), CHUNK, world, 3)[group.rank], group)
+            store = ShardedKV(shard_sizes(len(r), CHUNK, shards, 3)[group.rank], group)
             ids = torch.tensor([r])
             with engine._attached(store):
                 for start in range(0, len(r), CHUNK):

@@ -55,6 +55,15 @@ def test_a_sharded_prompt_gives_the_tokens_and_logits_of_one_process(one_process
     assert max(PROMPTS) // CHUNK >= 3 * processes  # several chunks on each process
 
 
+def test_groups_of_two_among_four_processes_each_shard_a_prompt(one_process: dict, tmp_path: Path) -> None:
+    """kv_shards 2 in a job of 4: two groups of two, each with its own process group, the same tokens everywhere."""
+    mp.start_processes(sharded, args=(4, _free_port(), str(tmp_path), 2), nprocs=4, start_method="spawn")
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(4)]
+    for g in got:
+        assert g["tokens"] == one_process["tokens"] and g["last"]["kv_shards"] == 2
+        assert [h["held"] for h in g["held"]] == [shard_sizes(n, CHUNK, 2, 3) for n in PROMPTS]
+
+
 def test_keys_go_round_robin_by_chunk_then_to_the_process_holding_fewest() -> None:
     assert shard_sizes(100, 16, 2) == [52, 48]  # chunks 0, 2, 4, 6 (the last of 4) and 1, 3, 5
     assert shard_sizes(100, 16, 3) == [36, 32, 32]
@@ -187,3 +196,21 @@ def test_the_longest_prompt_is_known_before_any_work() -> None:
     assert longest_prompt(spec, 2048, 4096) == 8192
     assert longest_prompt(EvalSpec.model_validate({"niah": {}, "passkey": None}), 2048, 65536) == 65536
     assert longest_prompt(EvalSpec.model_validate({"passkey": None}), 2048, 4096) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("queries,keys,causal", [(1024, 1024, True), (1024, 5000, False), (100, 3000, False),
+                                                 (1, 7000, False)], ids=["cudnn-causal", "cudnn-past", "flash", "decode"])
+def test_attention_with_log_sum_exp_on_the_gpu_matches_the_exact_path(queries: int, keys: int, causal: bool) -> None:
+    """The CUDA kernels behind a shard's attention (cuDNN for chunks, FlashAttention for few queries) give the
+    output and log-sum-exp of the fp32 reference, grouped heads as the 8B shape has them."""
+    from longforge.inference.kernels import attention_lse
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, queries, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(1, keys, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in range(2))
+    out, lse = attention_lse(q, k, v, causal, None)
+    want, want_lse = math_with_lse(q, k, v, causal, None)
+    assert out.shape == want.shape and lse.shape == want_lse.shape
+    assert (out - want).abs().max() <= 2e-2 * want.abs().max()
+    assert (lse - want_lse).abs().max() <= 2e-2
