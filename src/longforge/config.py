@@ -442,6 +442,21 @@ class InferenceSpec(Strict):
         default="auto", description="'auto' captures the decoding step as a CUDA graph per batch shape and replays it "
         "(eager if capture fails); 'off' decodes eagerly.")
     batch_tokens: int = Field(default=131072, gt=0, description="At most this many prompt tokens in one batch.")
+    kv_shards: Literal["auto"] | int = Field(
+        default="auto", description="Under torchrun, how many processes share one prompt's KV cache (sharded by "
+        "sequence): 'auto' shards only a prompt whose cache does not fit one GPU, over every process; N shards every "
+        "prompt over N processes; 1 never shards.")
+
+    @field_validator("kv_shards", mode="before")
+    @classmethod
+    def _shards_auto_or_count(cls, v: Any) -> Any:
+        """'auto' or a whole number of processes (a flag's text too), with one message for anything else."""
+        if v == "auto":
+            return v
+        n = int(v) if isinstance(v, str) and v.strip().isdigit() else v
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError("kv_shards must be 'auto' or a whole number of processes per prompt, at least 1")
+        return n
 
 
 class EvalSpec(Strict):

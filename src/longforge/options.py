@@ -51,12 +51,22 @@ def option_kind(tp: Any) -> str | None:
         return "bool"
     if get_origin(tp) is Literal:
         return "choice"
+    if _number_or_choice(tp):
+        return "number_or_choice"
     if tp in (int, float, str, Path):
         return "scalar"
     if get_origin(tp) in (list, tuple) and all(_scalar(a) in (int, float, str, Path, Ellipsis)
                                                or get_origin(_scalar(a)) is Literal for a in get_args(tp)):
         return "list"
     return None
+
+
+def _number_or_choice(tp: Any) -> bool:
+    """A union of named values and numbers (`Literal["auto"] | int`): a flag whose text the schema validates."""
+    if get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    args = [_scalar(a) for a in get_args(tp) if a is not type(None)]
+    return any(get_origin(a) is Literal for a in args) and all(get_origin(a) is Literal or a in (int, float) for a in args)
 
 
 def _help(info: Any, default: Any, extra: str = "") -> str:
@@ -96,6 +106,12 @@ def schema_parameters(model: type[BaseModel], skip: Iterable[str] = (), panels: 
             py = str | None
             opt = typer.Option(*decls, help=_help(info, shown, f"One of: {values}"), show_default=False,
                                rich_help_panel=(panels or {}).get(name), metavar="<choice>")
+        elif kind == "number_or_choice":
+            named = [str(v) for a in get_args(plain_type(info.annotation)) if get_origin(_scalar(a)) is Literal
+                     for v in get_args(_scalar(a))]
+            py = str | None
+            opt = typer.Option(*decls, help=_help(info, shown, f"A number or one of: {', '.join(named)}"),
+                               show_default=False, rich_help_panel=(panels or {}).get(name), metavar="<n|choice>")
         elif kind == "list":
             py = str | None
             opt = typer.Option(*decls, help=_help(info, shown, "Comma-separated"), show_default=False,

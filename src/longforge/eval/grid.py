@@ -83,7 +83,20 @@ def generate_all(engine: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new
     ragged = bool(getattr(engine, "ragged", False))
     batches = batch_plan([len(p.ids) for p in prompts], batch_size, batch_tokens, ragged)
     # What a batch costs: the tokens it reads and at most writes (prefill and decoding).
-    mine = share.mine([sum(len(prompts[i].ids) + max_new_tokens for i in b) for b in batches])
+    costs = [float(sum(len(prompts[i].ids) + max_new_tokens for i in b)) for b in batches]
+    # A batch whose KV cache is sharded over a group of processes (a prompt longer than one GPU holds) is run by every
+    # process of one group together; the groups share those batches, and every process shares the others alone.
+    # Decided (and a prompt too long even sharded refused) before any work, the same way on every process.
+    shards = getattr(engine, "kv_shards_for", None)
+    joint = [b for b, idx in enumerate(batches)
+             if shards is not None and shards([len(prompts[i].ids) for i in idx], max_new_tokens) > 1]
+    alone = [b for b in range(len(batches)) if b not in set(joint)]
+    mine = [alone[i] for i in share.mine([costs[b] for b in alone])]
+    if joint:
+        group = engine.kv_group
+        engine.sharded_prompts.extend(len(prompts[i].ids) for b in joint for i in batches[b])
+        # First, so that every process of a group reaches its shared batches at the same point.
+        mine = [joint[i] for i in Share(group.index, group.count).mine([costs[b] for b in joint])] + mine
 
     def work() -> dict[int, dict[str, Any]]:
         outputs: dict[int, dict[str, Any]] = {}

@@ -19,6 +19,7 @@ from longforge.eval.task import TaskRun
 from longforge.files import atomic_write_text, writing
 from longforge.hf import load_model, load_tokenizer
 from longforge.inference import Engine
+from longforge.inference.sharded import kv_group
 
 # Folder names longforge itself gives checkpoints (a stage's final/, a run's rope/, a training checkpoint and the folder
 # holding those): they say what a model is only together with the folder above them.
@@ -62,11 +63,28 @@ def check_prompts(spec: EvalSpec, tokenizer: Any, original_length: int, target_l
             task.check_prompts(spec, tokenizer, original_length, target_length)
 
 
-def make_engine(model: Any, spec: EvalSpec) -> Engine:
-    """The generation engine with the recipe's inference settings."""
+def make_engine(model: Any, spec: EvalSpec, share: Share = SINGLE) -> Engine:
+    """The generation engine with the recipe's inference settings; under torchrun, with the processes it may shard a
+    long prompt's KV cache over (inference/sharded.py)."""
     inf = spec.inference
     return Engine(model, prefill_chunk=inf.prefill_chunk, kv_cache=inf.kv_cache, attention=inf.attention,
-                  gpu_memory_gib=inf.gpu_memory_gib, cuda_graphs=inf.cuda_graphs)
+                  gpu_memory_gib=inf.gpu_memory_gib, cuda_graphs=inf.cuda_graphs, kv_shards=inf.kv_shards,
+                  kv_group=kv_group(inf.kv_shards, share.rank, share.world))
+
+
+# Tokens the longest answer may add to a prompt (RULER's largest budget, niah's 128): for the check before any work.
+ANSWER_ROOM = 128
+
+
+def longest_prompt(spec: EvalSpec, original_length: int, target_length: int) -> int:
+    """The longest prompt the generation tasks build (their grids' and RULER's longest length)."""
+    from longforge.eval.grid import grid_lengths
+    from longforge.eval.ruler.run import ruler_lengths
+
+    longest = [max(grid_lengths(s, original_length, target_length)) for s in (spec.passkey, spec.niah) if s is not None]
+    if spec.ruler is not None:
+        longest.append(max(spec.ruler.lengths or ruler_lengths(target_length)))
+    return max(longest, default=0)
 
 
 def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, target_length: int,
@@ -77,6 +95,8 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
     task's prompts, every process returns the same summary, and only the first process writes.
     """
     check_inputs(spec)
+    if share.world == 1:
+        kv_group(spec.inference.kv_shards, 0, 1)  # kv_shards N > 1 in a job of one process: one sentence, before any work
     tok = load_tokenizer(model_dir, trust_remote_code)
     check_prompts(spec, tok, original_length, target_length)
     out = Path(out)
@@ -85,7 +105,11 @@ def evaluate(model_dir: Path, spec: EvalSpec, out: Path, original_length: int, t
             out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, device, dtype, trust_remote_code)
-    engine = make_engine(model, spec)
+    engine = make_engine(model, spec, share)
+    longest = longest_prompt(spec, original_length, target_length)
+    if longest:
+        # A prompt too long even with its KV cache sharded over every process is refused now, not after other tasks.
+        engine.kv_shards_for([longest], ANSWER_ROOM)
     job = TaskRun(engine, tok, spec, original_length, target_length, label, share)
     summary: dict[str, Any] = {"model": str(model_dir), "label": label, "original_length": original_length,
                                "target_length": target_length}

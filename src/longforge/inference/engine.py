@@ -15,6 +15,8 @@ all rows decode together, each at its own position and attending to its own leng
 kernels.decode_attention). The host looks at the new tokens every `sync_every` steps (inference/decode.py), and on
 CUDA the decoding step is captured once per batch shape as a CUDA graph and replayed. Where the cache does not fit
 on the GPU (it is offloaded), and on the HF path, rows of equal length run together instead.
+Under torchrun, a prompt whose cache does not fit one GPU (or every prompt, with kv_shards N) runs on every process of
+its group together, each keeping a shard of the keys and values (inference/sharded.py; `kv_shards_for` decides).
 `Engine(model, ragged=False, cuda_graphs="off", sync_every=1, prefix_reuse=False)` is the engine as it was before
 batches could be ragged (benchmarks compare against it).
 """
@@ -30,10 +32,12 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from longforge.errors import LongforgeError
 from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
 from longforge.inference.fusion import decode_kernels, fused_decoding
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
 from longforge.inference.prefill import Fill, Share, Step, Worth, computed_tokens, prefill_plan, shared_tokens
+from longforge.inference.sharded import KVGroup, KVShards, ShardedKV, shard_sizes
 from longforge.model.attention import CONTEXT_ATTR, AttentionContext, attention_layers, bind_attention, context_of, register
 from longforge.model.fused import fused_available
 from longforge.model.loss import chunked_lm_loss
@@ -192,7 +196,7 @@ class Engine:
                  attention: AttentionPath = "auto", stop_on_eos: bool = True, gpu_memory_gib: float | None = None,
                  ragged: bool = True, cuda_graphs: GraphMode = "auto", sync_every: int = SYNC_EVERY,
                  prefix_reuse: bool = True, prefix_min: int = PREFIX_MIN, pad_to: int | None = PAD_TO,
-                 fused: GraphMode = "auto"):
+                 fused: GraphMode = "auto", kv_shards: KVShards = "auto", kv_group: KVGroup | None = None):
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1 (steps between host visits), not {sync_every}")
         if cuda_graphs not in ("auto", "off"):
@@ -220,6 +224,11 @@ class Engine:
         self._graphed: _Graphed | None = None
         self.last: dict[str, Any] = {}  # timings and counts of the last generate call (benchmarks read them)
         self.placement: dict[str, int] = {}  # where the last store kept each layer's keys and values
+        # Prompts longer than one GPU holds: their keys and values sharded over the processes of `kv_group`
+        # (inference/sharded.py); 'auto' shards only a prompt that does not fit one device, N every prompt.
+        self.kv_shards: KVShards = kv_shards
+        self.kv_group = kv_group
+        self.sharded_prompts: list[int] = []  # lengths of the prompts that ran sharded (describe() lists them)
 
     def _sync(self) -> float:
         """Wall time after the device finished its queued work (timings must not stop at a kernel launch)."""
@@ -233,7 +242,15 @@ class Engine:
         return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv, "gpu_memory_gib": self.gpu_memory_gib,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "ragged": self.ragged, "sync_every": self.sync_every, "prefix_reuse": self.prefix_min,
-                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "cuda_graphs": self._graphs_described()}
+                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "cuda_graphs": self._graphs_described(),
+                "kv_shards": self.kv_shards, **self._shards_described()}
+
+    def _shards_described(self) -> dict[str, Any]:
+        """Which prompts ran with their keys and values sharded over processes (nothing when none did)."""
+        if not self.sharded_prompts or self.kv_group is None:
+            return {}
+        return {"sharded_prompts": {"processes_per_prompt": self.kv_group.size, "groups": self.kv_group.count,
+                                    "prompt_tokens": sorted(self.sharded_prompts)}}
 
     def _graphs_described(self) -> str:
         if self.graph_failure is not None:
@@ -267,24 +284,85 @@ class Engine:
 
     def _resident_layers(self, capacity: int, batch: int) -> int:
         """How many layers' caches fit on the GPU under the memory budget next to the weights and one chunk's work."""
+        per_layer = batch * capacity * self._kv_bytes_per_token() // self.model.config.num_hidden_layers
+        free = self._budget() - torch.cuda.memory_allocated(self.device) - self._work_bytes(capacity, batch)
+        return resident_layers(self.model.config.num_hidden_layers, per_layer, free)
+
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one position of one row takes over all layers."""
         cfg = self.model.config
-        hidden = cfg.hidden_size
-        head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         elem = next(self.model.parameters()).element_size()
-        per_layer = 2 * batch * capacity * kv_heads * head_dim * elem
-        # One chunk's activations: the MLP's ~4 intermediate-wide tensors and ~16 hidden-wide ones (residual, norms,
-        # projections, attention outputs and their fp32 merge); an over-estimate on the benchmarked 8B shape.
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
+
+    def _work_bytes(self, capacity: int, batch: int) -> int:
+        """One chunk's activations: the MLP's ~4 intermediate-wide tensors and ~16 hidden-wide ones (residual, norms,
+        projections, attention outputs and their fp32 merge); an over-estimate on the benchmarked 8B shape."""
+        cfg = self.model.config
+        hidden = cfg.hidden_size
         inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
-        work = batch * min(self.prefill_chunk, capacity) * (4 * inter + 16 * hidden) * elem
+        elem = next(self.model.parameters()).element_size()
+        return batch * min(self.prefill_chunk, capacity) * (4 * inter + 16 * hidden) * elem
+
+    def _budget(self) -> float:
+        """GPU memory the engine may use: gpu_memory_gib, else 90% of the device."""
         if self.gpu_memory_gib is not None:
-            budget = self.gpu_memory_gib * GIB
-        else:
-            budget = 0.9 * torch.cuda.get_device_properties(self.device).total_memory
-        return resident_layers(cfg.num_hidden_layers, per_layer, budget - torch.cuda.memory_allocated(self.device) - work)
+            return self.gpu_memory_gib * GIB
+        return 0.9 * torch.cuda.get_device_properties(self.device).total_memory
+
+    def kv_shards_for(self, lengths: Sequence[int], max_new_tokens: int) -> int:
+        """Processes that run a batch of prompts with these lengths together, their keys and values sharded: 1 (this
+        process alone), or the size of the engine's group. Every process of the job computes the same answer (the
+        evaluation's split of the prompts depends on it); a prompt too long even when sharded is an error here."""
+        g = self.kv_group
+        if g is None or not lengths:
+            return 1
+        if self.path != "longforge":
+            if self.kv_shards == "auto":
+                return 1
+            raise LongforgeError(f"inference.kv_shards {self.kv_shards} needs the engine's own attention, but "
+                                 f"{type(self.model).__name__} runs through transformers' cache (sliding window or "
+                                 f"custom layers); set kv_shards to auto.")
+        longest = max(lengths)
+        if self.kv_shards == "auto":
+            # Only where a prompt would not fit one GPU (its cache offloaded otherwise); kv_cache cpu asks for host memory.
+            if self.device.type != "cuda" or self.kv_cache == "cpu" or self._fits_alone(longest + max_new_tokens):
+                return 1
+        self._check_shard_fits(longest, max_new_tokens, len(lengths))
+        return g.size
+
+    def _fits_alone(self, capacity: int) -> bool:
+        """Whether one prompt's cache of `capacity` positions fits on this GPU beside the weights and one chunk's work.
+
+        From the model's size, not the allocator's count: every process must decide the same, whatever it ran before.
+        """
+        need = self._weights_bytes() + self._work_bytes(capacity, 1) + capacity * self._kv_bytes_per_token()
+        return need <= self._budget()
+
+    def _weights_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _check_shard_fits(self, length: int, max_new_tokens: int, rows: int) -> None:
+        """One sentence, before any work, when this process's shard of a prompt does not fit its GPU."""
+        if self.device.type != "cuda" or self.kv_group is None:
+            return
+        size = self.kv_group.size
+        need = max(shard_sizes(length, self.prefill_chunk, size, max_new_tokens)) * rows * self._kv_bytes_per_token()
+        weights = self._weights_bytes()
+        work = self._work_bytes(length, rows)
+        budget = self._budget()
+        if weights + work + need > budget:
+            raise LongforgeError(
+                f"a prompt of {length:,} tokens needs {(weights + work + need) / GIB:.1f} GiB per process when sharded "
+                f"over {size} processes ({need / GIB:.1f} GiB of keys and values, {weights / GIB:.1f} GiB of weights, "
+                f"{work / GIB:.1f} GiB for one chunk's work), more than the {budget / GIB:.1f} GiB each GPU may use; "
+                f"run on more processes (torchrun --nproc-per-node), set inference.kv_cache: cpu, or use shorter lengths.")
 
     @contextlib.contextmanager
-    def _attached(self, store: DeviceKV | OffloadedKV) -> Iterator[None]:
+    def _attached(self, store: DeviceKV | OffloadedKV | ShardedKV) -> Iterator[None]:
         """Route the model's attention through `store` while the block runs; then the model is as it was (its
         attention implementation and its layers' bound contexts), and the store's transfers have finished."""
         model = self.model
@@ -301,7 +379,7 @@ class Engine:
                 setattr(m, CONTEXT_ATTR, ctx)
             model.set_attn_implementation(previous)
 
-    def _run_decoder(self, ids: torch.Tensor, start: int, store: DeviceKV | OffloadedKV) -> torch.Tensor:
+    def _run_decoder(self, ids: torch.Tensor, start: int, store: DeviceKV | OffloadedKV | ShardedKV) -> torch.Tensor:
         """Hidden states of positions start..start+n through the decoder, appending their keys/values to `store`."""
         pos = torch.arange(start, start + ids.shape[1], device=self.device).expand(ids.shape[0], -1)
         before = store.calls
@@ -323,6 +401,9 @@ class Engine:
         self.last = {}
         if not rows or max_new_tokens <= 0:
             return [[] for _ in rows]
+        if self.kv_shards_for([len(r) for r in rows], max_new_tokens) > 1:
+            self.release()  # a kept batch cache would take memory from the shard
+            return self._in_groups(rows, max_new_tokens, stop, self._generate_sharded)
         if self.path == "longforge":
             try:
                 return self._generate_longforge(rows, max_new_tokens, stop)
@@ -503,6 +584,49 @@ class Engine:
         self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
                      "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0, **self.placement}
         return res.rows
+
+    def _generate_sharded(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
+        """Equal-length prompts (B, L) run by every process of the group together, each keeping a shard of the keys
+        and values (inference/sharded.py); every process returns the same tokens."""
+        g = self.kv_group
+        assert g is not None
+        prompts = prompts.to(self.device)
+        b, n = prompts.shape
+        store = ShardedKV(shard_sizes(n, self.prefill_chunk, g.size, max_new_tokens)[g.rank], g)
+        head = self.model.get_output_embeddings()
+        with self._attached(store):
+            t0 = self._sync()
+            h = None
+            for start in range(0, n, self.prefill_chunk):
+                h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
+            assert h is not None
+            state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
+            state.start(self._agreed(head(h[:, -1]).argmax(-1)))
+            del h
+            t1 = self._sync()
+            store.decode()
+            position = [n]
+
+            def step() -> None:
+                out = self._run_decoder(state.current[:, None], position[0], store)
+                position[0] += 1
+                state.record(self._agreed(head(out[:, -1]).argmax(-1)))
+
+            with self._fused():
+                res = run_decode(state, step, max_new_tokens, stop, self.sync_every)
+            t2 = self._sync()
+        self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
+                     "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0, "kv_shards": g.size,
+                     "kv_positions_here": store.held[g.rank]}
+        return res.rows
+
+    def _agreed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The group's first process's tokens on every process of the group: the same decisions everywhere."""
+        import torch.distributed as dist
+
+        assert self.kv_group is not None
+        dist.broadcast(tokens, src=self.kv_group.first, group=self.kv_group.handle)
+        return tokens
 
     def _generate_hf(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
         """Equal-length prompts through transformers' own cache and attention (any architecture)."""

@@ -110,6 +110,12 @@ def merge_by_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch
     return o1.float() * torch.exp(l1 - total) + o2.float() * torch.exp(l2 - total)
 
 
+def merge_with_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor,
+                   l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_by_lse that also gives the union's log-sum-exp (for merging again, across processes)."""
+    return merge_by_lse(o1, l1, o2, l2), torch.logaddexp(l1, l2)
+
+
 KERNELS: dict[str, Kernel] = {"split": split_cudnn, "flash": flash_last}
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 
@@ -208,3 +214,95 @@ def _decode_agrees(kernel: DecodeKernel, h: int, hkv: int, d: int, device: torch
         return False
     want = masked_decode(q, k, v, used, None).float()
     return got.shape == want.shape and bool((got - want).abs().max() <= CHECK_TOLERANCE * want.abs().max())
+
+
+# ---- attention with its log-sum-exp, for keys split over processes (inference/sharded.py)
+
+LSE_KEY_BLOCK = 1 << 26  # scores per block of the exact fallback path: bounds its memory at any key count
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, H, Lq, D) against k/v (B, Hkv, Lk, D) and its log-sum-exp: (B, H, Lq, D) and (B, H, Lq, 1),
+    both fp32; `causal` only for a chunk against itself (Lq == Lk).
+
+    On CUDA cuDNN for chunk-sized queries, FlashAttention for few (decoding), each checked once like the other
+    kernels; elsewhere (CPU: the tests' reference) exact fp32 arithmetic over blocks of keys.
+    """
+    if q.is_cuda:
+        if q.shape[2] >= SPLIT_MIN_QUERIES and _usable("split", q, k):
+            try:
+                out, lse = cudnn_with_lse(q, k, v, causal, scale)
+                return out.float(), lse
+            except RuntimeError:  # a shape the small check did not cover (a very long shard): FlashAttention from now
+                _verdicts[("split", str(q.device), q.dtype, q.shape[1], k.shape[1], q.shape[3])] = False
+        if _lse_usable(q, k):
+            return flash_with_lse(q, k, v, causal, scale)
+    return math_with_lse(q, k, v, causal, scale)
+
+
+def flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention's forward and its log-sum-exp (grouped heads native), as attention_lse returns them."""
+    lq, lk = q.shape[2], k.shape[2]
+    res = torch.ops.aten._flash_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None,
+                                                  lq, lk, 0.0, causal and lq > 1, False, scale=scale)
+    out, lse = res[0], res[1]
+    return out.transpose(1, 2).float(), lse[:, :, :lq, None].float()
+
+
+def math_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fp32 attention and log-sum-exp, key block by key block (merged by log-sum-exp): any device, any length."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    rep = h // hkv
+    scale = d ** -0.5 if scale is None else scale
+    # The query heads of a KV head as rows of one attention: no copy of the keys for grouped-query attention.
+    qg = q.float().reshape(b, hkv, rep * lq, d) * scale
+    rows = torch.arange(lq, device=q.device).repeat(rep)[:, None]  # each row's query position
+    block = max(1, LSE_KEY_BLOCK // max(1, b * h * lq))
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    for start in range(0, lk, block):
+        kb, vb = k[:, :, start:start + block].float(), v[:, :, start:start + block].float()
+        s = qg @ kb.transpose(-1, -2)
+        if causal:
+            cols = torch.arange(start, start + kb.shape[2], device=q.device)[None]
+            s = s.masked_fill(cols > rows + (lk - lq), float("-inf"))
+        part_lse = torch.logsumexp(s, -1, keepdim=True)
+        # A row with every key masked in this block has lse -inf: its weights are 0, not NaN.
+        p = torch.exp(s - torch.where(torch.isinf(part_lse), torch.zeros_like(part_lse), part_lse))
+        part = p @ vb
+        if out is None or lse is None:
+            out, lse = part, part_lse
+        else:
+            out, lse = merge_with_lse(out, lse, part, part_lse)
+    assert out is not None and lse is not None
+    return out.reshape(b, h, lq, d), lse.reshape(b, h, lq, 1)
+
+
+def _lse_usable(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether flash_with_lse runs and matches math_with_lse (output and log-sum-exp) here (checked once)."""
+    key = ("flash_lse", str(q.device), q.dtype, q.shape[1], k.shape[1], q.shape[3])
+    if key not in _verdicts:
+        _verdicts[key] = _lse_agrees(q.shape[1], k.shape[1], q.shape[3], q.device, q.dtype)
+    return _verdicts[key]
+
+
+def _lse_agrees(h: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """flash_with_lse against math_with_lse on a small input, with and without the causal mask."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 24, h, d, device=device, dtype=dtype, generator=g).transpose(1, 2)
+    k, v = (torch.randn(1, 24, hkv, d, device=device, dtype=dtype, generator=g).transpose(1, 2) for _ in range(2))
+    try:
+        for causal in (False, True):
+            got, got_lse = flash_with_lse(q, k, v, causal, None)
+            want, want_lse = math_with_lse(q, k, v, causal, None)
+            if got.shape != want.shape or got_lse.shape != want_lse.shape:
+                return False
+            if (got - want).abs().max() > CHECK_TOLERANCE * want.abs().max() or (got_lse - want_lse).abs().max() > 0.05:
+                return False
+    except (RuntimeError, TypeError, NotImplementedError, IndexError):
+        return False
+    return True
