@@ -33,13 +33,17 @@ def check_base(path: Path) -> dict[str, Any]:
         raise LongforgeError(f"--base {path} ships its own model code (auto_map in config.json) and the lab runs no code "
                              "from checkpoints; convert it to a model transformers knows, or use `longforge run` with "
                              "model.trust_remote_code: true if you trust it.")
-    model_type = read_config(path)["model_type"]
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise LongforgeError(f"--base {path} is a {model_type!r} model, which transformers does not load as a causal "
-                             "language model; pass a decoder checkpoint (e.g. Llama, Qwen2, SmolLM2).")
+    config = read_config(path)
+    model_type = config["model_type"]
+    archs = config.get("architectures") or []
+    # A type transformers has a causal LM class for can still be saved as an encoder (BertModel, BertForMaskedLM).
+    encoder = bool(archs) and not any("CausalLM" in a or "LMHeadModel" in a for a in map(str, archs))
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+        raise LongforgeError(f"--base {path} is a {model_type!r} model ({', '.join(map(str, archs)) or 'no architectures'}), "
+                             "not a causal language model; pass a decoder checkpoint (e.g. Llama, Qwen2, SmolLM2).")
     load_tokenizer(path)  # one sentence when its tokenizer files are missing or damaged
     info = rope_info(load_config(path))
-    return {"window": info.original_length, "rope_theta": info.base, "model_type": model_type,
+    return {"window": info.original_length, "rope_theta": info.theta, "model_type": model_type,
             "rope_type": info.current.get("rope_type", "default")}
 
 
@@ -139,4 +143,14 @@ def base_assets(base: Path, corpus: Path, essays: Path | None, folder: Path, tar
             "ppl_code": side / "heldout_code_long.jsonl", "ppl_prose": side / "heldout_prose_long.jsonl",
             "heldout_tokens": {k: v for k, v in rec.items() if k in ("code", "prose")},
             "base_record": {"fingerprint": fingerprint([base_fp, corpus_fp]), "path": str(base), "params": _params(base),
-                            "tokens": None, "seconds": None, "corpus": str(corpus), "corpus_tokens": manifest.get("tokens")}}
+                            "tokens": None, "seconds": None, "corpus": str(corpus), "corpus_tokens": corpus_sizes(manifest)}}
+
+
+def corpus_sizes(manifest: dict[str, Any]) -> str:
+    """Tokens (or, without a tokenizer, characters) per domain, as real_corpus.py recorded them."""
+    domains = manifest.get("domains") or {}
+    if not domains:
+        return "not recorded"
+    counted = manifest.get("tokenizer") is not None
+    unit = "tokens" if counted else "characters"
+    return ", ".join(f"{k} {v.get(unit, 0):,}" for k, v in domains.items()) + f" {unit}"

@@ -266,7 +266,7 @@ def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     b = results["base"]
     if pretrained:
         about = (f"Base model: {b.get('path')} ({b.get('params') or 0:,} parameters, window {w}, as given: not trained by "
-                 f"the lab). Corpus: {b.get('corpus')} (tokens per domain: {b.get('corpus_tokens') or 'not recorded'}); "
+                 f"the lab). Corpus: {b.get('corpus')} ({b.get('corpus_tokens') or 'sizes not recorded'}); "
                  f"essay haystack: {b.get('essays')}. Every trained arm extends it to {t} tokens ({t // w}x) with "
                  f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens. Compute time: "
                  f"training {_train_seconds(rows):.0f} s, evaluation {sum(r['eval_seconds'] for r in rows):.0f} s.")

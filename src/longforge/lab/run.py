@@ -216,9 +216,9 @@ def base_eval_specs(profile: LabProfile, assets: dict[str, Any], seed: int) -> t
     target; and a second spec for perplexity on held-out prose. The lengths at or under the window measure
     retention (RULER at w/2, perplexity at w/4, passkey up to w: 4K, 2K and 8K for an 8K model)."""
     w, t = profile.window, profile.target
-    ppl = doubling(max(w // 4, 64), 2 * t)
+    ppl = doubling(max(w // 4, 16), 2 * t)
     main = EvalSpec.model_validate({
-        "passkey": {"lengths": doubling(max(w // 8, 64), 2 * t), "depths": profile.passkey_depths,
+        "passkey": {"lengths": doubling(max(w // 8, 128), 2 * t), "depths": profile.passkey_depths,
                     "trials": profile.passkey_trials, "batch_size": 16},
         "ruler": {"tasks": list(profile.ruler_tasks) if profile.ruler_tasks else None,
                   "lengths": doubling(max(w // 2, 64), t), "samples": profile.ruler_samples,
@@ -476,6 +476,7 @@ def run_lab(out: Path, device: str = "auto", profile_name: str = "auto", seeds: 
         assets = base_assets(Path(base), data, essays, out / "assets", profile.target)
     rows: list[dict[str, Any]] = []
     if not report_only:
+        check_evaluation(profile, assets, seeds[0])
         for seed, chosen in plan.items():
             rows += run_seed(profile, assets, chosen, seed, out / f"seed{seed}", dev)
             (out / "results.json").write_text(json.dumps(_results(profile, assets, rows, t0), indent=1))
@@ -486,6 +487,17 @@ def run_lab(out: Path, device: str = "auto", profile_name: str = "auto", seeds: 
     report = write_lab_report(results, out / "report")
     say(f"lab finished in {(time.time() - t0) / 60:.1f} min; report: {report['md']}")
     return {"results": str(out / "results.json"), **{k: str(v) for k, v in report.items()}}
+
+
+def check_evaluation(profile: LabProfile, assets: dict[str, Any], seed: int) -> None:
+    """The evaluation's inputs and shortest prompts, checked once before any arm (a problem there would fail every arm)."""
+    from longforge.eval.run import check_inputs, check_prompts
+    from longforge.hf import load_tokenizer
+
+    tok = load_tokenizer(assets["tokenizer"])
+    for spec in base_eval_specs(profile, assets, seed) if profile.pretrained else (eval_spec(profile, assets, seed),):
+        check_inputs(spec)
+        check_prompts(spec, tok, profile.window, profile.target)
 
 
 def run_seed(profile: LabProfile, assets: dict[str, Any], chosen: list[Arm], seed: int, seed_dir: Path,
