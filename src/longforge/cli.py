@@ -134,11 +134,16 @@ def demo(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda; cuda runs a larger default.")] = "auto",
     fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything: the cached corpus, tokenizer, base model and the run.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and sampling.")] = 0,
+    model: Annotated[Optional[Path], typer.Option(help="Extend this Hugging Face checkpoint 4x instead of a base the "
+                                                       "demo pretrains (e.g. SmolLM2-135M-Instruct; needs --data).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="With --model: the corpus to train on, a folder written by "
+                                                      "benchmarks/real_corpus.py or a JSONL file/folder of documents.")] = None,
 ) -> None:
-    """Build a corpus, tokenizer and short-window base model from this machine's files, extend it 8x, evaluate, report."""
+    """Build a corpus, tokenizer and short-window base model from this machine's files, extend it 8x, evaluate, report
+    (or, with --model and --data, extend that checkpoint 4x on that corpus)."""
     from longforge.demo.run import run_demo
 
-    run_demo(out, device=device, fresh=fresh, seed=seed)
+    run_demo(out, device=device, fresh=fresh, seed=seed, model=model, data=data)
 
 
 @app.command()
