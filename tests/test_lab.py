@@ -158,6 +158,14 @@ def test_lab_from_a_given_base_runs_two_arms_in_slices_and_lists_the_rest(tmp_pa
     (out / "report" / "LAB.md").unlink()
     run_lab(out, report_only=True, **common)
     assert "| ultralong |" in (out / "report" / "LAB.md").read_text()
+    # Rows carried to a fresh folder (another machine) are used as they are: nothing is trained or evaluated again.
+    fresh = tmp_path / "lab2"
+    for f in out.glob("seed0/*/rows.json"):
+        (fresh / f.parent.relative_to(out)).mkdir(parents=True)
+        (fresh / f.relative_to(out)).write_bytes(f.read_bytes())
+    run_lab(fresh, arm_names=["yarn-0", "ultralong"], **common)
+    assert json.loads((fresh / "results.json").read_text())["rows"] == res["rows"]
+    assert not (fresh / "seed0" / "ultralong" / "train").exists()
 
 
 def test_lab_refuses_a_bad_base_in_one_sentence(tmp_path: Path, tiny_base: Path) -> None:

@@ -307,14 +307,26 @@ FAILED = "failed.json"  # why an arm did not finish (the report lists it)
 def arm_fingerprint(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int) -> str:
     """What an arm's rows depend on: the arm, the profile, the base and corpus, the seed and the evaluation."""
     specs = base_eval_specs(profile, assets, seed) if profile.pretrained else (eval_spec(profile, assets, seed),)
-    return fingerprint([asdict(arm), asdict(profile), assets["base_record"]["fingerprint"], seed,
-                        [s.model_dump(mode="json") for s in specs]])
+    text = json.dumps([s.model_dump(mode="json") for s in specs], sort_keys=True)
+    # Files the lab derives are named by their place, not their folder, so rows carried to a lab folder elsewhere
+    # still match (their content is covered by the base's and the corpus's fingerprints).
+    for key in ("side", "corpus"):
+        text = text.replace(str(assets[key]), f"<{key}>")
+    return fingerprint([asdict(arm), asdict(profile), assets["base_record"]["fingerprint"], seed, text])
 
 
 def recorded_rows(arm_dir: Path, fp: str) -> list[dict[str, Any]] | None:
     """The rows an earlier call recorded for this arm with the same inputs (here or carried from another machine)."""
     rec = read_json(arm_dir / ROWS)
     return rec["rows"] if isinstance(rec, dict) and rec.get("fingerprint") == fp else None
+
+
+def arm_leftovers(folder: Path) -> bool:
+    """An arm folder holding only what the lab writes there (rows, a failure, stage folders, a run's entries)."""
+    from longforge.runner import RUN_ENTRIES
+
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    return all(n in {ROWS, FAILED, "model"} | RUN_ENTRIES or n.startswith("eval-") for n in names)
 
 
 def run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, seed_dir: Path, device: Any,
@@ -326,8 +338,9 @@ def run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, se
     if done is not None:
         say(f"[green]✓[/] lab/{arm.name} (seed {seed}) [dim](rows recorded earlier, skipped)[/]")
         return done
+    # Adopt the arm's folder when it holds only what the lab writes (rows or a failure carried from another call).
+    claim_dir(arm_dir, f"lab arm {arm.name}'s folder", ours=arm_leftovers)
     rows = _run_arm(profile, assets, arm, seed, seed_dir, device, profile_json)
-    arm_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(arm_dir / ROWS, {"fingerprint": fp, "rows": rows})
     (arm_dir / FAILED).unlink(missing_ok=True)
     return rows
@@ -521,7 +534,7 @@ def run_seed(profile: LabProfile, assets: dict[str, Any], chosen: list[Arm], see
         except (LongforgeError, torch.OutOfMemoryError) as e:
             reason = " ".join(str(e).split()) or type(e).__name__
             say(f"[red]lab/{arm.name} (seed {seed}) did not finish:[/] {reason}")
-            (seed_dir / arm.name).mkdir(parents=True, exist_ok=True)
+            claim_dir(seed_dir / arm.name, f"lab arm {arm.name}'s folder", ours=arm_leftovers)
             atomic_write_json(seed_dir / arm.name / FAILED, {"reason": reason, "arm": arm.name, "seed": seed})
     return rows
 
