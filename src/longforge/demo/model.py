@@ -111,7 +111,7 @@ def run_model_demo(out: Path, model: Path, data: Path | None, device: str = "aut
 
     t0 = time.time()
     dev = resolve_device(device)
-    info = check_base(Path(model)).copy()
+    info = check_base(Path(model), "--model")
     if data is None:
         raise LongforgeError(NO_DATA.format(model=model) + ".")
     data = Path(data)

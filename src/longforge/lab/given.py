@@ -19,7 +19,7 @@ CORPUS_FIX = ("build one with `python benchmarks/real_corpus.py --out DIR` (Pyth
               "site-packages), or pass the folder it wrote")
 
 
-def check_base(path: Path) -> dict[str, Any]:
+def check_base(path: Path, flag: str = "--base") -> dict[str, Any]:
     """Refuse, in one sentence, a --base that is not a whole causal-LM checkpoint with a tokenizer and no own code;
     returns its window, RoPE base and model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -28,9 +28,9 @@ def check_base(path: Path) -> dict[str, Any]:
     from longforge.positions.rope import rope_info
 
     path = Path(path)
-    check_checkpoint(path, "--base")
+    check_checkpoint(path, flag)
     if needs_own_code(path):
-        raise LongforgeError(f"--base {path} ships its own model code (auto_map in config.json) and the lab runs no code "
+        raise LongforgeError(f"{flag} {path} ships its own model code (auto_map in config.json) and the lab runs no code "
                              "from checkpoints; convert it to a model transformers knows, or use `longforge run` with "
                              "model.trust_remote_code: true if you trust it.")
     config = read_config(path)
@@ -39,7 +39,7 @@ def check_base(path: Path) -> dict[str, Any]:
     # A type transformers has a causal LM class for can still be saved as an encoder (BertModel, BertForMaskedLM).
     encoder = bool(archs) and not any("CausalLM" in a or "LMHeadModel" in a for a in map(str, archs))
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
-        raise LongforgeError(f"--base {path} is a {model_type!r} model ({', '.join(map(str, archs)) or 'no architectures'}), "
+        raise LongforgeError(f"{flag} {path} is a {model_type!r} model ({', '.join(map(str, archs)) or 'no architectures'}), "
                              "not a causal language model; pass a decoder checkpoint (e.g. Llama, Qwen2, SmolLM2).")
     load_tokenizer(path)  # one sentence when its tokenizer files are missing or damaged
     info = rope_info(load_config(path))
