@@ -61,3 +61,33 @@ def test_demo_recipe_is_valid(tmp_path: Path) -> None:
     r = parse_recipe(demo_recipe(PROFILES["cpu"], assets, "cpu", 0))
     assert r.target_length == 8 * PROFILES["cpu"].base.window
     assert r.positions.method == "yarn" and (r.positions.beta_slow, r.positions.beta_fast) == (1.0, 4.0)
+
+
+def test_demo_on_a_given_model_extends_it_with_the_same_report(tmp_path: Path, tokenizer_dir: Path, tokenizer,
+                                                              one_thread: None) -> None:
+    import sys
+
+    import pytest
+
+    from conftest import make_tiny_model
+    from longforge.demo.run import run_demo
+    from longforge.errors import LongforgeError
+    from longforge.hf import copy_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_lab import _corpus
+
+    model = tmp_path / "model"
+    make_tiny_model(len(tokenizer), window=128).save_pretrained(model)
+    copy_tokenizer(tokenizer_dir, model)
+    with pytest.raises(LongforgeError, match="needs --data.*real_corpus.py"):
+        run_demo(tmp_path / "d0", device="cpu", model=model)
+    with pytest.raises(LongforgeError, match="--data is for --model"):
+        run_demo(tmp_path / "d0", device="cpu", data=tmp_path)
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "demo"
+    res = run_demo(out, device="cpu", model=model, data=corpus)
+    recipe = (out / "demo.yaml").read_text()
+    assert f"path: {model}" in recipe and "target_length: 512" in recipe and "code-repositories" in recipe
+    assert (out / "report" / "report.md").is_file() and (out / "eval" / "final" / "ppl.json").is_file()
+    assert [c["check"] for c in res["checks"]][0].startswith("extended model, passkey beyond the window")

@@ -60,3 +60,141 @@ def test_tiny_lab_runs_every_kind_of_arm_and_writes_the_report(tmp_path: Path, m
     assert "| longrecipe+replay+merge |" in md and "The papers' claims" in md and (out / "report" / "lab_curves.png").is_file()
     with pytest.raises(LongforgeError, match="unknown lab arm 'nope'"):
         run_lab(out, device="cpu", profile_name="tiny", seeds=[0], arm_names=["nope"])
+
+
+def _fake_site_packages(root: Path) -> Path:
+    """A site-packages tree: packages with modules, docs, licences and metadata (and one file a link points to)."""
+    import random
+
+    from conftest import random_text
+
+    rng = random.Random(3)
+    sp = root / "site-packages"
+    for i, name in enumerate(["alpha", "beta_pkg", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota"]):
+        pkg = sp / name
+        (pkg / "sub").mkdir(parents=True)
+        for j in range(3):
+            body = "\n".join(f"x{k} = {k}  # {random_text(rng, 8)}" for k in range(60 + 20 * i))
+            doc = random_text(rng, 30)
+            (pkg / ("sub" if j else ".") / f"m{j}.py").write_text(f'"""{doc}"""\n\n\ndef f():\n    """{doc}"""\n    return 1\n{body}\n')
+        (pkg / "README.md").write_text(random_text(rng, 400))
+        meta = sp / f"{name}-1.0.dist-info"
+        meta.mkdir()
+        (meta / "LICENSE").write_text("Permission is hereby granted. " + random_text(rng, 100))
+        (meta / "METADATA").write_text("Name: " + name + "\n\n" + random_text(rng, 200))
+    (sp / "__pycache__").mkdir()
+    (sp / "__pycache__" / "x.pyc").write_bytes(b"\x00\x01")
+    return sp
+
+
+def _corpus(tmp_path: Path, tokenizer_dir: Path | None = None) -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_corpus", Path(__file__).parents[1] / "benchmarks" / "real_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "corpus"
+    tok = None
+    if tokenizer_dir is not None:
+        from longforge.hf import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)
+    mod.build([_fake_site_packages(tmp_path)], out, tok, heldout_every=3)
+    return out
+
+
+def test_real_corpus_script_writes_domains_heldout_and_counts(tmp_path: Path, tokenizer_dir: Path) -> None:
+    out = _corpus(tmp_path, tokenizer_dir)
+    m = json.loads((out / "corpus.json").read_text())
+    code = [json.loads(x) for x in (out / "code.jsonl").read_text().splitlines()]
+    prose = [json.loads(x) for x in (out / "prose.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (out / "heldout_code.jsonl").read_text().splitlines()]
+    assert code and prose and held and m["heldout_packages"]
+    # One repository document per package with path headers; the held-out packages are in neither training file.
+    assert all(d["text"].startswith("# file: ") for d in code)
+    assert any("# file: alpha/sub/m1.py" in d["text"] for d in code + held)
+    assert not {d["package"] for d in code + prose} & set(m["heldout_packages"])
+    assert any("Permission is hereby granted" in d["text"] for d in prose)
+    assert m["domains"]["code"]["tokens"] > 0 and m["tokens"]["prose"] == m["domains"]["prose"]["tokens"]
+    # Deterministic: a second build writes the same bytes.
+    first = (out / "code.jsonl").read_bytes()
+    _corpus(tmp_path / "again")
+    assert (tmp_path / "again" / "corpus" / "code.jsonl").read_bytes() == first
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path, tokenizer_dir: Path, tokenizer) -> Path:
+    """A tiny Llama checkpoint with a 128-token window."""
+    from conftest import make_tiny_model
+
+    from longforge.hf import copy_tokenizer
+
+    out = tmp_path / "base"
+    make_tiny_model(len(tokenizer), window=128).save_pretrained(out)
+    copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def test_lab_from_a_given_base_runs_two_arms_in_slices_and_lists_the_rest(tmp_path: Path, tiny_base: Path,
+                                                                           one_thread: None) -> None:
+    from longforge.lab.run import run_lab
+
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "lab"
+    common = dict(device="cpu", profile_name="tiny", seeds=[0], base=tiny_base, data=corpus, factor=2, tokens=1024)
+    run_lab(out, arm_names=["yarn-0"], **common)
+    run_lab(out, arm_names=["ultralong"], **common)  # a second slice: the first arm's rows are kept
+    res = json.loads((out / "results.json").read_text())
+    assert [r["row"] for r in res["rows"]] == ["yarn-0", "ultralong"]
+    ev = res["rows"][1]["eval"]
+    # Passkey to 2x the target, perplexity on code and prose from a quarter of the window, RULER from half of it.
+    assert max(map(int, ev["passkey"]["per_length"])) == 512 and "32" in ev["ppl"] and "32" in ev["ppl_prose"]
+    assert res["rows"][1]["tokens"] >= 1024 and res["window"] == 128 and res["target"] == 256
+    md = (out / "report" / "LAB.md").read_text()
+    assert "| ultralong |" in md and "| yarn-0 |" in md and str(tiny_base) in md
+    assert "## Retention at the original window" in md and "## Arms not run" in md
+    assert "| prolong | 0 |" in md and "not run yet" in md
+    # --report-only rebuilds the table from what is recorded, training nothing.
+    (out / "report" / "LAB.md").unlink()
+    run_lab(out, report_only=True, **common)
+    assert "| ultralong |" in (out / "report" / "LAB.md").read_text()
+    # Rows carried to a fresh folder (another machine) are used as they are: nothing is trained or evaluated again.
+    fresh = tmp_path / "lab2"
+    for f in out.glob("seed0/*/rows.json"):
+        (fresh / f.parent.relative_to(out)).mkdir(parents=True)
+        (fresh / f.relative_to(out)).write_bytes(f.read_bytes())
+    run_lab(fresh, arm_names=["yarn-0", "ultralong"], **common)
+    assert json.loads((fresh / "results.json").read_text())["rows"] == res["rows"]
+    assert not (fresh / "seed0" / "ultralong" / "train").exists()
+
+
+def test_lab_refuses_a_bad_base_in_one_sentence(tmp_path: Path, tiny_base: Path) -> None:
+    import shutil
+
+    from longforge.lab.run import run_lab
+
+    corpus = _corpus(tmp_path)
+    kw = dict(device="cpu", profile_name="tiny", seeds=[0], data=corpus)
+    with pytest.raises(LongforgeError, match="does not exist"):
+        run_lab(tmp_path / "l1", base=tmp_path / "nowhere", **kw)
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(tiny_base, no_tok)
+    for f in no_tok.glob("tok*"):
+        f.unlink()
+    with pytest.raises(LongforgeError, match="no tokenizer files"):
+        run_lab(tmp_path / "l2", base=no_tok, **kw)
+    bert = tmp_path / "bert"
+    shutil.copytree(tiny_base, bert)
+    cfg = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**cfg, "model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(LongforgeError, match="not a causal language model"):
+        run_lab(tmp_path / "l3", base=bert, **kw)
+    own = tmp_path / "own"
+    shutil.copytree(tiny_base, own)
+    (own / "config.json").write_text(json.dumps({**cfg, "model_type": "mything", "auto_map": {"AutoConfig": "x.Cfg"}}))
+    with pytest.raises(LongforgeError, match="runs no code from checkpoints"):
+        run_lab(tmp_path / "l4", base=own, **kw)
+    with pytest.raises(LongforgeError, match="real_corpus.py"):
+        run_lab(tmp_path / "l5", base=tiny_base, **{**kw, "data": tmp_path / "none"})
+    for bad in ("l1", "l2", "l3", "l4", "l5"):
+        assert not (tmp_path / bad).exists()  # refused before anything was written

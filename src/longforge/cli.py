@@ -134,11 +134,16 @@ def demo(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda; cuda runs a larger default.")] = "auto",
     fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild everything: the cached corpus, tokenizer, base model and the run.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and sampling.")] = 0,
+    model: Annotated[Optional[Path], typer.Option(help="Extend this Hugging Face checkpoint 4x instead of a base the "
+                                                       "demo pretrains (e.g. SmolLM2-135M-Instruct; needs --data).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="With --model: the corpus to train on, a folder written by "
+                                                      "benchmarks/real_corpus.py or a JSONL file/folder of documents.")] = None,
 ) -> None:
-    """Build a corpus, tokenizer and short-window base model from this machine's files, extend it 8x, evaluate, report."""
+    """Build a corpus, tokenizer and short-window base model from this machine's files, extend it 8x, evaluate, report
+    (or, with --model and --data, extend that checkpoint 4x on that corpus)."""
     from longforge.demo.run import run_demo
 
-    run_demo(out, device=device, fresh=fresh, seed=seed)
+    run_demo(out, device=device, fresh=fresh, seed=seed, model=model, data=data)
 
 
 @app.command()
@@ -150,13 +155,30 @@ def lab(
     arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms (default: all); see docs/lab.md.")] = None,
     second_seed_arms: Annotated[str, typer.Option(help="'key' (the arms the claims compare) or 'all'.")] = "key",
     fresh: Annotated[bool, typer.Option("--fresh", help="Rebuild the cached base model and rerun every arm.")] = False,
+    base: Annotated[Optional[Path], typer.Option(help="Start every arm from this Hugging Face checkpoint (its window "
+                                                      "read from its config) instead of a base the lab pretrains.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="With --base: the corpus folder benchmarks/real_corpus.py wrote "
+                                                      "(code and prose, held-out packages).")] = None,
+    essays: Annotated[Optional[Path], typer.Option(help="With --base: RULER's essay haystack (text file/folder or JSONL "
+                                                        "of prose); the corpus's held-out prose when absent.")] = None,
+    factor: Annotated[Optional[int], typer.Option(help="With --base: extend the window this many times (4: 8K -> 32K, "
+                                                       "8: 8K -> 64K; default 4).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Extension tokens per trained arm (equal for every arm; default: "
+                                                       "the profile's).")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Build the table from the arms already recorded in "
+                                                                    "--out (listing the others and why); train nothing.")] = False,
 ) -> None:
-    """Pretrain a small base model, extend it 16x by every method on equal token budgets, evaluate, compare with the papers."""
-    from longforge.lab.arms import PROFILES
+    """Pretrain a small base model (or take --base), extend it by every method on equal token budgets, evaluate,
+    compare with the papers; run a few --arms per call and it resumes."""
+    from longforge.lab.arms import BASE_PROFILES, PROFILES
     from longforge.lab.run import run_lab
 
-    if profile != "auto" and profile not in PROFILES:
-        raise LongforgeError(f"--profile {profile!r} is not one of auto, {', '.join(PROFILES)}.")
+    names = BASE_PROFILES if base is not None else PROFILES
+    if profile != "auto" and profile not in names:
+        raise LongforgeError(f"--profile {profile!r} is not one of auto, {', '.join(names)}"
+                             + (" (with --base)." if base is not None else "."))
+    if tokens is not None and tokens <= 0:
+        raise LongforgeError(f"--tokens {tokens} must be a positive number of extension tokens per arm (e.g. 20000000).")
     if second_seed_arms not in ("key", "all"):
         raise LongforgeError(f"--second-seed-arms {second_seed_arms!r} must be 'key' or 'all'.")
     try:
@@ -165,7 +187,8 @@ def lab(
         raise LongforgeError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1.") from None
     run_lab(out, device=device, profile_name=profile, seeds=seed_list or [0],
             arm_names=[a.strip() for a in arms.split(",") if a.strip()] if arms else None,
-            second_seed_arms=second_seed_arms, fresh=fresh)
+            second_seed_arms=second_seed_arms, fresh=fresh, base=base, data=data, essays=essays, factor=factor,
+            tokens=tokens, report_only=report_only)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from longforge.demo.base import BaseSettings, pretrain_base
 from longforge.demo.corpus import build_corpus
 from longforge.demo.retrieval import RetrievalDocs
 from longforge.demo.tokenizer import train_tokenizer
+from longforge.errors import LongforgeError
 from longforge.eval.passkey import FILLER, NEEDLE, QUESTION
 from longforge.files import claim_dir
 from longforge.hf import load_tokenizer, resolve_device
@@ -188,8 +189,17 @@ def demo_checks(run_dir: Path, window: int) -> list[dict[str, Any]]:
     return out
 
 
-def run_demo(out: Path, device: str = "auto", fresh: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Build (or reuse) the demo assets and run the demo recipe into `out`."""
+def run_demo(out: Path, device: str = "auto", fresh: bool = False, seed: int = 0, model: Path | None = None,
+             data: Path | None = None) -> dict[str, Any]:
+    """Build (or reuse) the demo assets and run the demo recipe into `out`; with `model`, the demo on that checkpoint
+    and the corpus `data` (demo/model.py)."""
+    if model is not None:
+        from longforge.demo.model import run_model_demo
+
+        return run_model_demo(out, model, data, device=device, fresh=fresh, seed=seed)
+    if data is not None:
+        raise LongforgeError("--data is for --model (the built-in demo trains on its own corpus); add --model PATH or "
+                             "leave --data out.")
     t0 = time.time()
     dev = resolve_device(device)
     profile = PROFILES["cuda" if dev.type == "cuda" else "cpu"]

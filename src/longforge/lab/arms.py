@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from longforge.demo.base import BaseSettings
@@ -31,6 +31,9 @@ class LabProfile:
     ruler_max_new_tokens: int
     ppl_docs: int
     analysis_texts: int
+    task_share: float = 0.3  # share of passkey/RULER-format documents in each extension corpus (0: natural text only)
+    checkpoints: int = 2  # checkpoints per trained arm (a slice cut by a time limit resumes from the newest)
+    pretrained: bool = False  # a given checkpoint as the base: window read from it, retention measured at the window
 
     @property
     def window(self) -> int:
@@ -46,6 +49,11 @@ class LabProfile:
     def tokens_per_step(self) -> int:
         """Training tokens per optimizer step, the same in every arm."""
         return self.ext_batch * self.target
+
+    @property
+    def tokens(self) -> int:
+        """Extension tokens per arm (steps x tokens per step), the same in every trained arm."""
+        return self.ext_steps * self.tokens_per_step
 
     @property
     def pit_length(self) -> int:
@@ -93,6 +101,38 @@ PROFILES: dict[str, LabProfile] = {
 }
 
 
+# Profiles for a given pretrained checkpoint (`longforge lab --base`): its window and RoPE base are read from its
+# config (BaseSettings' shape fields stay unused), the factor and token budget come from the command line.
+BASE_PROFILES: dict[str, LabProfile] = {
+    # CI-sized, for a tiny checkpoint on CPU.
+    "tiny": replace(PROFILES["tiny"], name="base-tiny", ext_steps=2, ruler_lengths=(), ruler_tasks=("niah_single_1",),
+                    ruler_max_new_tokens=16, passkey_depths=5, passkey_trials=1, ppl_docs=1, task_share=0.0,
+                    pretrained=True),
+    # One H200 and SmolLM2-135M (8K): 8 x 32K tokens per step at 4x (~48K tokens/s), 4 x 64K at 8x.
+    "cuda": LabProfile(
+        name="base-cuda", base=replace(PROFILES["cuda"].base, window=8192, rope_theta=100000.0), factor=4,
+        ext_steps=80, ext_batch=8, ext_lr=1e-4, ext_warmup=4, pool_docs=0, ext_task_docs=0, replay_fraction=0.1,
+        passkey_lengths=0, passkey_depths=5, passkey_trials=4, ruler_lengths=(), ruler_samples=4, ruler_tasks=None,
+        ruler_max_new_tokens=64, ppl_docs=4, analysis_texts=8, task_share=0.0, checkpoints=8, pretrained=True,
+    ),
+}
+
+
+def for_base(profile: LabProfile, window: int, rope_theta: float, factor: int, tokens: int | None) -> LabProfile:
+    """A base profile fitted to a checkpoint: its window and RoPE base, the extension factor and the token budget."""
+    p = replace(profile, base=replace(profile.base, window=window, rope_theta=rope_theta), factor=factor)
+    # The same tokens per step at every factor: fewer, longer sequences at 8x.
+    p = replace(p, ext_batch=max(round(profile.ext_batch * profile.factor / factor), 1))
+    return with_tokens(p, tokens)
+
+
+def with_tokens(profile: LabProfile, tokens: int | None) -> LabProfile:
+    """The profile with its steps set so every trained arm sees about `tokens` extension tokens (unchanged when None)."""
+    if tokens is None:
+        return profile
+    return replace(profile, ext_steps=max(round(tokens / profile.tokens_per_step), 1))
+
+
 @dataclass(frozen=True)
 class Arm:
     """One way of extending the base model (or of not training it), and what its rows are called."""
@@ -107,6 +147,9 @@ class Arm:
     sentences: str | None = None  # None | profile | random: LongRecipe's selection at 30% of each document
     after: tuple[str, ...] = ()  # replay, merge: LongRecipe's later stages, each evaluated
     claims: tuple[str, ...] = field(default=())
+    data: dict[str, Any] = field(default_factory=dict)  # DataSpec fields replacing the lab's mix (plan, separator)
+    schedule: str = "cosine"
+    analysis: str = "ntk"  # the extended arm LongRecipe's impactful-token analysis compares with the base
 
 
 def theta_for(base_theta: float, factor: int) -> float:
@@ -136,13 +179,53 @@ def arms(profile: LabProfile) -> list[Arm]:
     ]
 
 
+def base_arms(profile: LabProfile) -> list[Arm]:
+    """The arms for a given pretrained checkpoint: the zero-shot methods and each paper's recipe, in run order (the
+    Fu et al. arm, full-length training with the larger base, comes before LongRecipe, whose analysis needs it)."""
+    theta = theta_for(profile.base.rope_theta, profile.factor)
+    rope = {"method": "theta", "theta": theta}
+    prolong_mix = {"plan": "long_short_mix", "long_share": 0.6}
+    return [
+        Arm("base", "base model (no extension)", None, train=False),
+        Arm("pi-0", "PI, no training", {"method": "pi"}, train=False),
+        Arm("ntk-0", "NTK-aware, no training", {"method": "ntk"}, train=False),
+        Arm("yarn-0", "YaRN, no training", {"method": "yarn"}, train=False),
+        Arm("dynamic-0", "dynamic NTK, no training", {"method": "dynamic"}, train=False),
+        Arm("ultralong", "UltraLong: YaRN (alpha 1, beta 4), <s> separators, length thresholds, no document masks",
+            {"method": "yarn", "beta_slow": 1, "beta_fast": 4}, document_mask=False,
+            data={"plan": "length_thresholds", "short_threshold": max(profile.window // 2, 64),
+                  "long_threshold": profile.window, "long_repeat": 2.0, "separator": "text:<s>"}),
+        Arm("prolong", f"ProLong: theta {theta:.0f}, document masks, 60/40 long/short, trained at 2x the target", rope,
+            length="double", data=prolong_mix),
+        Arm("prolong-nomask", f"ProLong without document masks (theta {theta:.0f}, 60/40, 2x the target)", rope,
+            length="double", document_mask=False, data=prolong_mix),
+        Arm("fu", f"Fu et al.: theta {theta:.0f}, per-source length upsampling, full length, constant LR", rope,
+            document_mask=False, schedule="constant"),
+        Arm("pose", f"PoSE at the base window (theta {theta:.0f})", rope, length="window", transform="pose"),
+        Arm("longrecipe", f"LongRecipe: PIT + impactful sentences at 30% length (theta {theta:.0f}), replay, merge", rope,
+            length="pit", transform="pit", sentences="profile", after=("replay", "merge"), analysis="fu"),
+    ]
+
+
 # Arms that the second seed repeats: the ones the claims compare.
 KEY_ARMS = ("ntk", "theta", "theta-nomask", "yarn", "pose", "longrecipe", "pit-random")
+BASE_KEY_ARMS = ("ultralong", "prolong", "prolong-nomask", "fu", "pose", "longrecipe")
+
+
+def arm_list(profile: LabProfile) -> list[Arm]:
+    """The profile's arms: the self-pretrained lab's, or those for a given checkpoint."""
+    return base_arms(profile) if profile.pretrained else arms(profile)
+
+
+def key_arms(profile: LabProfile) -> tuple[str, ...]:
+    """The arms the second seed repeats for this profile."""
+    return BASE_KEY_ARMS if profile.pretrained else KEY_ARMS
 
 
 def train_length(arm: Arm, profile: LabProfile) -> int:
     """The packed sequence length an arm trains on."""
-    return {"target": profile.target, "window": profile.window, "pit": profile.pit_length}[arm.length]
+    return {"target": profile.target, "window": profile.window, "pit": profile.pit_length,
+            "double": 2 * profile.target}[arm.length]
 
 
 def schedule(arm: Arm, profile: LabProfile) -> tuple[int, int]:

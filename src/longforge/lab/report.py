@@ -26,6 +26,7 @@ def row_metrics(ev: dict[str, Any], window: int, target: int) -> dict[str, float
     avg = {int(k): v for k, v in ru.get("average", {}).items()}
     per_task = ru.get("per_task", {})
     ppl = {int(k): v for k, v in ev.get("ppl", {}).items()}
+    prose = {int(k): v for k, v in ev.get("ppl_prose", {}).items()}
     ext = [v for k, v in pk.items() if window < k <= target]
     ruler_ext = [v for k, v in avg.items() if window < k <= target]
     niahm = [v for t in NIAH_M for k, v in per_task.get(t, {}).items() if window < int(k) <= target]
@@ -39,6 +40,12 @@ def row_metrics(ev: dict[str, Any], window: int, target: int) -> dict[str, float
         "ppl_window": ppl.get(window),
         "ppl_target": ppl.get(target),
         "ppl_2x": ppl.get(2 * target),
+        # Retention at the original window (a given base): RULER at half the window, perplexity at a quarter of it.
+        "ruler_half": avg.get(window // 2),
+        "ppl_quarter": ppl.get(window // 4),
+        "ppl_prose_quarter": prose.get(window // 4),
+        "ppl_prose_target": prose.get(target),
+        "ppl_prose_2x": prose.get(2 * target),
     }
     for k, v in avg.items():
         out[f"ruler@{k}"] = v
@@ -75,6 +82,33 @@ CLAIMS = [
           "LongRecipe's PoSE baseline", "long_score", "pose", "ntk"),
     Claim("Replay then merging with the original brings the short window back", "LongRecipe", "ppl_window",
           "longrecipe+replay+merge", "longrecipe", lower_is_better=True),
+]
+
+
+# The claims for a given pretrained base (`longforge lab --base`): its arms are each paper's recipe.
+BASE_CLAIMS = [
+    Claim("Without training, NTK-aware scaling extends further than PI", "NTK-aware / YaRN papers", "ppl_target",
+          "ntk-0", "pi-0", lower_is_better=True),
+    Claim("Without training, YaRN extends further than NTK-aware scaling", "YaRN (Peng et al. 2023)", "ppl_target",
+          "yarn-0", "ntk-0", lower_is_better=True),
+    Claim("Dynamic NTK needs no training to keep the original window", "dynamic NTK (Reddit/emozilla, 2023)",
+          "ppl_quarter", "dynamic-0", "ntk-0", lower_is_better=True),
+    Claim("Continued pretraining is needed: trained YaRN (UltraLong) retrieves far better than zero-shot YaRN",
+          "all four recipes", "long_score", "ultralong", "yarn-0"),
+    Claim("Document masks help (54.6 vs 53.6 long-context average)", "ProLong", "long_score", "prolong",
+          "prolong-nomask"),
+    Claim("UltraLong's YaRN recipe beats a larger RoPE base with the same full-length training", "UltraLong",
+          "long_score", "ultralong", "fu"),
+    Claim("Training at 30% length with PIT matches full-length training (NIAH(M) 82.6 vs 73.2)", "LongRecipe",
+          "long_score", "longrecipe", "fu"),
+    Claim("PoSE (training at the original window) extends the window like full-length training", "PoSE (Zhu et al. 2024)",
+          "long_score", "pose", "fu"),
+    Claim("Replay then merging with the original brings the short window back", "LongRecipe", "ppl_quarter",
+          "longrecipe+replay+merge", "longrecipe", lower_is_better=True),
+    Claim("Extension keeps the original window: ProLong's RULER at half the window is the base's", "ProLong",
+          "ruler_half", "prolong", "base"),
+    Claim("Extension keeps the original window: UltraLong's RULER at half the window is the base's", "UltraLong",
+          "ruler_half", "ultralong", "base"),
 ]
 
 
@@ -126,11 +160,15 @@ def _fmt(stat: dict[str, Any] | None, pct: bool = False) -> str:
     return m + (f" ±{stat['spread']:.0f}" if pct else f" ±{stat['spread']:.1f}") if stat["spread"] is not None else m
 
 
-def table(agg: dict[str, dict[str, Any]], window: int, target: int, ruler_lengths: list[int]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the arms x metrics table."""
+def table(agg: dict[str, dict[str, Any]], window: int, target: int, ruler_lengths: list[int],
+          prose: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the arms x metrics table (with `prose`, perplexity on held-out prose too)."""
+    code = "code " if prose else ""
     head = ["row", "what", "seeds", "train tokens", "train s", f"passkey <= {window}", f"passkey {window}-{target}",
             f"passkey {target}-{2 * target}"] + [f"RULER@{L}" for L in ruler_lengths] + [
-            f"NIAH(M) {window}-{target}", f"ppl@{window}", f"ppl@{target}", f"ppl@{2 * target}"]
+            f"NIAH(M) {window}-{target}", f"{code}ppl@{window}", f"{code}ppl@{target}", f"{code}ppl@{2 * target}"]
+    if prose:
+        head += [f"prose ppl@{target}", f"prose ppl@{2 * target}"]
     rows = []
     for name, a in agg.items():
         m = a["metrics"]
@@ -138,7 +176,8 @@ def table(agg: dict[str, dict[str, Any]], window: int, target: int, ruler_length
                      _fmt(m.get("passkey_inside"), True), _fmt(m.get("passkey_extended"), True),
                      _fmt(m.get("passkey_beyond"), True)] + [_fmt(m.get(f"ruler@{L}"), True) for L in ruler_lengths]
                     + [_fmt(m.get("niah_m_extended"), True), _fmt(m.get("ppl_window")), _fmt(m.get("ppl_target")),
-                       _fmt(m.get("ppl_2x"))])
+                       _fmt(m.get("ppl_2x"))]
+                    + ([_fmt(m.get("ppl_prose_target")), _fmt(m.get("ppl_prose_2x"))] if prose else []))
     return head, rows
 
 
@@ -191,35 +230,71 @@ def _train_seconds(rows: list[dict[str, Any]]) -> float:
     return sum(last.values())
 
 
+def retention_table(agg: dict[str, dict[str, Any]], window: int) -> tuple[list[str], list[list[str]]]:
+    """What each row keeps at the original window, against the base: RULER at w/2, perplexity at w/4 (code and
+    prose), passkey up to w; differences from the base in brackets."""
+    keys = [("ruler_half", f"RULER@{window // 2}", True), ("ppl_quarter", f"code ppl@{window // 4}", False),
+            ("ppl_prose_quarter", f"prose ppl@{window // 4}", False), ("passkey_inside", f"passkey <= {window}", True)]
+    base = agg.get("base", {}).get("metrics", {})
+    rows = []
+    for name, a in agg.items():
+        cells = [name]
+        for key, _, pct in keys:
+            stat, ref = a["metrics"].get(key), base.get(key)
+            cell = _fmt(stat, pct)
+            if name != "base" and stat and ref and stat["mean"] is not None and ref["mean"] is not None:
+                cell += f" ({stat['mean'] - ref['mean']:+.{0 if pct else 2}f})"
+            cells.append(cell)
+        rows.append(cells)
+    return ["row"] + [h for _, h, _ in keys], rows
+
+
 def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     """LAB.md, lab.json (aggregates and verdicts) and lab_curves.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     w, t = results["window"], results["target"]
     rows = results["rows"]
+    pretrained = bool(results.get("pretrained"))
+    claims = BASE_CLAIMS if pretrained else CLAIMS
     agg = aggregate(rows, w, t)
     verdicts = [{"claim": c.text, "source": c.source, "metric": c.metric, "a": c.a, "b": c.b, **verdict(c, agg)}
-                for c in CLAIMS]
+                for c in claims]
     ruler_lengths = sorted({int(k) for r in rows for k in r["eval"].get("ruler", {}).get("average", {})})
-    head, trows = table(agg, w, t, ruler_lengths)
+    head, trows = table(agg, w, t, ruler_lengths, prose=pretrained)
     png = curves(rows, w, t, out / "lab_curves.png")
     p = results["profile"]
     b = results["base"]
-    lines = [f"# longforge lab ({p['name']} profile)", "",
-             f"Base model: {b.get('params') or 0:,} parameters, window {w}, pretrained on {b.get('tokens') or 0:,} tokens "
-             f"in {b.get('seconds') or 0:.0f} s. Every trained arm extends it to {t} tokens ({t // w}x) with "
-             f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens. Compute time: base {b.get('seconds') or 0:.0f} s, "
-             f"training {_train_seconds(rows):.0f} s, "
-             f"evaluation {sum(r['eval_seconds'] for r in rows):.0f} s.",
+    if pretrained:
+        about = (f"Base model: {b.get('path')} ({b.get('params') or 0:,} parameters, window {w}, as given: not trained by "
+                 f"the lab). Corpus: {b.get('corpus')} ({b.get('corpus_tokens') or 'sizes not recorded'}); "
+                 f"essay haystack: {b.get('essays')}. Every trained arm extends it to {t} tokens ({t // w}x) with "
+                 f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens. Compute time: "
+                 f"training {_train_seconds(rows):.0f} s, evaluation {sum(r['eval_seconds'] for r in rows):.0f} s.")
+    else:
+        about = (f"Base model: {b.get('params') or 0:,} parameters, window {w}, pretrained on {b.get('tokens') or 0:,} tokens "
+                 f"in {b.get('seconds') or 0:.0f} s. Every trained arm extends it to {t} tokens ({t // w}x) with "
+                 f"{p['ext_steps']} steps x {p['ext_batch'] * t:,} tokens. Compute time: base {b.get('seconds') or 0:.0f} s, "
+                 f"training {_train_seconds(rows):.0f} s, "
+                 f"evaluation {sum(r['eval_seconds'] for r in rows):.0f} s.")
+    extra: list[str] = []
+    if pretrained:
+        rhead, rrows = retention_table(agg, w)
+        extra += ["## Retention at the original window (against the base)", "", _md(rhead, rrows), ""]
+    missing = results.get("not_run") or []
+    if missing:
+        extra += ["## Arms not run", "", _md(["arm", "seed", "what", "reason"],
+                                             [[m["arm"], str(m["seed"]), m["label"], m["reason"]] for m in missing]), ""]
+    lines = [f"# longforge lab ({p['name']} profile)", "", about,
              "long_score = mean of passkey accuracy and RULER average over lengths in (window, target]; NIAH(M) = "
              "LongRecipe's metric (multikey, multivalue, multiquery).",
              "Numbers are mean ± half the range over the seeds listed; passkey and RULER in %.", "",
-             _md(head, trows), "", "## The papers' claims at this scale", "",
+             _md(head, trows), "", *extra, "## The papers' claims at this scale", "",
              _md(["claim", "source", "metric", "rows", "measured", "verdict"],
                  [[v["claim"], v["source"], v["metric"], f"{c.a} vs {c.b}",
                    "-" if v.get("difference") is None else f"{v['a']:.1f} vs {v['b']:.1f}", v["verdict"]]
-                  for v, c in zip(verdicts, CLAIMS)]), "",
+                  for v, c in zip(verdicts, claims)]), "",
              f"![curves]({png.name})", ""]
     md = out / "LAB.md"
     md.write_text("\n".join(lines))
-    (out / "lab.json").write_text(json.dumps({"rows": agg, "claims": verdicts}, indent=1))
+    (out / "lab.json").write_text(json.dumps({"rows": agg, "claims": verdicts, "not_run": missing}, indent=1))
     return {"md": md, "json": out / "lab.json", "png": png}

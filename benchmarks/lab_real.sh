@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# `longforge lab --base` on SmolLM2-135M-Instruct on the GPU machine, one slice per call (each under 9 minutes).
+#
+# State lives outside the checkout in $LAB_STATE (default ~/lab-real): it survives between calls only while the
+# machine stays warm. Everything small that a later call needs (each arm's rows.json, failed.json, LongRecipe's
+# impactful profile, the report) comes back under $OUT/lab_real/; put it back into the checkout as
+# benchmarks/results/lab_real/ (untracked files travel with the working tree) and a call on a fresh machine
+# imports it, so finished arms are never rerun. Trained checkpoints are too large to carry: an arm that did not
+# finish in one call resumes from its newest checkpoint only on the same warm machine, else starts again.
+#
+# Per call, what it does, in order (each step skipped when its output is already in $LAB_STATE):
+#   1. install the carried wheels (.whl/*.whl: gguf, pydantic) into /tmp/site;
+#   2. copy carried GGUF parts (.smol/part.aa, .smol/part.ab: `split -b 50000000 SmolLM2-135M-Instruct.Q4_1.gguf
+#      part.`) to $LAB_STATE/parts; with both there, join and convert to a bf16 checkpoint (REALMODEL.md);
+#   3. build the corpus from this machine's site-packages (benchmarks/real_corpus.py, tokens counted by SmolLM2);
+#   4. import benchmarks/results/lab_real/<F>x/ (results of earlier calls) into the lab folder;
+#   5. `longforge lab --base ... --arms $LAB_ARMS` under `timeout $LAB_SECONDS`, then the report from every arm
+#      recorded (--report-only), and the small results into $OUT/lab_real/<F>x/.
+#
+# Usage there:  LAB_FACTOR=4 LAB_ARMS=base,pi-0 LAB_SECONDS=480 bash benchmarks/lab_real.sh
+# Settings: LAB_FACTOR (4 or 8), LAB_ARMS (comma-separated), LAB_SEEDS (default 0), LAB_TOKENS (per trained arm,
+# default 20000000), LAB_SECONDS (the lab's share of the call), LAB_ESSAYS (a prose haystack; default the corpus's
+# held-out prose), LAB_STATE.
+set -u
+OUT=${OUT:-/tmp/lab-real-out}
+STATE=${LAB_STATE:-$HOME/lab-real}
+FACTOR=${LAB_FACTOR:-4}
+SEEDS=${LAB_SEEDS:-0}
+TOKENS=${LAB_TOKENS:-20000000}
+LAB_DIR=$STATE/lab-${FACTOR}x
+MODEL=$STATE/smollm2-135m
+mkdir -p "$OUT/lab_real" "$STATE/parts"
+LOG=$OUT/lab_real/call.log
+t0=$(date +%s)
+say() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 LONGFORGE_QUIET=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+
+# 2. The model.
+for p in .smol/part.*; do [ -f "$p" ] && cp -n "$p" "$STATE/parts/" && say "kept $(basename "$p") in $STATE/parts"; done
+if [ ! -f "$MODEL/config.json" ]; then
+  if [ ! -f "$STATE/parts/part.aa" ] || [ ! -f "$STATE/parts/part.ab" ]; then
+    say "the model is not here yet: carry .smol/part.aa in this call and .smol/part.ab in the next, back to back"
+    ls -la "$STATE/parts" | tee -a "$LOG"
+    exit 0
+  fi
+  mkdir -p "$STATE/gguf"
+  cat "$STATE/parts/part.aa" "$STATE/parts/part.ab" > "$STATE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+  python3 - "$STATE/gguf" "$MODEL" <<'EOF' 2>&1 | tail -3 | tee -a "$LOG" || exit 1
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+d, out, f = sys.argv[1], sys.argv[2], "SmolLM2-135M-Instruct.Q4_1.gguf"
+tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.bfloat16,
+                                         quantization_config=GgufConfig(gguf_file=f, dequantize=True))
+del m.config.quantization_config; m.hf_quantizer = None; m.is_quantized = False
+m.save_pretrained(out); tok.save_pretrained(out)
+print("converted", sum(p.numel() for p in m.parameters()), "parameters")
+EOF
+  [ -f "$MODEL/config.json" ] || { say "conversion failed"; exit 1; }
+  say "converted SmolLM2 into $MODEL"
+fi
+
+# 3. The corpus.
+if [ ! -f "$STATE/corpus/corpus.json" ]; then
+  python3 benchmarks/real_corpus.py --out "$STATE/corpus" --tokenizer "$MODEL" 2>&1 | tee -a "$LOG"
+  say "corpus built"
+fi
+cp "$STATE/corpus/corpus.json" "$OUT/lab_real/corpus.json"
+
+# 4. Results of earlier calls (rows, failures, LongRecipe's profile): never overwrite what this machine holds.
+if [ -d "benchmarks/results/lab_real/${FACTOR}x" ]; then
+  mkdir -p "$LAB_DIR"
+  (cd "benchmarks/results/lab_real/${FACTOR}x" && find . -path './seed*' -type f -print0 | tar cf - --null -T -) \
+    | (cd "$LAB_DIR" && tar xf - --skip-old-files)
+  say "imported earlier results from benchmarks/results/lab_real/${FACTOR}x"
+fi
+
+# 5. The slice, then the report from everything recorded.
+ESSAYS_ARG=()
+[ -n "${LAB_ESSAYS:-}" ] && ESSAYS_ARG=(--essays "$LAB_ESSAYS")
+COMMON=(--base "$MODEL" --data "$STATE/corpus" --factor "$FACTOR" --tokens "$TOKENS" --seeds "$SEEDS"
+        --out "$LAB_DIR" --device cuda "${ESSAYS_ARG[@]}")
+if [ -n "${LAB_ARMS:-}" ]; then
+  say "lab: arms $LAB_ARMS, seeds $SEEDS, ${FACTOR}x, $TOKENS tokens per trained arm"
+  timeout "${LAB_SECONDS:-480}" python3 -m longforge lab "${COMMON[@]}" --arms "$LAB_ARMS" 2>&1 \
+    | grep --line-buffered -v "Loading weights\|Writing model" | tee -a "$LOG"
+  say "lab exit: ${PIPESTATUS[0]} (124: cut by LAB_SECONDS; the next call on this warm machine resumes)"
+fi
+python3 -m longforge lab "${COMMON[@]}" --report-only 2>&1 | tail -2 | tee -a "$LOG"
+DEST=$OUT/lab_real/${FACTOR}x
+mkdir -p "$DEST"
+(cd "$LAB_DIR" && find . \( -name rows.json -o -name failed.json -o -path './seed*/impactful/*' \
+   -o -path './report/*' -o -name results.json -o -path '*/train/*/log.jsonl' \) -type f -print0 \
+   | tar cf - --null -T -) | (cd "$DEST" && tar xf -)
+say "results in $DEST"
+du -sh "$DEST" | tee -a "$LOG"
