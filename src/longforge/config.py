@@ -365,7 +365,7 @@ class PasskeySpec(Strict):
     trials: int = Field(default=1, gt=0, description="Prompts per cell (each with its own key).")
     haystack: InputPath | None = Field(default=None, description="Text file/folder or JSONL to hide the key in; the Landmark/YaRN filler when absent.")
     text_field: str = "text"
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="Prompts per batch; default 8 on a CPU, on a GPU as many as inference.batch_tokens allows (at most 256).")
 
 
 class NiahSpec(Strict):
@@ -384,7 +384,7 @@ class NiahSpec(Strict):
     question: str = "What is the best thing to do in San Francisco?"
     answer_prefix: str = "The best thing to do in San Francisco is"
     max_new_tokens: int = Field(default=50, gt=0)
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="Prompts per batch; default 8 on a CPU, on a GPU as many as inference.batch_tokens allows (at most 256).")
 
 
 class RulerSpec(Strict):
@@ -398,7 +398,7 @@ class RulerSpec(Strict):
     hotpotqa: InputPath | None = Field(default=None, description="HotpotQA distractor dev JSON for qa_2.")
     threshold: float = Field(default=85.6, gt=0, le=100, description="Average score a length must beat to count as effective.")
     max_new_tokens: int | None = Field(default=None, gt=0, description="Cap on tokens generated per answer (speed); each task's RULER budget when absent.")
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="Prompts per batch; default 8 on a CPU, on a GPU as many as inference.batch_tokens allows (at most 256).")
 
     def task_list(self) -> list[str]:
         """The tasks to run: the given ones, or every task whose files are given (`left_out` names the others)."""
@@ -441,7 +441,9 @@ class InferenceSpec(Strict):
     cuda_graphs: Literal["auto", "off"] = Field(
         default="auto", description="'auto' captures the decoding step as a CUDA graph per batch shape and replays it "
         "(eager if capture fails); 'off' decodes eagerly.")
-    batch_tokens: int = Field(default=131072, gt=0, description="At most this many prompt tokens in one batch.")
+    batch_tokens: int | None = Field(default=None, gt=0, description="At most this many prompt tokens in one batch; default "
+                                     "131072 on a CPU, on a GPU as many as half the memory free after the weights holds "
+                                     "as KV cache.")
     kv_shards: Literal["auto"] | int = Field(
         default="auto", description="Under torchrun, how many processes share one prompt's KV cache (sharded by "
         "sequence): 'auto' shards only a prompt whose cache does not fit one GPU, over every process; N shards every "

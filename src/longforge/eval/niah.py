@@ -146,7 +146,7 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     nh = job.spec.niah
     assert nh is not None
     return run_niah(job.engine, job.tokenizer, grid_lengths(nh, job.original_length, job.target_length), nh.depths,
-                    nh.trials, job.spec.seed, haystack=nh.haystack, needle=_needle(job.spec), batch_size=nh.batch_size,
+                    nh.trials, job.spec.seed, haystack=nh.haystack, needle=_needle(job.spec), batch_size=job.batch_size(nh.batch_size),
                     label=f"{job.label} niah", fmt=job.fmt, batch_tokens=job.batch_tokens, max_new_tokens=nh.max_new_tokens,
                     share=job.share)
 

@@ -147,7 +147,7 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     pk = job.spec.passkey
     assert pk is not None
     return run_passkey(job.engine, job.tokenizer, grid_lengths(pk, job.original_length, job.target_length), pk.depths,
-                       pk.trials, job.spec.seed, pk.batch_size, label=f"{job.label} passkey", fmt=job.fmt,
+                       pk.trials, job.spec.seed, job.batch_size(pk.batch_size), label=f"{job.label} passkey", fmt=job.fmt,
                        batch_tokens=job.batch_tokens, haystack=pk.haystack, share=job.share)
 
 

@@ -19,6 +19,8 @@ from longforge.config import EvalSpec
 from longforge.eval.prompts import PromptFormat
 from longforge.eval.share import SINGLE, Share
 
+# Batch limits when the spec gives none: a CPU gains little from long batches; a GPU is filled by its memory.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 256
 # The terminal table of `longforge report` that NIAH and RULER share.
 RETRIEVAL_TABLE = "needle in a haystack (ROUGE-1 F1) and RULER"
 Results = dict[str, Any]  # one model's results: {"summary": ..., "<task>": ...}
@@ -45,8 +47,21 @@ class TaskRun:
 
     @property
     def batch_tokens(self) -> int:
-        """Prompt tokens one batch holds at most."""
-        return self.spec.inference.batch_tokens
+        """Prompt tokens one batch holds at most: the spec's, or what the engine's device holds (CPU: 131072)."""
+        given = self.spec.inference.batch_tokens
+        if given is not None:
+            return given
+        from longforge.inference.engine import CPU_BATCH_TOKENS
+
+        budget = getattr(self.engine, "batch_tokens_budget", None)
+        return budget() if callable(budget) else CPU_BATCH_TOKENS
+
+    def batch_size(self, given: int | None) -> int:
+        """Prompts one batch holds at most: the task's setting, or 8 on a CPU and 256 on a GPU (tokens decide)."""
+        if given is not None:
+            return given
+        device = getattr(self.engine, "device", None)
+        return GPU_BATCH_SIZE if getattr(device, "type", "cpu") == "cuda" else CPU_BATCH_SIZE
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ from longforge.model.fused import fused_available
 from longforge.model.loss import chunked_lm_loss
 
 PREFILL_CHUNK = 8192
+# Rows of a Fill prefill together up to this many tokens per forward pass (a batch of many short prompts would
+# otherwise put all its rows' chunks, and their activations, in one pass).
+PREFILL_BATCH_TOKENS = 131072
+CPU_BATCH_TOKENS = 131072  # an evaluation batch's prompt tokens on a CPU (eval/task.py uses it too)
 KVPlace = Literal["auto", "device", "cpu"]
 GIB = 2**30
 AttentionPath = Literal["auto", "longforge", "hf"]
@@ -303,7 +307,16 @@ class Engine:
         hidden = cfg.hidden_size
         inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
         elem = next(self.model.parameters()).element_size()
-        return batch * min(self.prefill_chunk, capacity) * (4 * inter + 16 * hidden) * elem
+        return min(batch * min(self.prefill_chunk, capacity), max(self.prefill_chunk, PREFILL_BATCH_TOKENS)) * (
+            4 * inter + 16 * hidden) * elem
+
+    def batch_tokens_budget(self) -> int:
+        """Prompt tokens an evaluation batch may hold: on a GPU, what half the memory free after the weights holds as
+        KV cache (the other half for prefill work and the allocator's slack); elsewhere CPU_BATCH_TOKENS."""
+        if self.device.type != "cuda" or self.path != "longforge":
+            return CPU_BATCH_TOKENS
+        free = self._budget() - torch.cuda.memory_allocated(self.device)
+        return max(self.prefill_chunk, int(0.5 * free / self._kv_bytes_per_token()))
 
     def _budget(self) -> float:
         """GPU memory the engine may use: gpu_memory_gib, else 90% of the device."""
@@ -504,16 +517,18 @@ class Engine:
         """Prefill one Fill chunk by chunk; a row whose last position falls in a chunk gets its first new token there
         (a padded row's last position comes before the Fill's end)."""
         head = self.model.get_output_embeddings()
-        rows = range(s.first, s.last)
-        for start in range(s.start, s.end, self.prefill_chunk):
-            stop = min(start + self.prefill_chunk, s.end)
-            store.select(s.first, s.last, start)
-            h = self._run_decoder(ids[s.first:s.last, start:stop], start, store)
-            ending = [r for r in rows if start < lengths[r] <= stop]
-            if ending:
-                at = torch.tensor([lengths[r] - 1 - start for r in ending], device=self.device)
-                pick = torch.tensor([r - s.first for r in ending], device=self.device)
-                first[torch.tensor(ending, device=self.device)] = head(h[pick, at]).argmax(-1)
+        per_pass = max(1, max(self.prefill_chunk, PREFILL_BATCH_TOKENS) // min(self.prefill_chunk, s.end - s.start))
+        for lo in range(s.first, s.last, per_pass):
+            hi = min(lo + per_pass, s.last)
+            for start in range(s.start, s.end, self.prefill_chunk):
+                stop = min(start + self.prefill_chunk, s.end)
+                store.select(lo, hi, start)
+                h = self._run_decoder(ids[lo:hi, start:stop], start, store)
+                ending = [r for r in range(lo, hi) if start < lengths[r] <= stop]
+                if ending:
+                    at = torch.tensor([lengths[r] - 1 - start for r in ending], device=self.device)
+                    pick = torch.tensor([r - lo for r in ending], device=self.device)
+                    first[torch.tensor(ending, device=self.device)] = head(h[pick, at]).argmax(-1)
 
     def _decoder(self, rows: int, capacity: int, width: int,
                  key: tuple[Any, ...]) -> tuple[DeviceKV, DecodeState, Callable[[], None]]:

@@ -189,7 +189,7 @@ def run_task(job: TaskRun) -> dict[str, Any]:
     if left_out:
         say(f"  [yellow]{job.label} {left_out_line(left_out)}[/]")
     res = run_ruler(job.engine, job.tokenizer, r.task_list(), lengths, r.samples, job.spec.seed, essays=r.essays,
-                    squad=r.squad, hotpotqa=r.hotpotqa, fmt=job.fmt, batch_size=r.batch_size,
+                    squad=r.squad, hotpotqa=r.hotpotqa, fmt=job.fmt, batch_size=job.batch_size(r.batch_size),
                     batch_tokens=job.batch_tokens, label=f"{job.label} ruler", threshold=r.threshold,
                     max_new_tokens=r.max_new_tokens, share=job.share)
     res["left_out"] = res["summary"]["left_out"] = left_out
