@@ -55,6 +55,12 @@ class PromptFormat:
         """Token ids of a rendered prompt (a chat template writes its own special tokens; plain text gets the tokenizer's)."""
         return list(tokenizer(text, add_special_tokens=not self.chat_template, verbose=False)["input_ids"])
 
+    def encode_many(self, tokenizer: Any, texts: list[str]) -> list[list[int]]:
+        """Token ids of many rendered prompts in one call (a fast tokenizer encodes them on all cores)."""
+        if not texts:
+            return []
+        return [list(x) for x in tokenizer(texts, add_special_tokens=not self.chat_template, verbose=False)["input_ids"]]
+
 
 def prompt_hash(text: str) -> str:
     """Short stable id of a prompt's text."""
@@ -94,9 +100,11 @@ def fit_count(count_tokens: Callable[[int], int], length: int, what: str, guess:
         rate = max((c - base) / n, 1e-9)
         n = max(int((length - base) / rate), lo + 1)
     if hi is None:
-        hi = max(2 * lo, 1)
-        while count_tokens(hi) <= length:
-            lo, hi = hi, 2 * hi
+        # Gallop up from lo: after the secant steps the answer is usually lo itself, settled by one call at lo + 1.
+        step = 1
+        while count_tokens(lo + step) <= length:
+            lo, step = lo + step, 2 * step
+        hi = lo + step
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if count_tokens(mid) <= length:

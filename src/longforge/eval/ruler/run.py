@@ -60,14 +60,15 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
         try:
             n0 = fit_count(tokens(0), room, f"RULER {task} prompt", guess=guess or max(1, room // 16), upper=upper)
             at_length: list[Prompt] = []
+            made = [make_sample(task, n0, seed, length, i, res) for i in range(samples)]
+            texts = [fmt.render(tokenizer, s.user, s.answer_prefix) for s in made]
+            encoded = fmt.encode_many(tokenizer, texts)  # every sample at once: on all cores
             for i in range(samples):
-                n = n0
-                s = make_sample(task, n, seed, length, i, res)
-                text = fmt.render(tokenizer, s.user, s.answer_prefix)
-                ids = fmt.encode(tokenizer, text)
+                n, s, text, ids = n0, made[i], texts[i], encoded[i]
                 if len(ids) > room or len(ids) < 0.99 * room:
-                    # This sample's needles or words tokenize differently: search its own size.
-                    n = fit_count(tokens(i), room, f"RULER {task} prompt", guess=n0, upper=upper)
+                    # This sample's needles or words tokenize differently: search its own size, from its own rate.
+                    n = fit_count(tokens(i), room, f"RULER {task} prompt", guess=max(1, n0 * room // max(1, len(ids))),
+                                  upper=upper)
                     s = make_sample(task, n, seed, length, i, res)
                     text = fmt.render(tokenizer, s.user, s.answer_prefix)
                     ids = fmt.encode(tokenizer, text)
