@@ -100,3 +100,48 @@ def ring_check(rank: int, world: int, port: int, heads: int, kv_heads: int) -> N
     # The documents matter here: a ring that ignored them would have matched the causal reference instead.
     assert (outs["docs"] - outs["causal"]).abs().max() > 1e-2
     torch.distributed.destroy_process_group()
+
+
+RING_SEQ, RING_STEPS = 48, 2  # 48 tokens cut into 2 x SP chunks for SP 2, 4 and 8
+# (name, query heads, KV heads, hidden size): SmolLM2-135M's and Qwen2.5-0.5B's head counts, head_dim 4.
+RING_MODELS = (("h9kv3", 9, 3, 36), ("h14kv2", 14, 2, 56))
+
+
+class RingSource:
+    """The same 4 packed rows per step for every layout (documents crossing every shard boundary, positions
+    restarting per document), as 2 micro-batches of 2 rows."""
+
+    def batch(self, step: int, micro: int) -> Batch:
+        rows = range(2 * micro, 2 * micro + 2)
+        g = torch.Generator().manual_seed(100 * step + micro)
+        ids = torch.randint(1, 50, (2, RING_SEQ), generator=g)
+        docs = torch.cat([ring_docs(1, RING_SEQ, 1000 * step + r) for r in rows])
+        new = torch.ones_like(docs, dtype=torch.bool)
+        new[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        pos = torch.arange(RING_SEQ).expand(2, -1) - torch.cummax(torch.where(new, torch.arange(RING_SEQ), 0), 1).values
+        return Batch(ids, docs, pos)
+
+
+def ring_train(rank: int, world: int, sp: int, out: str, port: int, kind: str) -> None:
+    """Train every model of RING_MODELS with and without document masks (RING_STEPS steps each) into out/<name>-<mask>.
+
+    world 1 is the single-process reference (no process group)."""
+    from longforge.model.parallel import Layout, init_layout
+    from longforge.train.loop import train_model
+
+    if world > 1:
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LONGFORGE_QUIET": "1"})
+        torch.set_num_threads(1)
+        layout = init_layout(sp=sp, device="cpu")
+    else:
+        layout = Layout.single("cpu")
+    for name, heads, kv, hidden in RING_MODELS:
+        for mask in (True, False):
+            spec = StageSpec(steps=RING_STEPS, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=1,
+                             save_every=RING_STEPS, sp=sp, document_mask=mask, sequence_parallel=kind)
+            model = make_tiny_model(50, kv_heads=kv, heads=heads, hidden=hidden)
+            folder = Path(out) / f"{name}-{'docs' if mask else 'causal'}"
+            train_model(model, RingSource(), spec, folder, layout.device, layout=layout)
+    if world > 1:
+        torch.distributed.destroy_process_group()
