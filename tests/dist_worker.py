@@ -66,6 +66,14 @@ def ring_docs(rows: int, seq: int, seed: int) -> torch.Tensor:
     return docs
 
 
+def crosses_shards(docs: torch.Tensor, sp: int) -> bool:
+    """Whether some document runs across a boundary between two ranks' zigzag chunks (chunk j-1 and j, j odd or
+    even: every boundary separates two ranks' chunks except the middle one, which rank sp-1 holds both sides of)."""
+    c = docs.shape[1] // (2 * sp)
+    cuts = [j * c for j in range(1, 2 * sp) if j != sp]
+    return any(bool((docs[:, x - 1] == docs[:, x]).any()) for x in cuts)
+
+
 def ring_check(rank: int, world: int, port: int, heads: int, kv_heads: int) -> None:
     """Ring attention on this rank's zigzag shard equals full attention with a block-diagonal causal mask: the
     output and the gradients of q, k and v, with and without document ids."""
@@ -80,6 +88,7 @@ def ring_check(rank: int, world: int, port: int, heads: int, kv_heads: int) -> N
     q, grad = (torch.randn(b, heads, s, d, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(b, kv_heads, s, d, generator=g, dtype=torch.float64) for _ in range(2))
     docs = ring_docs(b, s, 3)
+    assert crosses_shards(docs, world)
     sp = SequenceParallel(torch.distributed.group.WORLD, world, "ring", rank)
     idx = sp.index(s)
     outs = {}

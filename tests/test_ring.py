@@ -120,6 +120,10 @@ def test_flex_blocks_equal_plain_blocks_with_gradients_on_cuda(dtype: torch.dtyp
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process: every model with and without document masks."""
+    from dist_worker import RingSource, crosses_shards
+
+    for sp in (2, 4, 8):  # the packed documents run across ranks' shards at every degree
+        assert all(crosses_shards(RingSource().batch(step, m).doc_ids, sp) for step in range(RING_STEPS) for m in (0, 1))
     out = tmp_path_factory.mktemp("ring-ref")
     ring_train(0, 1, 1, str(out), 0, "auto")
     for name, *_ in RING_MODELS:
