@@ -112,9 +112,9 @@ def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_docs: torch.Tensor |
         """Smallest and largest value of every block of `size` along the last dimension."""
         extra = -(-x.shape[-1] // size) * size - x.shape[-1]
         # The last block is padded with values that cannot widen its range: the row's max for the min, and back.
-        hi = torch.cat([x, x.amax(-1, keepdim=True).expand(*x.shape[:-1], extra)], -1)
-        lo = torch.cat([x, x.amin(-1, keepdim=True).expand(*x.shape[:-1], extra)], -1)
-        return hi.unflatten(-1, (-1, size)).amin(-1), lo.unflatten(-1, (-1, size)).amax(-1)
+        for_min = torch.cat([x, x.amax(-1, keepdim=True).expand(*x.shape[:-1], extra)], -1)
+        for_max = torch.cat([x, x.amin(-1, keepdim=True).expand(*x.shape[:-1], extra)], -1)
+        return for_min.unflatten(-1, (-1, size)).amin(-1), for_max.unflatten(-1, (-1, size)).amax(-1)
 
     qp_lo, qp_hi = ranges(q_pos)
     kp_lo, kp_hi = ranges(k_pos)
