@@ -7,9 +7,13 @@ and tokens; real model shapes; MFU counted as REFERENCE.md section 4 (causal, no
   python benchmarks/train_gpu.py --suite depth --out results.json      # 8B shape at reduced depth, long sequences
   python benchmarks/train_gpu.py --suite tiny --out results.json       # the same code path on CPU, tiny shapes
   python benchmarks/train_gpu.py --suite dist2 --devices 0,1 --out r.json  # 8B on 2 GPUs (FSDP2 + sequence parallel)
+  python benchmarks/train_gpu.py --suite ring2 ring2long --devices 0,1 --out r.json  # SmolLM2-135M (9 heads), SP 2 = ring
+  python benchmarks/train_gpu.py --suite ring2 ring2long --smoke --out r.json        # the same cases on CPU, tiny
 
 A case with "gpus": N > 1 runs under torchrun with N processes on the first N of --devices, FSDP2 over all of
-them and Ulysses sequence parallelism of degree "sp" (default N). Suites on disjoint --devices may run at once.
+them and sequence parallelism of degree "sp" (default N): Ulysses where the degree divides the heads, else ring
+attention ("sp_kind" forces one). "docs": n packs n documents per sequence and trains with document masks.
+Suites on disjoint --devices may run at once.
 "probe" cases (one step, no warm-up) measure memory for the per-layer model in benchmarks/memory_model.py.
 """
 
@@ -35,11 +39,18 @@ SHAPES: dict[str, dict[str, Any]] = {
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+    # SmolLM2's head counts at a CPU size (head_dim 16), for --smoke.
+    "tiny-h9": dict(hidden_size=144, intermediate_size=288, num_hidden_layers=2, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=16, vocab_size=512, tie_word_embeddings=True),
 }
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SHAPE_ROPE = {"smollm2-135m": {"rope_type": "default", "rope_theta": 100000.0},
+              "tiny-h9": {"rope_type": "default", "rope_theta": 100000.0}}
 
 
 
@@ -141,6 +152,13 @@ SUITES: dict[str, list[dict[str, Any]]] = {
     # The lean RMSNorm's effect on one recomputed layer's working set, against the plain norm in the same run.
     "lean": [{**PROBE(1, 262144, 1), "lean_norm": False}, PROBE(1, 262144, 1),
              {**PROBE(1, 262144, 2), "lean_norm": False}, PROBE(1, 262144, 2)],
+    # Issue 19, item 4: SmolLM2-135M (9 query heads: Ulysses cannot use SP 2) with document masks, ring attention
+    # at SP 2 over 2 GPUs against one GPU at the same tokens per sequence.
+    # ring2 at 64K, ring2long at 128K (each pair about 2.5 minutes, most of it compiling).
+    "ring2": [{"shape": "smollm2-135m", "seq": 65536, "impl": "longforge", "docs": 8, "steps": 2, **lay}
+              for lay in ({}, {"gpus": 2, "sp": 2})],
+    "ring2long": [{"shape": "smollm2-135m", "seq": 131072, "impl": "longforge", "docs": 8, "steps": 2, **lay}
+                  for lay in ({}, {"gpus": 2, "sp": 2})],
     "tinydist": [
         {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 2, "steps": 2},
         {"shape": "tiny", "seq": 256, "impl": "longforge", "gpus": 2, "sp": 1, "steps": 2},
@@ -166,7 +184,8 @@ def build(case: dict[str, Any], device: Any) -> Any:
     shape = dict(SHAPES[case["shape"]])
     if case.get("layers"):
         shape["num_hidden_layers"] = case["layers"]
-    cfg = LlamaConfig(**shape, max_position_embeddings=max(case["seq"], 8192), rope_parameters=dict(ROPE))
+    rope = SHAPE_ROPE.get(case["shape"], ROPE)
+    cfg = LlamaConfig(**shape, max_position_embeddings=max(case["seq"], 8192), rope_parameters=dict(rope))
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
@@ -214,7 +233,9 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     model = build(case, layout.device)
     frugal = case.get("frugal", False) or case.get("probe", False)
     in_backward = case.get("in_backward", False)
-    spec = StageSpec(steps=1, precision="bf16", optimizer="adamw_bf16" if frugal else "adamw", document_mask=False,
+    docs = case.get("docs", 0)
+    spec = StageSpec(steps=1, precision="bf16", optimizer="adamw_bf16" if frugal else "adamw", document_mask=docs > 0,
+                     sequence_parallel=case.get("sp_kind", "auto"), attention=case.get("attention", "auto"),
                      activation_checkpointing="on", offload_activations=frugal and device.type == "cuda",
                      resident_layers=case.get("resident", 0), optimizer_in_backward=in_backward,
                      clip_grad=0 if in_backward else 1.0,
@@ -231,7 +252,8 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
     gen = torch.Generator(device="cpu").manual_seed(layout.dp_rank)
     ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), generator=gen).to(layout.device)
-    batch = Batch(ids, torch.zeros_like(ids), torch.arange(case["seq"], device=layout.device)[None])
+    doc_ids, pos = packed_documents(case["seq"], docs)
+    batch = Batch(ids, doc_ids.to(layout.device), pos.to(layout.device))
     labels, weights = targets(batch)
 
     def step() -> None:
@@ -252,8 +274,40 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
                        "checkpointing": spec.checkpoint_policy, "offload_activations": spec.offload_activations,
                        "resident_layers": spec.resident_layers, "optimizer_in_backward": in_backward,
                        "mlp_tile": spec.mlp_tile, "lean_norm": spec.lean_norm, "fused_ops": spec.fused_ops, "world": layout.world, "dp": layout.dp, "sp": layout.sp,
-                       "fsdp": layout.world if layout.distributed else 1}
+                       "fsdp": layout.world if layout.distributed else 1, "document_mask": spec.document_mask,
+                       "sp_kind": engine.attention.sp.kind if engine.attention.sp is not None else "none"}
+    if docs:  # MFU counts the attention documents allow (causal within each), as the training loop logs it
+        lengths = torch.unique_consecutive(doc_ids[0], return_counts=True)[1].tolist()
+        out["doc_lengths"] = lengths
+        if out.get("mfu") is not None:
+            from longforge.train.flops import attention_context, flops_per_token
+
+            out["mfu"] = round(flops_per_token(model.config, attention_context(lengths)) * out["tokens_per_s"]
+                               / (peak_flops_of(layout) * layout.world), 4)
     return out
+
+
+def peak_flops_of(layout: Any) -> float:
+    """The bf16 peak of this layout's GPU."""
+    from longforge.train.flops import peak_flops
+
+    return float(peak_flops(layout.device) or 0.0)
+
+
+def packed_documents(seq: int, n: int) -> tuple[Any, Any]:
+    """Document ids and restarted positions (1, seq) of n documents of fixed pseudo-random lengths (one without n)."""
+    import torch
+
+    if n <= 1:
+        return torch.zeros(1, seq, dtype=torch.long), torch.arange(seq)[None]
+    gen = torch.Generator().manual_seed(n)
+    cuts = sorted(torch.randperm(seq - 1, generator=gen)[: n - 1].add(1).tolist())
+    docs = torch.zeros(seq, dtype=torch.long)
+    for c in cuts:
+        docs[c:] += 1
+    starts = torch.tensor([0] + cuts)
+    pos = torch.arange(seq) - starts[docs]
+    return docs[None], pos[None]
 
 
 def init_moments(opt: Any) -> None:
@@ -519,6 +573,8 @@ def main() -> None:
     ap.add_argument("--devices", help="GPUs for this suite's cases, e.g. 0,1 (CUDA_VISIBLE_DEVICES)")
     ap.add_argument("--case-timeout", type=float, default=400.0, help="seconds before a case is stopped")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true",
+                    help="run the suite's cases at a tiny shape (SmolLM2's head counts) and 1/256 of the length, on CPU")
     args = ap.parse_args()
     if args.case:
         global PARTIAL
@@ -533,11 +589,19 @@ def main() -> None:
         return
     devices = args.devices.split(",") if args.devices else None
     results = []
-    for case in [c for name in args.suite for c in SUITES[name]]:
+    cases = [c for name in args.suite for c in SUITES[name]]
+    if args.smoke:
+        cases = [smoke(c) for c in cases]
+    for case in cases:
         res = launch(case, args.out.with_suffix(".case.json"), devices, args.case_timeout)
         results.append(res)
         print(summary_line(res), flush=True)
         args.out.write_text(json.dumps(results, indent=1))
+
+
+def smoke(case: dict[str, Any]) -> dict[str, Any]:
+    """A case cut to a CPU check of its code path: the tiny 9-head shape, 1/256 of the length, its layout kept."""
+    return {**case, "shape": "tiny-h9", "seq": max(case["seq"] // 256, 64), "layers": None, "smoke": True}
 
 
 def summary_line(r: dict[str, Any]) -> str:
@@ -545,6 +609,10 @@ def summary_line(r: dict[str, Any]) -> str:
     name = f"{r['shape']}{'/' + str(r['layers']) + 'L' if r.get('layers') else ''} seq={r['seq']} {r['impl']}"
     if r.get("gpus", 1) > 1:
         name += f" x{r['gpus']} sp={r.get('sp', r['gpus'])}"
+    if r.get("settings", {}).get("sp_kind") not in (None, "none"):
+        name += f" ({r['settings']['sp_kind']})"
+    if r.get("docs"):
+        name += f" ({r['docs']} documents, masked)"
     if r.get("policy"):
         name += f" ({r['policy']})"
     if r.get("lean_norm") is False:

@@ -60,13 +60,14 @@ def tokenizer(tokenizer_dir: Path):
     return load_tokenizer(tokenizer_dir)
 
 
-def make_tiny_model(vocab_size: int, window: int = 64, kv_heads: int = 2, seed: int = 0, hidden: int = 32):
-    """A 2-layer Llama with grouped-query attention (4 heads of hidden/4 dimensions)."""
+def make_tiny_model(vocab_size: int, window: int = 64, kv_heads: int = 2, seed: int = 0, hidden: int = 32,
+                    heads: int = 4):
+    """A 2-layer Llama with grouped-query attention (4 heads of hidden/heads dimensions unless told)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=window,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=window,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(cfg).eval()

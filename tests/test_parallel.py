@@ -66,7 +66,8 @@ def test_bad_layouts_are_refused() -> None:
     with pytest.raises(LongforgeError, match="sequence length 25 is not divisible by the sequence-parallel degree 2"):
         check_layout(cfg, 25, 2)
     with pytest.raises(LongforgeError, match="must divide the 4 attention heads"):
-        check_layout(cfg, 24, 3)
+        check_layout(cfg, 24, 3, "ulysses")
+    assert check_layout(cfg, 24, 3) == "ring"  # auto: ring attention runs the heads Ulysses cannot split
     with pytest.raises(LongforgeError, match="needs 2 processes"):
         from longforge.model.parallel import init_layout
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from longforge.data.sampling import PLANS
 from longforge.files import safe_name
 from longforge.model.attention import BACKENDS
+from longforge.model.parallel import SP_KINDS
 from longforge.positions.methods import ROPE_METHODS
 from longforge.positions.transforms import TRANSFORMS
 from longforge.registry import choice
@@ -19,6 +20,7 @@ RopeMethod = choice(ROPE_METHODS)
 PositionTransform = choice(TRANSFORMS)
 SamplingPlan = choice(PLANS)
 AttentionBackend = choice(BACKENDS)
+SequenceParallelKind = choice(SP_KINDS)
 # Left as written until the optimizers have their registry (longforge.train.optim.OPTIMIZERS).
 Optimizer = Literal["adamw", "adamw_bf16"]
 SourceFormat = Literal["auto", "jsonl", "parquet", "text", "hf_disk"]
@@ -235,7 +237,11 @@ class TrainSpec(Strict):
     clip_grad: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this; 0 = no clipping.")
     document_mask: bool = Field(default=True, description="Forbid attention across packed documents.")
     save_every: int = Field(default=50, gt=0, description="Save a resumable checkpoint every this many steps.")
-    sp: int = Field(default=1, gt=0, description="Sequence-parallel degree (Ulysses); processes come from torchrun.")
+    sp: int = Field(default=1, gt=0, description="Sequence-parallel degree; processes come from torchrun.")
+    sequence_parallel: SequenceParallelKind = Field(
+        default="auto", description="How sp shards attention: ulysses (heads exchanged; the degree must divide the "
+        "heads), ring (keys and values passed around; any head count, seq_len a multiple of 2*sp); auto = ulysses "
+        "where it fits, else ring.")
     attention: AttentionBackend = Field(
         default="auto", description="Attention kernel: auto = varlen (document masks; flex in fp32) or sdpa on CUDA, dense on CPU.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(

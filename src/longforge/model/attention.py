@@ -2,7 +2,8 @@
 
 Back-ends (ATTENTION_BACKENDS): `dense` (exact reference, any device), `sdpa` (causal, no document mask), `varlen`
 (flash attention over packed documents, CUDA) and `flex` (FlexAttention with a document block mask, CUDA).
-With Ulysses sequence parallelism the heads are redistributed around the attention call.
+With Ulysses sequence parallelism the heads are redistributed around the attention call; with ring attention
+(model/ring.py: any head count) the keys and values travel around the sequence-parallel group instead.
 
 What the attention function needs beyond q, k and v is one typed AttentionContext, bound to the model's attention
 layers when the model is prepared (back-end, sequence-parallel group, or the inference engine's KV store); the only
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_heads, spread_kv
+from longforge.model.ring import ring_attention
 
 ATTN_NAME = "longforge"
 # The one keyword a forward call passes through transformers to the attention: document ids (B, S) of packed tokens.
@@ -48,9 +50,9 @@ class KVStore(Protocol):
 class AttentionContext:
     """How longforge attention runs in one model: bound once to its attention layers, not passed per call.
 
-    `backend` is a name of BACKENDS (`auto` is resolved per call from the device and dtype); `sp` the Ulysses
-    sequence-parallel group (None: the whole sequence is here); `kv_store` the inference engine's cache, which then
-    does the attention itself.
+    `backend` is a name of BACKENDS (`auto` is resolved per call from the device and dtype); `sp` the
+    sequence-parallel group and its kind, Ulysses or ring (None: the whole sequence is here); `kv_store` the
+    inference engine's cache, which then does the attention itself.
     """
 
     backend: str = "auto"
@@ -262,6 +264,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     return _dense(q, k, v, doc_ids, mask, scale)
 
 
+def ring_kernel(backend: str, q: torch.Tensor) -> str:
+    """The block kernel of ring attention: FlexAttention on CUDA (it returns the lse and takes any block mask) unless
+    the exact dense path was asked for or the head dimension is below flex's 16; plain torch elsewhere."""
+    return "flex" if q.is_cuda and backend != "dense" and q.shape[-1] >= 16 else "plain"
+
+
 def longforge_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -273,7 +281,8 @@ def longforge_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function, as the layer's bound context says: the inference engine's KV store, or
-    causal attention within documents, with Ulysses' all-to-all around it under sequence parallelism."""
+    causal attention within documents, with Ulysses' all-to-all around it or as ring attention under sequence
+    parallelism."""
     ctx = context_of(module)
     if ctx.kv_store is not None:
         out = ctx.kv_store.attend(module.layer_idx, query, key, value, scaling)  # type: ignore[arg-type]
@@ -281,6 +290,9 @@ def longforge_attention(
     doc_ids: torch.Tensor | None = kwargs.get(DOC_IDS)
     backend = resolve_backend(ctx.backend, query.device, doc_ids is not None, query.dtype != torch.float32)
     sp = ctx.sp
+    if sp is not None and sp.size > 1 and sp.kind == "ring":
+        out = ring_attention(query, key, value, doc_ids, sp, scaling, ring_kernel(backend, query))
+        return out.transpose(1, 2).contiguous(), None
     if sp is not None and sp.size > 1:
         key, value = spread_kv(key, sp.size), spread_kv(value, sp.size)
         query, key, value = (seq_to_heads(t, sp.group, sp.size) for t in (query, key, value))

@@ -1,4 +1,5 @@
-"""Parallelism on PyTorch's own engine: a device mesh, FSDP2 sharding, and Ulysses sequence parallelism."""
+"""Parallelism on PyTorch's own engine: a device mesh, FSDP2 sharding, and sequence parallelism (Ulysses, or ring
+attention where the heads do not divide: model/ring.py)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class Layout:
     @property
     def sequence_parallel(self) -> "SequenceParallel | None":
         """What attention needs to run Ulysses over this layout's sequence-parallel group (None without one)."""
-        return SequenceParallel(self.sp_group, self.sp) if self.sp > 1 else None
+        return SequenceParallel(self.sp_group, self.sp, rank=self.sp_rank) if self.sp > 1 else None
 
     def sequence_slice(self, length: int) -> slice:
         """The part of a sequence of `length` tokens this process holds (all of it without sequence parallelism)."""
@@ -96,18 +97,44 @@ def init_layout(sp: int = 1, device: str = "auto") -> Layout:
     return Layout(world, rank, dp, sp, dev, world_mesh, mesh.get_group("sp") if sp > 1 else None)
 
 
-def check_layout(config: Any, seq_len: int, sp: int) -> None:
-    """Refuse layouts Ulysses cannot run: sequence not divisible, degree above or not dividing the heads."""
-    if sp == 1:
-        return
+# How a sequence-parallel degree shards attention (the schema's `sequence_parallel`): auto = Ulysses where the
+# heads allow it, else ring attention.
+SP_KINDS = ("auto", "ulysses", "ring")
+
+
+def ulysses_refusal(config: Any, sp: int) -> str | None:
+    """Why Ulysses cannot split the model's heads over `sp` ranks (None when it can)."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    if seq_len % sp:
-        raise LongforgeError(f"sequence length {seq_len} is not divisible by the sequence-parallel degree {sp}; pick a seq_len that is a multiple of {sp}.")
     if heads % sp:
-        raise LongforgeError(f"sequence-parallel degree {sp} must divide the {heads} attention heads (Ulysses splits heads across ranks); use a divisor of {heads}.")
+        return (f"sequence-parallel degree {sp} must divide the {heads} attention heads for Ulysses (it splits heads "
+                f"across ranks); use a divisor of {heads}")
     if kv % sp and sp % kv:
-        raise LongforgeError(f"sequence-parallel degree {sp} must divide the {kv} KV heads or be a multiple of them; use a divisor or multiple of {kv}.")
+        return (f"sequence-parallel degree {sp} must divide the {kv} KV heads or be a multiple of them for Ulysses; "
+                f"use a divisor or multiple of {kv}")
+    return None
+
+
+def check_layout(config: Any, seq_len: int, sp: int, kind: str = "auto") -> str:
+    """The sequence-parallel kind a layout runs ('none' with one rank per sequence), refusing what cannot run.
+
+    auto runs Ulysses where the degree fits the heads and ring attention otherwise; Ulysses needs the sequence to
+    divide by the degree, ring by twice the degree (its balanced zigzag chunks).
+    """
+    if sp == 1:
+        return "none"
+    refusal = ulysses_refusal(config, sp)
+    if kind == "ulysses" and refusal:
+        raise LongforgeError(f"{refusal}, or set sequence_parallel: ring (--sequence-parallel ring), which runs any head count.")
+    chosen = "ulysses" if kind == "ulysses" or (kind == "auto" and refusal is None) else "ring"
+    if chosen == "ulysses" and seq_len % sp:
+        raise LongforgeError(f"sequence length {seq_len} is not divisible by the sequence-parallel degree {sp}; pick a seq_len that is a multiple of {sp}.")
+    if chosen == "ring" and seq_len % (2 * sp):
+        why = "asked for" if kind == "ring" else f"used because {refusal}"
+        raise LongforgeError(f"sequence length {seq_len} is not divisible by {2 * sp}: ring attention ({why}) cuts each "
+                             f"sequence into 2 x {sp} chunks so every process does equal causal work; pick a seq_len "
+                             f"that is a multiple of {2 * sp}.")
+    return chosen
 
 
 def _a2a(x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -145,10 +172,30 @@ def spread_kv(k: torch.Tensor, p: int) -> torch.Tensor:
 
 @dataclass
 class SequenceParallel:
-    """What the attention function needs to run Ulysses: the group and its size."""
+    """What the attention function needs to shard a sequence: the group, its size, this rank's place in it and the
+    kind (`ulysses`: heads exchanged by all-to-all, contiguous slices; `ring`: keys and values passed around the
+    group, zigzag chunks)."""
 
     group: Any
     size: int
+    kind: str = "ulysses"
+    rank: int = 0
+
+    def index(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global positions of the tokens this rank holds of a `length`-token sequence, in the order it holds them."""
+        if self.kind == "ring":
+            from longforge.model.ring import zigzag_index
+
+            return zigzag_index(length, self.size, self.rank, device)
+        n = length // self.size
+        return torch.arange(self.rank * n, (self.rank + 1) * n, device=device)
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of x (B, S, ...) along the sequence (a view for Ulysses' contiguous slice)."""
+        n = x.shape[1] // self.size
+        if self.kind == "ring":
+            return x[:, self.index(x.shape[1], x.device)]
+        return x[:, self.rank * n : (self.rank + 1) * n]
 
 
 def apply_fsdp(root: Any, layers: Any, layout: Layout, param_dtype: torch.dtype | None) -> Any:

@@ -12,6 +12,11 @@ from longforge.positions.transforms import TRANSFORMS
 from longforge.stages.base import Checkpoint, RunPlan, Stage
 
 
+# Settings added after that release, left out of the fingerprint while at these defaults.
+LATER_DEFAULTS: dict[str, Any] = {"sequence_parallel": "auto"}
+_UNSET = object()
+
+
 @cache
 def _flat_defaults() -> dict[str, Any]:
     """Every key a stage had when all kinds shared one flat schema, at its default."""
@@ -26,7 +31,8 @@ def flat_settings(spec: Any) -> dict[str, Any]:
     Fingerprints cover this shape, so a stage finished by an earlier longforge stays finished (a merge stage's
     unused training defaults included); a setting added later must be left out here while at its default.
     """
-    return {**_flat_defaults(), **spec.model_dump(mode="json")}
+    settings = {**_flat_defaults(), **spec.model_dump(mode="json")}
+    return {k: v for k, v in settings.items() if LATER_DEFAULTS.get(k, _UNSET) != v}
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Model preparation for training (torchtitan's "parallelize"): small steps applied in order to a loaded model.
 
     parallelize(model, spec, layout, seq_len) -> TrainingModel
-      check_model          the layout fits the model and the sequence; resident_layers fits the model
-      apply_attention      longforge attention, its back-end and sequence-parallel group bound to the layers
+      check_model          the layout fits the model and the sequence (Ulysses or ring); resident_layers fits
+      apply_attention      longforge attention, its back-end and sequence-parallel group (and kind) bound to the layers
       apply_precision      bf16 weights (precision: bf16)
       apply_checkpointing  recompute each decoder layer in backward
       apply_fusion         fused SwiGLU, RoPE and RMSNorm kernels (before tiling: the tiles call the fused MLP)
@@ -17,7 +17,7 @@ The layout is the one source of the process's rank, device and sequence-parallel
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,11 +53,14 @@ class TrainingModel:
     def micro_loss(self, batch: Batch, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Summed loss of this process's slice of one micro-batch."""
         ids, pos = batch.input_ids, batch.position_ids
-        if self.layout.sp > 1:
-            # Every rank of a sequence-parallel group holds the same rows; each keeps its slice of the sequence.
-            cut = self.layout.sequence_slice(ids.shape[1])
-            ids, pos, labels, weights = ids[:, cut], pos[:, cut], labels[:, cut], weights[:, cut]
-        # Attention sees the whole sequence (Ulysses gathers it), so it takes the full-sequence document ids.
+        sp = self.attention.sp
+        if sp is not None:
+            # Every rank of a sequence-parallel group holds the same rows; each keeps its part of the sequence (a
+            # slice for Ulysses, two zigzag chunks for ring attention). Labels and weights were made on whole rows
+            # and follow the same permutation; the loss is a sum over tokens, so nothing is put back in order.
+            ids, pos, labels, weights = (sp.shard(t) for t in (ids, pos, labels, weights))
+        # Attention sees the whole sequence (Ulysses gathers it; ring attention masks each block from the rows'
+        # document ids), so it takes the full-sequence document ids.
         docs = batch.doc_ids if self.spec.document_mask else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
         offload = self.offload() if self.offload is not None else contextlib.nullcontext()
@@ -72,19 +75,22 @@ def resolve_precision(spec: StageSpec, device: torch.device) -> str:
     return "bf16-mixed" if device.type == "cuda" else "fp32"
 
 
-def check_model(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> None:
-    """Refuse what cannot run: a sequence-parallel layout the model's heads or the sequence do not divide, or more
-    resident layers than the model has."""
-    check_layout(model.config, seq_len, layout.sp)
+def check_model(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> str:
+    """The sequence-parallel kind the layout runs (Ulysses where the heads allow it, else ring attention), refusing
+    what cannot run: a sequence its kind cannot cut evenly, or more resident layers than the model has."""
+    kind = check_layout(model.config, seq_len, layout.sp, spec.sequence_parallel)
     n_layers = len(model.model.layers)
     if spec.resident_layers > n_layers:
         raise LongforgeError(f"resident_layers {spec.resident_layers} is more than the model's {n_layers} layers; "
                              f"use at most {n_layers} (all of them means nothing is offloaded).")
+    return kind
 
 
-def apply_attention(model: Any, backend: str, layout: Layout) -> AttentionContext:
-    """Switch to longforge attention with the back-end and the layout's sequence-parallel group bound to every layer."""
-    context = AttentionContext(backend=backend, sp=layout.sequence_parallel)
+def apply_attention(model: Any, backend: str, layout: Layout, kind: str = "ulysses") -> AttentionContext:
+    """Switch to longforge attention with the back-end and the layout's sequence-parallel group (of `kind`, Ulysses
+    or ring) bound to every layer."""
+    sp = layout.sequence_parallel
+    context = AttentionContext(backend=backend, sp=replace(sp, kind=kind) if sp is not None else None)
     if use_longforge_attention(model, context) == 0 and layout.sp > 1:
         raise LongforgeError(f"{type(model).__name__} has no attention layers longforge can reach, so it cannot run "
                              "sequence parallelism; train it with sp: 1.")
@@ -137,10 +143,10 @@ def activation_offload(model: Any, spec: StageSpec, layout: Layout) -> Activatio
 
 def parallelize(model: Any, spec: StageSpec, layout: Layout, seq_len: int) -> TrainingModel:
     """Every preparation step, in order (see the module's docstring)."""
-    check_model(model, spec, layout, seq_len)
+    kind = check_model(model, spec, layout, seq_len)
     precision = resolve_precision(spec, layout.device)
     attention = apply_attention(model, resolve_backend(spec.attention, layout.device, spec.document_mask,
-                                                       precision == "bf16"), layout)
+                                                       precision == "bf16"), layout, kind)
     apply_precision(model, precision)
     apply_checkpointing(model, spec, layout.device)
     fused = apply_fusion(model, spec, layout.device)
