@@ -43,30 +43,13 @@ fi
 export PYTHONUNBUFFERED=1 LONGFORGE_QUIET=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 
-# 2. The model.
-for p in .smol/part.*; do [ -f "$p" ] && cp -n "$p" "$STATE/parts/" && say "kept $(basename "$p") in $STATE/parts"; done
-if [ ! -f "$MODEL/config.json" ]; then
-  if [ ! -f "$STATE/parts/part.aa" ] || [ ! -f "$STATE/parts/part.ab" ]; then
-    say "the model is not here yet: carry .smol/part.aa in this call and .smol/part.ab in the next, back to back"
-    ls -la "$STATE/parts" | tee -a "$LOG"
-    exit 0
-  fi
-  mkdir -p "$STATE/gguf"
-  cat "$STATE/parts/part.aa" "$STATE/parts/part.ab" > "$STATE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-  python3 - "$STATE/gguf" "$MODEL" <<'EOF' 2>&1 | tail -3 | tee -a "$LOG" || exit 1
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-d, out, f = sys.argv[1], sys.argv[2], "SmolLM2-135M-Instruct.Q4_1.gguf"
-tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.bfloat16,
-                                         quantization_config=GgufConfig(gguf_file=f, dequantize=True))
-del m.config.quantization_config; m.hf_quantizer = None; m.is_quantized = False
-m.save_pretrained(out); tok.save_pretrained(out)
-print("converted", sum(p.numel() for p in m.parameters()), "parameters")
-EOF
-  [ -f "$MODEL/config.json" ] || { say "conversion failed"; exit 1; }
-  say "converted SmolLM2 into $MODEL"
+# 2. The model (benchmarks/smollm2.sh: parts carried in two calls, joined and converted once).
+MODEL=$(SMOL_STATE=$STATE bash benchmarks/smollm2.sh 2>>"$LOG")
+if [ -z "$MODEL" ]; then
+  say "the model is not here yet: carry .smol/part.aa in this call and .smol/part.ab in the next, back to back"
+  exit 0
 fi
+say "model: $MODEL"
 
 # 3. The corpus.
 if [ ! -f "$STATE/corpus/corpus.json" ]; then
