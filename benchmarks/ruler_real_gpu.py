@@ -48,17 +48,25 @@ SELF_CONTAINED = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "
 SEED = 1234  # longforge eval's default seed: the subset's prompts are the command's
 
 
-def run_cli(model: Path, tasks: list[str], lengths: list[int], samples: int, out: Path, device: str) -> dict[str, Any]:
+def run_cli(model: Path, tasks: list[str], lengths: list[int], samples: int, out: Path, device: str,
+            timeout: float | None = None) -> dict[str, Any]:
     """`longforge eval run` as a user runs it: wall time and the RULER result file."""
     cmd = [sys.executable, "-m", "longforge", "eval", "run", str(model), "--tasks", "ruler", "--ruler-tasks",
            ",".join(tasks), "--ruler-lengths", ",".join(map(str, lengths)), "--samples", str(samples),
            "--chat-template", "--device", device, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / "ruler_cli.log"  # streamed, so a run stopped by a time limit still shows how far it got
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with log.open("w") as f:
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"command": " ".join(cmd[1:]), "rc": proc.returncode, "stderr": proc.stderr[-3000:], "wall_s": wall}
+    if rc != 0:
+        return {"command": " ".join(cmd[1:]), "rc": rc, "log": str(log), "wall_s": round(wall, 1)}
     res = json.loads((out / "ruler.json").read_text())
     prompt_tokens = sum(s["prompt_tokens"] for s in res["samples"])
     new_tokens = sum(s["new_tokens"] for s in res["samples"])
@@ -139,6 +147,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--peer-samples", type=int, default=5, help="Samples per task and length for (a), (b), (c).")
     ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--cli-timeout", type=float, default=None, help="Stop the longforge eval command after this long.")
     ap.add_argument("--smoke", action="store_true", help="CPU, 2 tasks at 4096, 2 samples: checks the script.")
     args = ap.parse_args()
     tasks, lengths = args.tasks.split(","), [int(x) for x in args.lengths.split(",")]
@@ -156,7 +165,8 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1))
 
     if not args.skip_cli:
-        result["cli"] = run_cli(args.model, tasks, lengths, args.samples, args.out.parent / "ruler_cli", device)
+        result["cli"] = run_cli(args.model, tasks, lengths, args.samples, args.out.parent / "ruler_cli", device,
+                                args.cli_timeout)
         print(json.dumps({k: v for k, v in result["cli"].items() if k not in ("engine", "scores")}), flush=True)
         save()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,9 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
     all_samples: list[dict[str, Any]] = []
     skipped: dict[str, dict[str, str]] = {}
     for task in tasks:
+        t0 = time.perf_counter()
         prompts, skip = build_task(task, tokenizer, lengths, samples, seed, res, fmt)
+        t1 = time.perf_counter()
         if skip:
             skipped[task] = skip
             say(f"  [yellow]{label} {task}: skipped at {', '.join(skip)} tokens ({next(iter(skip.values()))})[/]")
@@ -157,6 +160,10 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
             f"{label} {task}", batch_size, batch_tokens,
             stop=lambda p, text, task=task: answer_done(task, text, p.meta["answers"]), share=share)
         all_samples += done
+        # Where a task's time goes (prompts built on the CPU with the tokenizer, answers generated on the device);
+        # said, not written: result files stay the same bytes from run to run.
+        say(f"  {label} {task}: {len(prompts)} prompts built in {t1 - t0:.1f} s, answered in "
+            f"{time.perf_counter() - t1:.1f} s")
     haystacks = {t: haystack_of(t, res) for t in tasks}
     return {"task": "ruler", "tasks": tasks, "lengths": lengths, "samples_per_task": samples, "seed": seed,
             "haystacks": haystacks, "format": {"chat_template": fmt.chat_template},
