@@ -66,10 +66,19 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
             encoded = fmt.encode_many(tokenizer, texts)  # every sample at once: on all cores
             for i in range(samples):
                 n, s, text, ids = n0, made[i], texts[i], encoded[i]
+                for _ in range(2):
+                    if room >= len(ids) >= 0.99 * room:
+                        break
+                    # This sample's needles or words tokenize differently: scale its size by its own token rate
+                    # (one tokenizer call each, usually enough), then search if that did not land within 1%.
+                    n = max(1, round(n * (room - 0.005 * room) / max(1, len(ids))))
+                    if upper is not None:
+                        n = min(n, upper)
+                    s = make_sample(task, n, seed, length, i, res)
+                    text = fmt.render(tokenizer, s.user, s.answer_prefix)
+                    ids = fmt.encode(tokenizer, text)
                 if len(ids) > room or len(ids) < 0.99 * room:
-                    # This sample's needles or words tokenize differently: search its own size, from its own rate.
-                    n = fit_count(tokens(i), room, f"RULER {task} prompt", guess=max(1, n0 * room // max(1, len(ids))),
-                                  upper=upper)
+                    n = fit_count(tokens(i), room, f"RULER {task} prompt", guess=n, upper=upper)
                     s = make_sample(task, n, seed, length, i, res)
                     text = fmt.render(tokenizer, s.user, s.answer_prefix)
                     ids = fmt.encode(tokenizer, text)
