@@ -66,3 +66,13 @@ def test_flags_and_help() -> None:
     assert "--weight-decay" in res.output and "--no-lean-norm" in res.output and "--tensorboard" in res.output
     assert "--no-tensorboard" not in res.output  # off by default: no --no- form
     assert "One of: cosine, constant (default: cosine)." in res.output and "(default: 0.1)." in res.output
+
+
+def test_a_value_that_fits_no_branch_of_a_union_gives_one_sentence() -> None:
+    from longforge.config import InferenceSpec
+
+    with pytest.raises(LongforgeError) as e:
+        spec_from_options(InferenceSpec, {"kv_shards": "foo"}, "eval")
+    text = str(e.value)
+    assert "\n" not in text and text.startswith("--kv-shards: ") and "'auto' or a valid integer" in text
+    assert spec_from_options(InferenceSpec, {"kv_shards": "2"}, "eval").kv_shards == 2

@@ -181,7 +181,22 @@ def spec_from_options(model: type[BaseModel], values: dict[str, Any], where: str
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise LongforgeError("\n".join(_flag_error(err, values, where, rename or {}, model) for err in e.errors())) from None
+        raise LongforgeError("\n".join(_flag_error(err, values, where, rename or {}, model)
+                                       for err in _one_per_union(e.errors()))) from None
+
+
+def _one_per_union(errors: list[Any]) -> list[Any]:
+    """A value that fits no branch of a union (`'auto' | int`) fails once per branch: one error saying every branch."""
+    out: list[Any] = []
+    for err in errors:
+        loc = err.get("loc", ())
+        last = out[-1] if out else None
+        if last is not None and len(loc) == 2 and last.get("loc", ())[:1] == loc[:1] and len(last["loc"]) == 2:
+            also = err.get("msg", "").removeprefix("Input should be ")
+            out[-1] = {**last, "msg": f"{last.get('msg', '')} or {also}"}
+            continue
+        out.append(err)
+    return out
 
 
 def _flag_error(err: dict[str, Any], given: dict[str, Any], where: str, rename: dict[str, str], model: Any) -> str:
