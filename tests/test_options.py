@@ -69,10 +69,11 @@ def test_flags_and_help() -> None:
 
 
 def test_a_value_that_fits_no_branch_of_a_union_gives_one_sentence() -> None:
-    from longforge.config import InferenceSpec
+    """The eval flags are checked one by one against their plain types: `'auto' | int` failed once per branch."""
+    from longforge.eval.command import build_spec
 
     with pytest.raises(LongforgeError) as e:
-        spec_from_options(InferenceSpec, {"kv_shards": "foo"}, "eval")
+        build_spec({"kv_shards": "foo"})
     text = str(e.value)
     assert "\n" not in text and text.startswith("--kv-shards: ") and "'auto' or a valid integer" in text
-    assert spec_from_options(InferenceSpec, {"kv_shards": "2"}, "eval").kv_shards == 2
+    assert build_spec({"kv_shards": "2"}).inference.kv_shards == 2
