@@ -467,3 +467,18 @@ def test_a_prefix_is_shared_only_when_worth_it() -> None:
     big, small = shape(4096, 14336, 32, 32, 8), shape(576, 1536, 30, 9, 3)
     assert shared_tokens(prefill_plan(rows, 512, 256, share_worth(big))) == shared_tokens(prefill_plan(rows, 512, 256))
     assert shared_tokens(prefill_plan(rows, 512, 256, share_worth(small))) == 0
+
+
+def test_the_batch_budget_depends_on_the_model_not_on_what_the_allocator_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of a torchrun job must cut the same batches: the GPU budget comes from the weights' size and the
+    memory setting, never from memory_allocated (a cache kept from the last batch differs between processes)."""
+    from longforge.inference.engine import CPU_BATCH_TOKENS
+
+    model = _model()
+    eng = Engine(model, stop_on_eos=False)
+    assert eng.batch_tokens_budget() == CPU_BATCH_TOKENS
+    eng.device = torch.device("cuda")
+    monkeypatch.setattr(eng, "_budget", lambda: 2.0 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: pytest.fail("read the allocator"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert eng.batch_tokens_budget() == int(0.5 * (2.0 * 2**30 - weights) / eng._kv_bytes_per_token())

@@ -311,12 +311,16 @@ class Engine:
             4 * inter + 16 * hidden) * elem
 
     def batch_tokens_budget(self) -> int:
-        """Prompt tokens an evaluation batch may hold: on a GPU, what half the memory free after the weights holds as
-        KV cache (the other half for prefill work and the allocator's slack); elsewhere CPU_BATCH_TOKENS."""
+        """Prompt tokens an evaluation batch may hold: on a GPU, what half the memory left after the weights holds as
+        KV cache (the other half for prefill work and the allocator's slack); elsewhere CPU_BATCH_TOKENS.
+
+        Computed from the weights' size, not from what the allocator holds now (a cache kept from the last batch
+        differs between the processes of a torchrun job, which must all cut the same batches).
+        """
         if self.device.type != "cuda" or self.path != "longforge":
             return CPU_BATCH_TOKENS
-        free = self._budget() - torch.cuda.memory_allocated(self.device)
-        return max(self.prefill_chunk, int(0.5 * free / self._kv_bytes_per_token()))
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return max(self.prefill_chunk, int(0.5 * (self._budget() - weights) / self._kv_bytes_per_token()))
 
     def _budget(self) -> float:
         """GPU memory the engine may use: gpu_memory_gib, else 90% of the device."""
