@@ -30,17 +30,27 @@ plus 2 n_layers d L^2; 575 is the fused prefill measured on an H200 by benchmark
 of its generation) / 4.8e12 B/s (an H200's HBM3e). It is computed on the batches the engine ran (on two GPUs: each
 process's own, so `model_s` per process; `ratio` is measured over model; over 1.3 misses the issue's target).
 
-Estimates (the model, on one H200, 25 samples x 6 tasks = 150 prompts per length; `--plan` prints them without a GPU):
-4K ~20 s, 8K ~38 s, 16K ~85 s, 32K ~205 s, 64K ~560 s, 128K ~1720 s (a 128K prompt's prefill alone is 11 s);
-add ~1 min per command for the model, the warm-up (compiling the fused kernels) and the prompts. Commands run at most
-10 minutes, so the issue's ">= 25 samples per task and length" is reached at 64K and 128K only in slices of samples
-(--sample-start; every sample comes from its own seed, so slices are the full run's prompts) merged with --merge:
-  one H200:  4K-32K x 25 (sweep)                                   ~7 min
-             4K-32K x 4, --parts hf (model.generate + the engine)  ~4 min
-             64K x 12, then 64K x 13 --sample-start 12             ~5 + 5 min
-             128K x 6 (x4, --sample-start 0,6,12,18, the last 7)   ~7-8 min each, 29 min in all
-  two H200s: the same slices take about half (128K x 12 + 13: ~7.5 min each).
-The sweep at 4K-32K x 25 fits one command on either machine; 64K and 128K x 25 need 2 and 4 commands on one GPU.
+Estimates (`--plan [--world 2] --samples N --lengths ...` prints the model's seconds without a GPU; the engine's batch
+budget on an H200 is ~454K prompt tokens: 25 rows at 4K, 13 at 32K, 6 at 64K, 3 at 128K). One H200, 25 samples x 6
+tasks = 150 prompts per length: 4K 19 s, 8K 39 s, 16K 86 s, 32K 209 s, 64K 566 s, 128K 1718 s (a 128K prompt's
+prefill alone is 11 s). Two H200s split whole batches of one task (eval/share.py), so they gain only where a task has
+several batches in the command: 4K-32K x 25 together 186 s (352 on one), 64K x 25 295 s (5 batches: 3 to one GPU),
+128K x 6 206 s (2 batches, one each), x 12 412 s, x 25 894 s. Each command adds about 1-1.5 min: the 8B model built
+on the GPU, the warm-up (the fused kernels compile), the prompts (~3 s per task at 128K for 2 samples on a 2-core CPU;
+a slice builds samples 0..start+n-1 and keeps its own). A command runs at most 10 minutes (--budget-s 540 by default:
+a length the model says will not fit is left out before any work, a task that would pass it is not started; both are
+listed under `skipped`), so 64K and 128K at 25 samples need slices of samples (--sample-start; every sample comes from
+its own seed, so the slices are the full run's prompts; tested) merged with --merge. At 1.0-1.3x the model:
+  one H200:  4K-32K x 25 (--parts sweep)                            ~6-8 min
+             4K-32K x 4 (--parts hf: model.generate + the engine)   ~5-6 min
+             64K x 8 (25: 8 + 8 + 9, --sample-start 0, 8, 16)        ~4-5.5 min each
+             128K x 5 (25: five commands)                           ~7-9 min each, ~40 min in all
+  two H200s: 4K-32K x 25                                            ~4-5.5 min
+             64K x 25                                               ~6.5-8 min
+             128K x 6 (25: 6, 6, 6, 7 at --sample-start 0, 6, 12, 18) ~5-7.5 min each
+The issue's ">= 25 samples per task and length" at 128K is ~29 min of model time on one H200 and ~15 on two, more
+than one 30-minute session's device time holds with the rest. The ratio measured/model per length depends little on
+the sample count (the batches have the same size), so fewer samples at 128K on one GPU still give it.
 
 Usage (GPU, one H200; results under $OUT):
   PYTHONPATH=$PWD/src python benchmarks/ruler_sweep_gpu.py --tokenizer SMOLLM2_DIR --lengths 4096,8192,16384,32768 \
@@ -224,19 +234,19 @@ def build_prompts(tokenizer: Any, tasks: list[str], lengths: list[int], samples:
     return prompts, info
 
 
-def planned(model: Any, tasks: list[str], lengths: list[int], samples: int, batch_tokens: int,
+def task_seconds(model: Any, n: list[int], new: int, batch_size: int, batch_tokens: int, world: int) -> float:
+    """The model's time of one task's prompts (token counts `n`) on `world` processes: the eval path's batches, dealt as
+    eval/share.py deals them (costliest first, by tokens), each process its own; the slowest process's time."""
+    batches = [[n[i] for i in b] for b in batch_plan(n, batch_size, batch_tokens, True)]
+    costs = [float(sum(x + new for x in b)) for b in batches]
+    return max(model_seconds(model, [batches[i] for i in Share(r, world).mine(costs)], new)["s"] for r in range(world))
+
+
+def planned(model: Any, tasks: list[str], lengths: list[int], samples: int, batch_size: int, batch_tokens: int,
             world: int) -> dict[str, float]:
     """The model's seconds per length before any work (prompts taken at their length minus the answer budget)."""
-    out = {}
-    for L in lengths:
-        total = 0.0
-        for task in tasks:
-            new = TASKS[task].max_new_tokens
-            n = [L - new] * samples
-            batches = [[n[i] for i in b] for b in batch_plan(n, 256, batch_tokens, True)]
-            total += model_seconds(model, batches, new)["s"]
-        out[str(L)] = total / world
-    return out
+    return {str(L): sum(task_seconds(model, [L - TASKS[t].max_new_tokens] * samples, TASKS[t].max_new_tokens,
+                                     batch_size, batch_tokens, world) for t in tasks) for L in lengths}
 
 
 def run_sweep(engine: SweepEngine, tokenizer: Any, prompts: dict[str, list[Prompt]], lengths: list[int],
@@ -245,11 +255,13 @@ def run_sweep(engine: SweepEngine, tokenizer: Any, prompts: dict[str, list[Promp
     """Each task through generate_all (this process's share of its batches), then per length: measured vs model."""
     sweep: dict[str, Any] = result.setdefault("sweep", {})
     for task, ps in prompts.items():
-        over = job.agreed(time.perf_counter() - t_start > budget_s)
-        if over:
-            result["skipped"].append(f"sweep {task}: over --budget-s {budget_s:.0f} s")
-            continue
         new = TASKS[task].max_new_tokens
+        expect = task_seconds(engine.model, [len(p.ids) for p in ps], new, batch_size, batch_tokens, job.world)
+        # Not started when the model says it would end past the budget (a command has a wall-clock limit).
+        if job.agreed(time.perf_counter() - t_start + 1.15 * expect > budget_s):
+            result["skipped"].append(f"sweep {task}: {expect:.0f} s more by the model would pass "
+                                     f"--budget-s {budget_s:.0f}")
+            continue
         first_call = len(engine.calls)
         job.barrier()
         t0 = sync(job.device)
@@ -258,55 +270,57 @@ def run_sweep(engine: SweepEngine, tokenizer: Any, prompts: dict[str, list[Promp
                                f"sweep {task}", batch_size, batch_tokens, stop=None, share=job.share)
         wall = sync(job.device) - t0
         mine = engine.calls[first_call:]
-        parts = job.gathered([{k: v for k, v in c.items() if k not in ("kv_layers_on_gpu", "kv_layers_in_host_memory")}
-                              for c in mine])
+        parts = job.gathered(mine)
         forced = all(s["new_tokens"] == new for s in samples)
         tokens: dict[str, list[int]] = {}
-        for part in job.gathered({k: engine.outputs[k] for k in map(digest, (p.ids for p in ps)) if k in engine.outputs}):
+        keys = [digest(p.ids) for p in ps]
+        for part in job.gathered({k: engine.outputs[k] for k in keys if k in engine.outputs}):
             tokens.update(part)
-        every = [tokens.get(digest(p.ids)) for p in ps]
+        every = [tokens.get(k) for k in keys]
         entry: dict[str, Any] = {"wall_s": r4(wall), "new_tokens_each": new, "forced_length_held": forced,
                                  "tokens_sha1": hashlib.sha1(json.dumps(every).encode()).hexdigest()[:16],
                                  "lengths": {}}
         for L in lengths:
-            at = [(rank, c) for rank, calls in enumerate(parts) for c in calls if nominal(max(c["lengths"]), lengths) == L]
-            if not at:
-                continue
-            per_rank = []
-            for rank in range(job.world):
-                cs = [c for r, c in at if r == rank]
-                m = model_seconds(engine.model, [c["lengths"] for c in cs], new)
-                per_rank.append({"batches": len(cs), "prompts": sum(len(c["lengths"]) for c in cs),
-                                 "measured_s": r4(sum(c["wall_s"] for c in cs)), "model_s": r4(m["s"])})
-            calls = [c for _, c in at]
-            m = model_seconds(engine.model, [c["lengths"] for c in calls], new)
-            gpu_s = sum(c["wall_s"] for c in calls)
-            row = {"prompts": sum(len(c["lengths"]) for c in calls),
-                   "prompt_tokens": sum(sum(c["lengths"]) for c in calls),
-                   "batches": len(calls), "batch_rows": sorted({len(c["lengths"]) for c in calls}),
-                   "decode_shapes": sorted({tuple(c["shape"]) for c in calls}),
-                   "captures": sum(c["captured"] for c in calls),
-                   "measured_gpu_s": r4(gpu_s),  # summed over the processes (one GPU: its time)
-                   "prefill_s": r4(sum(c.get("prefill_s", 0.0) for c in calls)),
-                   "decode_s": r4(sum(c.get("decode_s", 0.0) for c in calls)),
-                   "decode_steps": sum(c.get("decode_steps", 0) for c in calls),
-                   "host_visits": sum(c.get("host_visits", 0) for c in calls),
-                   "padding_tokens": sum(c.get("padding_tokens", 0) for c in calls),
-                   "prefix_saved_tokens": sum(c.get("prefix_saved_tokens", 0) for c in calls),
-                   "cuda_graph_batches": sum(bool(c.get("cuda_graph")) for c in calls),
-                   "model_prefill_s": r4(m["prefill_s"]), "model_decode_s": r4(m["decode_s"]), "model_s": r4(m["s"]),
-                   "ratio": r4(gpu_s / m["s"]) if m["s"] else None,
-                   "prefill_ratio": r4(sum(c.get("prefill_s", 0.0) for c in calls) / m["prefill_s"]) if m["prefill_s"] else None,
-                   "decode_ratio": r4(sum(c.get("decode_s", 0.0) for c in calls) / m["decode_s"]) if m["decode_s"] else None}
-            if job.world > 1:
-                row["per_process"] = per_rank
-            entry["lengths"][str(L)] = row
+            at = [(rank, c) for rank, calls in enumerate(parts) for c in calls
+                  if nominal(max(c["lengths"]), lengths) == L]
+            if at:
+                entry["lengths"][str(L)] = length_row(engine.model, at, new, job.world)
         sweep[task] = entry
         if job.main:
             print(f"[{time.perf_counter() - t_start:7.1f}s] sweep {task}: {len(samples)} prompts in {wall:.1f} s; "
                   + ", ".join(f"{L}: {v['measured_gpu_s']:.1f}/{v['model_s']:.1f} s = {v['ratio']}x"
                               for L, v in entry["lengths"].items()), flush=True)
         save()
+
+
+def length_row(model: Any, at: list[tuple[int, dict[str, Any]]], new: int, world: int) -> dict[str, Any]:
+    """One task at one length: the engine's calls (with the process that made each) summed, against the model."""
+    calls = [c for _, c in at]
+
+    def total(key: str) -> float:
+        return sum(c.get(key, 0) for c in calls)
+
+    m = model_seconds(model, [c["lengths"] for c in calls], new)
+    gpu_s = total("wall_s")
+    row = {"prompts": sum(len(c["lengths"]) for c in calls), "prompt_tokens": sum(sum(c["lengths"]) for c in calls),
+           "batches": len(calls), "batch_rows": sorted({len(c["lengths"]) for c in calls}),
+           "decode_shapes": sorted({tuple(c["shape"]) for c in calls}), "captures": int(total("captured")),
+           "measured_gpu_s": r4(gpu_s),  # the engine's calls, summed over the processes (one GPU: its time)
+           "prefill_s": r4(total("prefill_s")), "decode_s": r4(total("decode_s")),
+           **{k: int(total(k)) for k in ("decode_steps", "host_visits", "padding_tokens", "prefix_saved_tokens")},
+           "cuda_graph_batches": sum(bool(c.get("cuda_graph")) for c in calls),
+           "model_prefill_s": r4(m["prefill_s"]), "model_decode_s": r4(m["decode_s"]), "model_s": r4(m["s"]),
+           "ratio": r4(gpu_s / m["s"]) if m["s"] else None,
+           "prefill_ratio": r4(total("prefill_s") / m["prefill_s"]) if m["prefill_s"] else None,
+           "decode_ratio": r4(total("decode_s") / m["decode_s"]) if m["decode_s"] else None}
+    if world > 1:
+        row["per_process"] = []
+        for rank in range(world):
+            mine = [c for r, c in at if r == rank]
+            row["per_process"].append({"batches": len(mine), "prompts": sum(len(c["lengths"]) for c in mine),
+                                       "measured_s": r4(sum(c["wall_s"] for c in mine)),
+                                       "model_s": r4(model_seconds(model, [c["lengths"] for c in mine], new)["s"])})
+    return row
 
 
 def totals(result: dict[str, Any], lengths: list[int], world: int) -> dict[str, Any]:
@@ -357,8 +371,8 @@ def run_hf(model: Any, engine: SweepEngine, tokenizer: Any, prompts: dict[str, l
             sub = [p for p in ps if p.length == L][:args.hf_samples]
             if not sub:
                 continue
-            if spent > args.hf_budget_s:
-                hf["skipped"].append(f"{L} {task}: over --hf-budget-s {args.hf_budget_s:.0f} s")
+            if spent > args.hf_budget_s or time.perf_counter() - t_start > args.budget_s:
+                hf["skipped"].append(f"{L} {task}: over --hf-budget-s {args.hf_budget_s:.0f} s or --budget-s")
                 continue
             new = TASKS[task].max_new_tokens
             rows = max(1, min(args.hf_rows, args.hf_batch_tokens // L))
@@ -463,9 +477,12 @@ def main() -> None:
     ap.add_argument("--hf-max-length", type=int, default=32768)
     ap.add_argument("--hf-rows", type=int, default=8, help="model.generate: rows per batch at most ...")
     ap.add_argument("--hf-batch-tokens", type=int, default=65536, help="... and this many prompt tokens.")
-    ap.add_argument("--hf-budget-s", type=float, default=180, help="model.generate: no new batch after this long.")
+    ap.add_argument("--hf-budget-s", type=float, default=240, help="model.generate: no new batch after this long.")
     ap.add_argument("--plan", action="store_true", help="Print the model's seconds per length (no GPU, no prompts).")
     ap.add_argument("--gpu-gib", type=float, default=139.8, help="--plan: the GPU's memory (an H200's).")
+    ap.add_argument("--world", type=int, default=1, help="--plan: processes (GPUs).")
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="Prompt tokens per batch (longforge's inference.batch_tokens); default: the engine's budget.")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 1024 and 2048 tokens, 2 samples.")
     ap.add_argument("--merge", type=Path, nargs="+", help="Merge these result files (slices) into --out.")
     args = ap.parse_args()
@@ -483,10 +500,12 @@ def main() -> None:
     if args.tokenizer is None:
         raise SystemExit("--tokenizer: give a local tokenizer folder (the SmolLM2 one).")
     if args.smoke:
-        args.shape, lengths, args.samples, args.hf_max_length = "smoke", [1024, 2048], 2, 2048
+        args.shape, lengths, args.samples, args.hf_max_length = "smoke", [1024, 2048], min(args.samples, 2), 2048
     job = Job(args.smoke)
+    skipped = []
     if job.world > 1 and "hf" in parts:
         parts.discard("hf")  # model.generate is the one-process command's comparison
+        skipped.append("hf: model.generate runs in the one-process command only")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     t_start = time.perf_counter()
     import transformers
@@ -503,7 +522,7 @@ def main() -> None:
         "rates": {"prefill_flops_per_s": PREFILL_FLOPS_PER_S, "hbm_bytes_per_s": HBM_BYTES_PER_S,
                   "note": "prefill at 575 TFLOP/s (the fused prefill measured on an H200 by eval_engine.py, "
                           "567-580 at 32K-128K), causal-counted; decode steps x (weights + batch KV) / 4.8 TB/s"},
-        "target_ratio": TARGET, "skipped": []}
+        "target_ratio": TARGET, "skipped": skipped}
 
     def save() -> None:
         if job.main:
@@ -533,13 +552,13 @@ def main() -> None:
     if job.device.type == "cuda":
         torch.cuda.empty_cache()
     run = TaskRun(engine, tokenizer, EvalSpec(), 8192, max(lengths), "sweep", job.share)
-    own = run.batch_tokens  # what longforge eval's RULER run gets on this device
+    own = args.batch_tokens or run.batch_tokens  # what longforge eval's RULER run gets on this device
     every = job.gathered(own)
     batch_tokens = min(every)  # every process must cut the same batches
     batch_size = run.batch_size(None)
     result["batching"] = {"batch_size": batch_size, "batch_tokens": batch_tokens, "batch_tokens_per_process": every}
     result["engine"] = engine.describe()
-    predicted = planned(model, tasks, lengths, args.samples, batch_tokens, job.world)
+    predicted = planned(model, tasks, lengths, args.samples, batch_size, batch_tokens, job.world)
     keep, acc = [], 0.0
     for L in lengths:
         acc += predicted[str(L)]
@@ -581,7 +600,11 @@ def main() -> None:
                save)
     result["elapsed_s"] = round(time.perf_counter() - t_start, 2)
     save()
-    job.barrier()
+    if job.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def plan(args: argparse.Namespace, tasks: list[str], lengths: list[int]) -> None:
@@ -589,12 +612,16 @@ def plan(args: argparse.Namespace, tasks: list[str], lengths: list[int]) -> None
     batch budget as the engine would size it on a GPU of --gpu-gib (half the memory free after the weights)."""
     model = build_model(args.shape, torch.device("meta"), torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    batch_tokens = int(0.5 * (0.9 * args.gpu_gib * GIB - weights) / kv_bytes_per_token(model))
-    got = planned(model, tasks, lengths, args.samples, batch_tokens, 1)
-    print(f"{args.shape}: batch_tokens {batch_tokens}; model seconds on one GPU, {args.samples} samples x {len(tasks)} tasks:")
+    batch_tokens = args.batch_tokens or int(0.5 * (0.9 * args.gpu_gib * GIB - weights) / kv_bytes_per_token(model))
+    got = planned(model, tasks, lengths, args.samples, 256, batch_tokens, args.world)
+    print(f"{args.shape}: batch_tokens {batch_tokens}; the model's seconds on {args.world} GPU(s) (the slowest's), "
+          f"{args.samples} samples x {len(tasks)} tasks:")
     for L, s in got.items():
-        print(f"  {L:>7}: {s:7.1f} s")
-    print(f"  total: {sum(got.values()):.1f} s")
+        print(f"  {L:>7}: {s:7.1f} s alone")
+    together = sum(task_seconds(model, [L - TASKS[t].max_new_tokens for L in lengths for _ in range(args.samples)],
+                                TASKS[t].max_new_tokens, 256, batch_tokens, args.world) for t in tasks)
+    print(f"  total: {sum(got.values()):.1f} s, one length at a time; {together:.1f} s with the lengths together "
+          f"(one generate_all per task, as the sweep runs them)")
 
 
 if __name__ == "__main__":
