@@ -27,8 +27,10 @@ answer-complete stop; the work is deterministic and the scores mean nothing.
 The model (`model_s`): prefill at 575e12 FLOP/s causal-counted (eval_engine.py's prefill_flops: 2 N_layers per token
 plus 2 n_layers d L^2; 575 is the fused prefill measured on an H200 by benchmarks/eval_engine.py, 567-580 TFLOP/s at
 32K-128K), plus, per batch, (answer budget - 1) decode steps x (the weights a step reads + the batch's KV at the middle
-of its generation) / 4.8e12 B/s (an H200's HBM3e). It is computed on the batches the engine ran (on two GPUs: each
-process's own, so `model_s` per process; `ratio` is measured over model; over 1.3 misses the issue's target).
+of its generation) / 4.8e12 B/s (an H200's HBM3e). It is computed on the batches the engine ran. Per task and length:
+`ratio` = the engine's calls (GPU-seconds, summed over the processes) over `model_s`; per task and in `totals`:
+`wall_over_model` = the task's wall time over `model_wall_s`, the model of each process's own batches, the slowest
+process's (one GPU: all of them), the issue's "within 1.3x" (`within_target`).
 
 Estimates (`--plan [--world 2] --samples N --lengths ...` prints the model's seconds without a GPU; the engine's batch
 budget on an H200 is ~454K prompt tokens: 25 rows at 4K, 13 at 32K, 6 at 64K, 3 at 128K). One H200, 25 samples x 6
@@ -277,7 +279,11 @@ def run_sweep(engine: SweepEngine, tokenizer: Any, prompts: dict[str, list[Promp
         for part in job.gathered({k: engine.outputs[k] for k in keys if k in engine.outputs}):
             tokens.update(part)
         every = [tokens.get(k) for k in keys]
-        entry: dict[str, Any] = {"wall_s": r4(wall), "new_tokens_each": new, "forced_length_held": forced,
+        # The model's wall time of this task: each process's own batches, the slowest process (one GPU: all of them).
+        model_wall = max(model_seconds(engine.model, [c["lengths"] for c in calls], new)["s"] for calls in parts)
+        entry: dict[str, Any] = {"wall_s": r4(wall), "model_wall_s": r4(model_wall),
+                                 "wall_over_model": r4(wall / model_wall) if model_wall else None,
+                                 "new_tokens_each": new, "forced_length_held": forced,
                                  "tokens_sha1": hashlib.sha1(json.dumps(every).encode()).hexdigest()[:16],
                                  "lengths": {}}
         for L in lengths:
@@ -341,11 +347,14 @@ def totals(result: dict[str, Any], lengths: list[int], world: int) -> dict[str, 
     per = out["per_length"].values()
     gpu, model = sum(r["measured_gpu_s"] for r in per), sum(r["model_s"] for r in per)
     wall = sum(t["wall_s"] for t in sweep.values())
+    model_wall = sum(t["model_wall_s"] for t in sweep.values())
     out.update({"prompts": sum(r["prompts"] for r in per), "measured_gpu_s": r4(gpu), "model_s": r4(model),
                 "ratio": r4(gpu / model) if model else None, "wall_s": r4(wall),
+                # The job's wall against the model of the same batches on the same processes (the issue's 1.3x).
+                "model_wall_s": r4(model_wall), "wall_over_model": r4(wall / model_wall) if model_wall else None,
                 # The job's wall against the model spread perfectly over its processes (one GPU: the same ratio).
                 "wall_over_model_per_gpu": r4(wall * world / model) if model else None,
-                "within_target": bool(model and gpu / model <= TARGET)})
+                "within_target": bool(model_wall and wall / model_wall <= TARGET)})
     return out
 
 
@@ -442,8 +451,9 @@ def merge(files: list[Path], out: Path) -> None:
     for p in parts:
         wall += sum(t["wall_s"] for t in p.get("sweep", {}).values())
         for task, t in p.get("sweep", {}).items():
-            dst = merged["sweep"].setdefault(task, {"wall_s": 0.0, "lengths": {}})
+            dst = merged["sweep"].setdefault(task, {"wall_s": 0.0, "model_wall_s": 0.0, "lengths": {}})
             dst["wall_s"] += t["wall_s"]
+            dst["model_wall_s"] += t["model_wall_s"]
             for L, row in t["lengths"].items():
                 lengths.add(int(L))
                 d = dst["lengths"].setdefault(L, {})
@@ -592,9 +602,10 @@ def main() -> None:
         save()
         if job.main:
             tot = result["totals"]
-            print(f"sweep: {tot['prompts']} prompts, wall {tot['wall_s']:.1f} s, model {tot['model_s']:.1f} GPU-s, "
-                  f"measured {tot['measured_gpu_s']:.1f} GPU-s = {tot['ratio']}x (target {TARGET}x); "
-                  f"{result['cuda_graph_captures']} graph captures, {result['distinct_decode_shapes']} shapes", flush=True)
+            print(f"sweep: {tot['prompts']} prompts; wall {tot['wall_s']:.1f} s against the model's {tot['model_wall_s']:.1f}"
+                  f" s = {tot['wall_over_model']}x (target {TARGET}x); the engine's calls {tot['measured_gpu_s']:.1f} "
+                  f"GPU-s against {tot['model_s']:.1f} = {tot['ratio']}x; {result['cuda_graph_captures']} graph "
+                  f"captures, {result['distinct_decode_shapes']} decode shapes", flush=True)
     if "hf" in parts:
         run_hf(model, engine, tokenizer, prompts, lengths, args, job.device, batch_size, batch_tokens, t_start, result,
                save)
