@@ -21,8 +21,9 @@ def _run(cmd: list[str], out: Path) -> dict:
 def test_the_sweep_benchmark_runs_on_one_and_two_processes(tmp_path: Path, tokenizer_dir: Path) -> None:
     args = ["--smoke", "--tokenizer", str(tokenizer_dir), "--samples", "1"]
     one = _run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "one.json")], tmp_path / "one.json")
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT), *args,
-                "--out", str(tmp_path / "two.json")], tmp_path / "two.json")
+    # --standalone: a free rendezvous port (other torchrun jobs on this machine may hold the default one).
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
+                *args, "--out", str(tmp_path / "two.json")], tmp_path / "two.json")
     assert one["processes"] == 1 and two["processes"] == 2
     assert set(one["sweep"]) == set(two["sweep"]) and one["sweep"]
     for task, got in one["sweep"].items():
