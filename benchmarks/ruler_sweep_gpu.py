@@ -58,11 +58,11 @@ Usage (GPU, one H200; results under $OUT):
   PYTHONPATH=$PWD/src python benchmarks/ruler_sweep_gpu.py --tokenizer SMOLLM2_DIR --lengths 4096,8192,16384,32768 \
       --samples 25 --parts sweep --out $OUT/sweep_1gpu_4k-32k.json
 Two H200s (the same prompts spread over both processes):
-  PYTHONPATH=$PWD/src torchrun --nproc-per-node 2 benchmarks/ruler_sweep_gpu.py --tokenizer SMOLLM2_DIR \
+  PYTHONPATH=$PWD/src torchrun --standalone --nproc-per-node 2 benchmarks/ruler_sweep_gpu.py --tokenizer SMOLLM2_DIR \
       --lengths 4096,8192,16384,32768 --samples 25 --out $OUT/sweep_2gpu_4k-32k.json
 Slices into one table:  python benchmarks/ruler_sweep_gpu.py --merge a.json b.json ... --out merged.json
 CPU check (tiny model, numbers mean nothing):  ... ruler_sweep_gpu.py --smoke --tokenizer DIR --out /tmp/s1.json
-  and   torchrun --nproc-per-node 2 benchmarks/ruler_sweep_gpu.py --smoke --tokenizer DIR --out /tmp/s2.json (gloo)
+  and   torchrun --standalone --nproc-per-node 2 benchmarks/ruler_sweep_gpu.py --smoke --tokenizer DIR --out /tmp/s2.json (gloo)
 """
 
 from __future__ import annotations
