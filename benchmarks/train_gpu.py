@@ -32,15 +32,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# The real models' config.json values that shape a step (their weights are not needed: random ones are as fast).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5),
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                         rms_norm_eps=1e-5),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5),
     # Qwen2.5-0.5B's config.json (q/k/v projections carry a bias in Qwen2; no sliding window).
     "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
@@ -57,7 +62,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-SHAPE_ROPE = {"smollm2-135m": {"rope_type": "default", "rope_theta": 100000.0},
+LLAMA32_ROPE = {**ROPE, "factor": 32.0}  # Llama-3.2's config.json (3.1 has factor 8)
+SHAPE_ROPE = {"llama-3.2-1b": LLAMA32_ROPE, "llama-3.2-3b": LLAMA32_ROPE,
+              "smollm2-135m": {"rope_type": "default", "rope_theta": 100000.0},
               "tiny-h9": {"rope_type": "default", "rope_theta": 100000.0},
               "qwen2.5-0.5b": {"rope_type": "default", "rope_theta": 1000000.0},
               "tiny-qwen2": {"rope_type": "default", "rope_theta": 1000000.0}}

@@ -138,11 +138,16 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         return train_gpu.run_case(case)
     except Unavailable as e:
         return {**case, "unavailable": str(e)}
+    except RuntimeError as e:  # a kernel launch (Triton's) can report it as a plain CUDA error
+        if "out of memory" not in str(e).lower():
+            raise
+        return {**case, "oom": True, "detail": str(e).splitlines()[0][:200]}
 
 
 def failed(r: dict[str, Any]) -> str | None:
-    """Why a result stops its kind at longer lengths: "oom" or "timeout" (else None)."""
-    return "oom" if r.get("oom") else "timeout" if r.get("timeout") else None
+    """Why a result stops its kind at longer lengths: "oom" or "timeout" (else None; a case the deadline cut short
+    says nothing of the longer lengths)."""
+    return "oom" if r.get("oom") else "timeout" if r.get("timeout") and not r.get("cut_by_deadline") else None
 
 
 def kind_of(case: dict[str, Any]) -> tuple[Any, ...]:
@@ -168,7 +173,7 @@ def run_suite(cases: list[dict[str, Any]], out: Path, devices: list[str] | None,
         elif left is not None and left < 30:
             res = {**case, "not_run": f"deadline ({deadline:.0f} s) reached"}
         else:
-            res = attempt(case, out, devices, case_timeout if left is None else min(case_timeout, left))
+            res = attempt(case, out, devices, case_timeout, left)
             fallback = case.get("fallback") or {}
             if failed(res) == "oom" and any(case.get(k) != v for k, v in fallback.items()):
                 retry = {**case, **fallback}
@@ -177,7 +182,7 @@ def run_suite(cases: list[dict[str, Any]], out: Path, devices: list[str] | None,
                     res["superseded"] = True  # the retry below is this kind's row at this length
                     results.append(res)
                     print(summary_line(res), flush=True)
-                    res = attempt(retry, out, devices, case_timeout if left is None else min(case_timeout, left))
+                    res = attempt(retry, out, devices, case_timeout, left)
                     if not failed(res):
                         carried[kind] = fallback
             if failed(res):
@@ -188,9 +193,14 @@ def run_suite(cases: list[dict[str, Any]], out: Path, devices: list[str] | None,
     return results
 
 
-def attempt(case: dict[str, Any], out: Path, devices: list[str] | None, timeout: float) -> dict[str, Any]:
-    """One case in its own process (train_gpu.launch running this script), its MFU fields named for the table."""
-    res = train_gpu.launch(case, out.with_suffix(".case.json"), devices, timeout, script=__file__)
+def attempt(case: dict[str, Any], out: Path, devices: list[str] | None, timeout: float,
+            left: float | None) -> dict[str, Any]:
+    """One case in its own process (train_gpu.launch running this script) for at most `timeout` seconds or what is
+    `left` before the deadline, its MFU fields named for the table."""
+    cut = left is not None and left < timeout
+    res = train_gpu.launch(case, out.with_suffix(".case.json"), devices, left if cut else timeout, script=__file__)
+    if cut and res.get("timeout"):
+        res["cut_by_deadline"] = True
     if res.get("mfu") is not None:
         res.setdefault("mfu_causal", res["mfu"])  # rows without documents: the one count there is
         if res.get("docs"):
@@ -231,6 +241,8 @@ def outcome(r: dict[str, Any]) -> str | None:
     if r.get("oom"):
         return "does not fit"
     if r.get("timeout"):
+        if r.get("cut_by_deadline"):
+            return "not finished: stopped by the deadline"
         return f"timeout{' after ' + str(len(r['step_times_s'])) + ' steps' if r.get('step_times_s') else ''}"
     if r.get("error"):
         return "error: " + r["error"].strip().splitlines()[-1][-200:] if r["error"].strip() else "error"

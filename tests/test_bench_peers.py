@@ -96,3 +96,17 @@ def test_suites_order_and_settings(peers: Any) -> None:
     assert [(c["impl"], c.get("docs", 0)) for c in cases] == [("hf", 0), ("liger", 0), ("longforge", 0), ("longforge", 8)]
     assert [c["seq"] for c in peers.SUITES["peers05b"]] == sorted(c["seq"] for c in peers.SUITES["peers05b"])
     assert len(peers.SUITES["peers"]) == 5 * 3 * 4
+
+
+def test_a_case_cut_by_the_deadline_stops_nothing(peers: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    timeouts: list[float] = []
+
+    def launch(case: dict[str, Any], tmp: Path, devices: Any, timeout: float, script: str = "") -> dict[str, Any]:
+        timeouts.append(timeout)
+        return {**case, "timeout": True, "error": f"timed out after {timeout:.0f} s"}
+
+    monkeypatch.setattr(peers.train_gpu, "launch", launch)
+    results = peers.run_suite(peers.SUITES["peers135m"], tmp_path / "r.json", None, 400.0, 100.0)
+    assert len(timeouts) == 12 and all(t <= 100 for t in timeouts)  # every case tried, each within the deadline
+    assert all(r["cut_by_deadline"] and not r.get("not_run") for r in results)
+    assert "not finished: stopped by the deadline" in peers.table(results)
