@@ -14,6 +14,7 @@ A case with "gpus": N > 1 runs under torchrun with N processes on the first N of
 them and sequence parallelism of degree "sp" (default N): Ulysses where the degree divides the heads, else ring
 attention ("sp_kind" forces one). "docs": n packs n documents per sequence and trains with document masks.
 Suites on disjoint --devices may run at once.
+benchmarks/train_peers_gpu.py adds the peers suites (transformers, + Liger, longforge; five real shapes).
 "probe" cases (one step, no warm-up) measure memory for the per-layer model in benchmarks/memory_model.py.
 """
 
@@ -194,7 +195,7 @@ SUITES["check1r"] = [c for c in SUITES["check1"] if not c.get("full_depth")]  # 
 
 
 def build(case: dict[str, Any], device: Any) -> Any:
-    """A randomly initialised model of the case's shape (Llama, or Qwen2 where the shape says so), bf16, on the device."""
+    """A randomly initialised model of the case's shape (Llama, or Qwen2 where the shape says), bf16, on the device."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -260,7 +261,8 @@ def run_hf(case: dict[str, Any], device: Any, patch: Any = None) -> dict[str, An
     from longforge.model.parallel import Layout
 
     out = timed(step, case, model.config, Layout.single(device))
-    return {**out, "losses": [round(float(x), 4) for x in losses], **({"patched": patched} if patched is not None else {})}
+    extra = {"patched": patched} if patched is not None else {}
+    return {**out, "losses": [round(float(x), 4) for x in losses], **extra}
 
 
 def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:

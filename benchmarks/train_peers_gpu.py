@@ -19,22 +19,28 @@ Measured after one warm-up step: tokens/s (median step), peak GPU memory (alloca
 the attention the documents allow (S replaced by sum(len^2)/S). The causal count is the one to compare across rows:
 the same tokens do the same useful work. Each case runs in its own process (train_gpu.py's launch): an
 out-of-memory case is recorded as "does not fit", a case over its time as "timeout", and a kind that did not fit (or
-timed out) at one length is recorded, not run, at the longer ones. Results are rewritten after every case.
+timed out) at one length is recorded, not run, at the longer ones. Results are rewritten after every case. Every
+case runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; each row keeps its first-step losses (the kinds
+without documents start from the same weights and tokens, so their first losses agree to bf16 rounding).
 
-On the GPU machine (torch 2.11, transformers 5.x, triton 3.6; carry .whl holding pydantic's wheels and
-liger_kernel-0.8.5-py3-none-any.whl, whose only requirements are torch and triton):
+On the GPU machine (torch 2.11, transformers 5.x, triton 3.6; carry [".whl"] holding pydantic's wheels and
+liger_kernel-0.8.5-py3-none-any.whl, whose only requirements are torch and triton), one suite per command:
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/train_peers_gpu.py --suite peers135m --devices 0 \
       --deadline-s 560 --out $OUT/peers135m.json
-Suites (rough minutes on one H200: --plan prints each case's estimate; most of a small shape's time is process
-start, model build and torch.compile, not steps):
-  peers135m  ~4 min     peers05b  ~5 min      peers1b  ~6 min
-  peers3b    ~10 min: peers3b-32k64k (~6) and peers3b-128k (~5) in separate commands
-  peers8b    ~16 min: peers8b-32k (~5), peers8b-64k (~5), peers8b-128k (~7) in separate commands
-  peers      every shape in one run (no time limit of its own)
+Suites and their minutes on one H200 if every case fits (upper bounds: a case that does not fit costs 20-40 s and
+makes its kind's longer lengths free; --plan prints each case's estimate; on the small shapes most of the time is
+process start, model build and torch.compile, not steps):
+  peers135m ~7    peers05b ~8    peers1b ~9    peers3b-32k64k ~7    peers3b-128k ~8
+  peers8b-32k ~3.5    peers8b-64k ~5    peers8b-128k-peers ~5 (transformers, Liger)    peers8b-128k-longforge ~3.5
+  peers3b, peers8b   one shape at every length (~14, ~20: more than one 10-minute command)
+  peers              every shape (~55)
+A kind that did not fit at a shorter length is known only within one run: the 128K slices run it again (a quick
+out-of-memory). --deadline-s starts no case after that many seconds and cuts the last one short, so a command with a
+wall-clock limit still ends with every row written.
   python3 benchmarks/train_peers_gpu.py --suite peers --smoke --out r.json   # every case kind on CPU, tiny shapes
-  python3 benchmarks/train_peers_gpu.py --plan --suite peers8b                # the cases and their expected seconds
-  python3 benchmarks/train_peers_gpu.py --table a.json b.json                 # a markdown table of results files
+  python3 benchmarks/train_peers_gpu.py --plan --suite peers8b-64k            # the cases and their expected seconds
+  python3 benchmarks/train_peers_gpu.py --table a.json b.json                 # one markdown table of results files
 """
 
 from __future__ import annotations

@@ -32,13 +32,16 @@ def outcome(case: dict[str, Any]) -> dict[str, Any]:
     if case["impl"] == "hf":
         return {"oom": True, "detail": "CUDA out of memory"}
     if case["impl"] == "liger":
-        return {"timeout": True, "error": "timed out after 400 s"} if case["seq"] > 32768 else {**FIT, "tokens_per_s": 800.0}
+        if case["seq"] > 32768:
+            return {"timeout": True, "error": "timed out after 400 s"}
+        return {**FIT, "tokens_per_s": 800.0}
     if not case.get("docs") and case["policy"] == "save_attention":
         return {"oom": True, "detail": "CUDA out of memory"}
     return dict(FIT)
 
 
-def run(peers: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deadline: float | None = None) -> tuple[list, list]:
+def run(peers: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        deadline: float | None = None) -> tuple[list, list]:
     """The 135M suite under the fake launch: (results, the cases launched)."""
     calls: list[dict[str, Any]] = []
 
@@ -93,7 +96,8 @@ def test_suites_order_and_settings(peers: Any) -> None:
         assert cases, name
         assert all(c["opt"] == peers.PEER_OPT for c in cases)
     cases = peers.SUITES["peers8b-64k"]
-    assert [(c["impl"], c.get("docs", 0)) for c in cases] == [("hf", 0), ("liger", 0), ("longforge", 0), ("longforge", 8)]
+    kinds = [(c["impl"], c.get("docs", 0)) for c in cases]
+    assert kinds == [("hf", 0), ("liger", 0), ("longforge", 0), ("longforge", 8)]
     assert [c["seq"] for c in peers.SUITES["peers05b"]] == sorted(c["seq"] for c in peers.SUITES["peers05b"])
     assert len(peers.SUITES["peers"]) == 5 * 3 * 4
 
