@@ -14,6 +14,7 @@ A case with "gpus": N > 1 runs under torchrun with N processes on the first N of
 them and sequence parallelism of degree "sp" (default N): Ulysses where the degree divides the heads, else ring
 attention ("sp_kind" forces one). "docs": n packs n documents per sequence and trains with document masks.
 Suites on disjoint --devices may run at once.
+benchmarks/train_peers_gpu.py adds the peers suites (transformers, + Liger, longforge; five real shapes).
 "probe" cases (one step, no warm-up) measure memory for the per-layer model in benchmarks/memory_model.py.
 """
 
@@ -32,25 +33,42 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# The real models' config.json values that shape a step (their weights are not needed: random ones are as fast).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5),
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                         rms_norm_eps=1e-5),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5),
+    # Qwen2.5-0.5B's config.json (q/k/v projections carry a bias in Qwen2; no sliding window).
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         rms_norm_eps=1e-6, use_sliding_window=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
     # SmolLM2's head counts at a CPU size (head_dim 16), for --smoke.
     "tiny-h9": dict(hidden_size=144, intermediate_size=288, num_hidden_layers=2, num_attention_heads=9,
                     num_key_value_heads=3, head_dim=16, vocab_size=512, tie_word_embeddings=True),
+    # Qwen2.5-0.5B's head counts and architecture at a CPU size (head_dim 8), for --smoke.
+    "tiny-qwen2": dict(arch="qwen2", hidden_size=112, intermediate_size=224, num_hidden_layers=2,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
+                       rms_norm_eps=1e-6, use_sliding_window=False),
 }
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-SHAPE_ROPE = {"smollm2-135m": {"rope_type": "default", "rope_theta": 100000.0},
-              "tiny-h9": {"rope_type": "default", "rope_theta": 100000.0}}
+LLAMA32_ROPE = {**ROPE, "factor": 32.0}  # Llama-3.2's config.json (3.1 has factor 8)
+SHAPE_ROPE = {"llama-3.2-1b": LLAMA32_ROPE, "llama-3.2-3b": LLAMA32_ROPE,
+              "smollm2-135m": {"rope_type": "default", "rope_theta": 100000.0},
+              "tiny-h9": {"rope_type": "default", "rope_theta": 100000.0},
+              "qwen2.5-0.5b": {"rope_type": "default", "rope_theta": 1000000.0},
+              "tiny-qwen2": {"rope_type": "default", "rope_theta": 1000000.0}}
 
 
 
@@ -177,40 +195,74 @@ SUITES["check1r"] = [c for c in SUITES["check1"] if not c.get("full_depth")]  # 
 
 
 def build(case: dict[str, Any], device: Any) -> Any:
-    """A randomly initialised Llama of the case's shape, bf16, on the device."""
+    """A randomly initialised model of the case's shape (Llama, or Qwen2 where the shape says), bf16, on the device."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(SHAPES[case["shape"]])
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if shape.pop("arch", "llama") == "qwen2" else (
+        LlamaConfig, LlamaForCausalLM)
     if case.get("layers"):
         shape["num_hidden_layers"] = case["layers"]
     rope = SHAPE_ROPE.get(case["shape"], ROPE)
-    cfg = LlamaConfig(**shape, max_position_embeddings=max(case["seq"], 8192), rope_parameters=dict(rope))
+    cfg = config_class(**shape, max_position_embeddings=max(case["seq"], 8192), rope_parameters=dict(rope))
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)
     return model.to(torch.bfloat16)
 
 
-def run_hf(case: dict[str, Any], device: Any) -> dict[str, Any]:
-    """Plain transformers: SDPA, gradient checkpointing, pure-bf16 fused AdamW, loss from model(labels=...)."""
+def tokens(seq: int, vocab: int, seed: int = 0) -> Any:
+    """One row of `seq` random token ids, the same for every implementation given the seed (made on the CPU)."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, vocab, (1, seq), generator=gen)
+
+
+def optimizer_settings(case: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
+    """(lr, betas, weight decay) the case gives under "opt", else the engine cases' settings."""
+    opt = case.get("opt") or {}
+    return opt.get("lr", 1e-5), tuple(opt.get("betas", (0.9, 0.95))), opt.get("weight_decay", 0.0)
+
+
+def run_hf(case: dict[str, Any], device: Any, patch: Any = None) -> dict[str, Any]:
+    """Plain transformers: SDPA, gradient checkpointing, pure-bf16 fused AdamW, loss from model(labels=...).
+
+    `patch(model)` changes the model first and returns what it did (the peers benchmark's Liger kernels). With
+    case["opt"] the optimizer takes those settings and the engine's parameter groups (decay on matrices only).
+    """
     import torch
 
     model = build(case, device)
+    patched = patch(model) if patch is not None else None
     model.config._attn_implementation = "sdpa"
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), device=device)
+    fused = device.type == "cuda"
+    if case.get("opt"):
+        from longforge.train.optim import param_groups
+
+        lr, betas, decay = optimizer_settings(case)
+        opt = torch.optim.AdamW(param_groups(model, decay), lr=lr, betas=betas, eps=1e-8, fused=fused or None)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    ids = tokens(case["seq"], model.config.vocab_size).to(device)
+
+    losses: list[Any] = []  # kept on the device (no sync inside a step); read after the timing
 
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     from longforge.model.parallel import Layout
 
-    return timed(step, case, model.config, Layout.single(device))
+    out = timed(step, case, model.config, Layout.single(device))
+    extra = {"patched": patched} if patched is not None else {}
+    return {**out, "losses": [round(float(x), 4) for x in losses], **extra}
 
 
 def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -242,7 +294,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
                      mlp_tile=16384 if frugal else case.get("mlp_tile", 0), checkpoint_policy=case.get("policy", "full"),
                      sp=sp, lean_norm=case.get("lean_norm", True), fused_ops=case.get("fused_ops", "auto"))
     engine = parallelize(model, spec, layout, case["seq"])
-    opt = make_optimizer(engine.net, spec.optimizer, 1e-5, (0.9, 0.95), 0.0)
+    opt = make_optimizer(engine.net, spec.optimizer, *optimizer_settings(case))
     stepper = StepInBackward(engine.net, opt) if in_backward else None
     if case.get("init_moments"):  # the optimizer's state before the first step, as every later step has it
         init_moments(opt)
@@ -250,14 +302,17 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     if held and layout.is_main:
         print(f"ballast {held['sizes']} ready after {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     # Ranks of one sequence-parallel group hold the same sequence; data-parallel replicas differ.
-    gen = torch.Generator(device="cpu").manual_seed(layout.dp_rank)
-    ids = torch.randint(0, model.config.vocab_size, (1, case["seq"]), generator=gen).to(layout.device)
+    ids = tokens(case["seq"], model.config.vocab_size, layout.dp_rank).to(layout.device)
     doc_ids, pos = packed_documents(case["seq"], docs)
     batch = Batch(ids, doc_ids.to(layout.device), pos.to(layout.device))
     labels, weights = targets(batch)
 
+    losses: list[Any] = []  # mean loss per step, kept on the device (no sync inside a step)
+
     def step() -> None:
-        (engine.micro_loss(batch, labels, weights) / weights.sum()).backward()
+        loss = engine.micro_loss(batch, labels, weights) / weights.sum()
+        loss.backward()
+        losses.append(loss.detach())
         if stepper is None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -265,6 +320,8 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
     setup = time.perf_counter() - began
     out = timed(step, case, model.config, layout)
     out["setup_s"] = round(setup, 1)
+    if not layout.distributed:  # with several processes each holds its part's loss
+        out["losses"] = [round(float(x), 4) for x in losses]
     if held:
         out["ballast"] = held["sizes"]
     if engine.offload is not None:
@@ -282,6 +339,7 @@ def run_longforge(case: dict[str, Any], device: Any) -> dict[str, Any]:
         if out.get("mfu") is not None:
             from longforge.train.flops import attention_context, flops_per_token
 
+            out["mfu_causal"] = out["mfu"]  # the whole sequence counted as one causal document, as without masks
             out["mfu"] = round(flops_per_token(model.config, attention_context(lengths)) * out["tokens_per_s"]
                                / (peak_flops_of(layout) * layout.world), 4)
     return out
@@ -484,6 +542,9 @@ def profile_step(step: Any) -> dict[str, Any]:
             "top": [{"kernel": n[:160], "s": round(sec, 4), "calls": c, "kind": kernel_kind(n)} for n, sec, c in top]}
 
 
+RUNNERS: dict[str, Any] = {"hf": run_hf, "longforge": run_longforge}  # case["impl"] -> runner (others may add)
+
+
 class OutOfMemoryOnRank(RuntimeError):
     """One rank of a multi-GPU case ran out of memory (carries the result to write)."""
 
@@ -501,7 +562,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        res = (run_hf if case["impl"] == "hf" else run_longforge)(case, device)
+        res = RUNNERS[case["impl"]](case, device)
     except torch.OutOfMemoryError as e:
         res = {"oom": True, "detail": str(e).splitlines()[0][:200]}
         if case.get("gpus", 1) > 1:
@@ -511,13 +572,15 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     return {**case, **res, "device": name}
 
 
-def launch(case: dict[str, Any], tmp: Path, devices: list[str] | None, timeout: float) -> dict[str, Any]:
-    """Run one case in a fresh process (torchrun for several GPUs) on the given devices; errors become results."""
+def launch(case: dict[str, Any], tmp: Path, devices: list[str] | None, timeout: float,
+           script: str = __file__) -> dict[str, Any]:
+    """Run one case in a fresh process of `script --case` (torchrun for several GPUs) on the given devices; errors
+    become results."""
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     gpus = case.get("gpus", 1)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[:gpus])
-    cmd = [sys.executable, __file__, "--case", json.dumps(case), "--out", str(tmp)]
+    cmd = [sys.executable, script, "--case", json.dumps(case), "--out", str(tmp)]
     if gpus > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] + cmd[1:]
     partial = partial_path(tmp)
@@ -530,7 +593,7 @@ def launch(case: dict[str, Any], tmp: Path, devices: list[str] | None, timeout: 
         kill_tree(proc.pid)  # torchrun's workers run in sessions of their own and would keep holding the GPUs
         stdout, stderr = proc.communicate()
         done = json.loads(partial.read_text()) if partial.exists() else {}
-        return {**case, **done, "error": f"timed out after {timeout:.0f} s: {stderr[-600:]}"}
+        return {**case, **done, "timeout": True, "error": f"timed out after {timeout:.0f} s: {stderr[-600:]}"}
     wall = round(time.perf_counter() - t0, 1)
     if not tmp.exists():
         done = json.loads(partial.read_text()) if partial.exists() else {}
