@@ -295,3 +295,18 @@ def test_hf_path_passes_the_cache_by_the_name_the_model_takes(tokenizer, one_thr
         old = _OldStyle(model)
         assert Engine(old, prefill_chunk=7, attention="hf", stop_on_eos=False).generate(x, 5) == ref
     assert set(old.seen) == {"DynamicCache"} and len(old.seen) == 5 + 4  # 5 prefill chunks, 4 decoding steps
+
+
+def test_the_command_line_starts_without_importing_torch() -> None:
+    """`longforge --help` and the schema load without torch (2 s -> 0.8 s): the schema's names live in model/names.py,
+    and the back-ends there are the ones model/attention.py implements."""
+    import subprocess
+    import sys
+
+    code = "import sys, longforge.cli, longforge.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+    from longforge.model.attention import ATTENTION_BACKENDS
+    from longforge.model.names import ATTENTION_NAMES, BACKENDS
+
+    assert tuple(ATTENTION_BACKENDS) == ATTENTION_NAMES and BACKENDS == ("auto", *ATTENTION_NAMES)

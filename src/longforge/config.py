@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from longforge.data.sampling import PLANS
 from longforge.files import safe_name
-from longforge.model.attention import BACKENDS
-from longforge.model.parallel import SP_KINDS
+from longforge.model.names import BACKENDS, SP_KINDS
 from longforge.positions.methods import ROPE_METHODS
 from longforge.positions.transforms import TRANSFORMS
 from longforge.registry import choice

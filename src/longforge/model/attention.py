@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from longforge.model.names import ATTENTION_NAMES, BACKENDS  # noqa: F401 - BACKENDS re-exported
 from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_heads, spread_kv
 from longforge.model.ring import ring_attention
 
@@ -249,8 +250,8 @@ ATTENTION_BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("flex", lambda q, k, docs, mask: _square(q, k) and q.shape[-1] >= 16,
             lambda q, k, v, docs, scale: _flex(q, k, v, docs, scale)),
 )}
-# The names a recipe's `attention` takes: `auto` (resolve_backend) or a back-end.
-BACKENDS = ("auto", *ATTENTION_BACKENDS)
+# The schema's names (model/names.py, torch-free) and the back-ends here must be the same.
+assert tuple(ATTENTION_BACKENDS) == ATTENTION_NAMES, "model/names.py's ATTENTION_NAMES must list every back-end"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, backend: str,

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from longforge.errors import LongforgeError
+from longforge.model.names import SP_KINDS  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -97,9 +98,6 @@ def init_layout(sp: int = 1, device: str = "auto") -> Layout:
     return Layout(world, rank, dp, sp, dev, world_mesh, mesh.get_group("sp") if sp > 1 else None)
 
 
-# How a sequence-parallel degree shards attention (the schema's `sequence_parallel`): auto = Ulysses where the
-# heads allow it, else ring attention.
-SP_KINDS = ("auto", "ulysses", "ring")
 
 
 def ulysses_refusal(config: Any, sp: int) -> str | None:
