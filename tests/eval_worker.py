@@ -10,6 +10,14 @@ import torch
 import torch.distributed as dist
 
 
+def _leave() -> None:
+    """Leave the group together, then skip the interpreter's teardown: gloo's threads can abort it after the results
+    are written (seen as SIGABRT, "terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def failing(rank: int, world: int, port: int, out: str) -> None:
     """Process 1 fails in its share of the work; every process writes what it raised."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -29,7 +37,7 @@ def failing(rank: int, world: int, port: int, out: str) -> None:
     except Exception as e:  # what each process raised is the test's subject
         got = f"{type(e).__name__}: {e}"
     Path(out, f"{rank}.json").write_text(json.dumps(got))
-    dist.destroy_process_group()
+    _leave()
 
 
 def passkey_share(rank: int, world: int, port: int, tokenizer_dir: str, out: str) -> None:
@@ -47,4 +55,4 @@ def passkey_share(rank: int, world: int, port: int, tokenizer_dir: str, out: str
     res = run_passkey(oracle, tok, [100, 200, 400], 4, 3, seed=0, batch_size=4, share=Share(rank, world))
     Path(out, f"{rank}.json").write_text(json.dumps({"samples": res["samples"], "rows": sum(n for n, _ in oracle.batches),
                                                      "tokens": sum(sum(r) for r in oracle.lengths)}))
-    dist.destroy_process_group()
+    _leave()
