@@ -64,7 +64,8 @@ def compare(ra: Results, rb: Results) -> list[Metric]:
 def table(name: str, summary: dict[str, Any]) -> Table:
     """`longforge eval`'s RULER table: each task's score per length and the average (`name` is already escaped)."""
     lengths = sorted({int(L) for L in summary["average"]})
-    t = Table(title=f"{name}: RULER (effective length {summary.get('effective_length') or '-'}, threshold {summary['threshold']})")
+    title = f"{name}: RULER (effective length {summary.get('effective_length') or '-'}, threshold {summary['threshold']})"
+    t = Table(title=title, min_width=min(len(title), 80))  # a table of few lengths would wrap its title line by line
     t.add_column("task")
     for L in lengths:
         t.add_column(str(L), justify="right")
