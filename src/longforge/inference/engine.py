@@ -577,41 +577,29 @@ class Engine:
 
     def _generate_group(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
         """Equal-length prompts (B, L) with one length for the whole batch (the cache may be offloaded)."""
-        prompts = prompts.to(self.device)
         b, n = prompts.shape
-        store = self._store(n + max_new_tokens, b)
-        head = self.model.get_output_embeddings()
-        with self._attached(store):
-            t0 = self._sync()
-            h = None
-            for start in range(0, n, self.prefill_chunk):
-                h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
-            assert h is not None
-            state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
-            state.start(head(h[:, -1]).argmax(-1))
-            del h
-            t1 = self._sync()
-            position = [n]
-
-            def step() -> None:
-                out = self._run_decoder(state.current[:, None], position[0], store)
-                position[0] += 1
-                state.record(head(out[:, -1]).argmax(-1))
-
-            res = run_decode(state, step, max_new_tokens, stop, self.sync_every)
-            t2 = self._sync()
-        self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
-                     "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0, **self.placement}
-        return res.rows
+        rows = self._equal_length(prompts, max_new_tokens, stop, self._store(n + max_new_tokens, b))
+        self.last = {**self.last, **self.placement}
+        return rows
 
     def _generate_sharded(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
         """Equal-length prompts (B, L) run by every process of the group together, each keeping a shard of the keys
         and values (inference/sharded.py); every process returns the same tokens."""
         g = self.kv_group
         assert g is not None
+        n = prompts.shape[1]
+        store = ShardedKV(shard_sizes(n, self.prefill_chunk, g.size, max_new_tokens)[g.rank], g)
+        rows = self._equal_length(prompts, max_new_tokens, stop, store, sharded=True)
+        self.last = {**self.last, "kv_shards": g.size, "kv_positions_here": store.held[g.rank]}
+        return rows
+
+    def _equal_length(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None,
+                      store: DeviceKV | OffloadedKV | ShardedKV, sharded: bool = False) -> list[list[int]]:
+        """Prefill (B, L) prompts chunk by chunk into `store`, then decode all rows together; sharded: the new tokens
+        agreed over the group, decoding steps with the fused kernels."""
+        agree = self._agreed if sharded else (lambda t: t)
         prompts = prompts.to(self.device)
         b, n = prompts.shape
-        store = ShardedKV(shard_sizes(n, self.prefill_chunk, g.size, max_new_tokens)[g.rank], g)
         head = self.model.get_output_embeddings()
         with self._attached(store):
             t0 = self._sync()
@@ -620,23 +608,23 @@ class Engine:
                 h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
             assert h is not None
             state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
-            state.start(self._agreed(head(h[:, -1]).argmax(-1)))
+            state.start(agree(head(h[:, -1]).argmax(-1)))
             del h
             t1 = self._sync()
-            store.decode()
+            if sharded:
+                store.decode()  # type: ignore[call-arg]
             position = [n]
 
             def step() -> None:
                 out = self._run_decoder(state.current[:, None], position[0], store)
                 position[0] += 1
-                state.record(self._agreed(head(out[:, -1]).argmax(-1)))
+                state.record(agree(head(out[:, -1]).argmax(-1)))
 
-            with self._fused():
+            with self._fused() if sharded else contextlib.nullcontext():
                 res = run_decode(state, step, max_new_tokens, stop, self.sync_every)
             t2 = self._sync()
         self.last = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": res.steps, "host_visits": res.visits,
-                     "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0, "kv_shards": g.size,
-                     "kv_positions_here": store.held[g.rank]}
+                     "prompt_tokens": b * n, "prefill_tokens": b * n, "prefix_saved_tokens": 0}
         return res.rows
 
     def _agreed(self, tokens: torch.Tensor) -> torch.Tensor:
