@@ -161,15 +161,21 @@ def run_engine(engine: Engine, rows: list[list[int]], new: int, device: torch.de
             "prefix_saved_tokens": last.get("prefix_saved_tokens"), "peak_gib": peak_gib(device), "tokens": out}
 
 
-def run_hf(model: Any, rows: list[list[int]], new: int, device: torch.device) -> dict[str, Any]:
-    """transformers' batched generate, left-padded: the prefill alone (1 new token), then the whole generation."""
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as transformers' batched generate takes them: left-padded ids and their attention mask."""
     width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def run_hf(model: Any, rows: list[list[int]], new: int, device: torch.device) -> dict[str, Any]:
+    """transformers' batched generate, left-padded: the prefill alone (1 new token), then the whole generation."""
+    width = max(map(len, rows))
+    ids, mask = (t.to(device) for t in left_pad(rows))
     times = {}
     out = None
     for n in (1, new):

@@ -18,49 +18,24 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from data_build import _stdlib_text, machine  # noqa: E402
 GIB = 1 << 30
 # Runs the command given and prints the peak RSS (KiB) of it, the only child this fresh process waits for.
 PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 
 
-def machine() -> str:
-    """CPU model and core count, for the record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def stdlib_text(limit: int) -> str:
     """At least `limit` characters: the standard library's .py/.txt/.rst files, repeated when they hold fewer."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts, n = [], 0
-    for f in sorted(root.rglob("*")):
-        if "site-packages" in f.parts or f.suffix not in (".py", ".txt", ".rst") or not f.is_file():
-            continue
-        try:
-            t = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        parts.append(t)
-        n += len(t)
-        if n >= limit:
-            break
-    text = "\n".join(parts)
+    text = _stdlib_text(limit)
     return (text * (limit // max(len(text), 1) + 1))[:limit]
 
 

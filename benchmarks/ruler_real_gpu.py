@@ -35,7 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from eval_engine import left_pad  # noqa: E402
 from longforge.eval.grid import Prompt, generate_all  # noqa: E402
 from longforge.eval.prompts import PromptFormat  # noqa: E402
 from longforge.eval.ruler.generators import Resources  # noqa: E402
@@ -113,11 +115,7 @@ def run_generate(model: Any, tokenizer: Any, prompts: dict[str, list[Prompt]], b
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             width = max(len(ps[i].ids) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(ps[i].ids):] = torch.tensor(ps[i].ids)
-                mask[r, width - len(ps[i].ids):] = 1
+            ids, mask = left_pad([list(ps[i].ids) for i in idx], pad)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=TASKS[task].max_new_tokens, pad_token_id=pad)
             for r, i in enumerate(idx):

@@ -85,7 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from eval_engine import SHAPES, build_model, kv_bytes_per_token, prefill_flops, weight_bytes  # noqa: E402
+from eval_engine import SHAPES, build_model, kv_bytes_per_token, left_pad, prefill_flops, weight_bytes  # noqa: E402
 from longforge.config import EvalSpec  # noqa: E402
 from longforge.eval.grid import Prompt, batch_plan, generate_all  # noqa: E402
 from longforge.eval.prompts import PromptFormat  # noqa: E402
@@ -433,11 +433,7 @@ def hf_generate(model: Any, rows: list[list[int]], new: int, per_batch: int, dev
     for b in range(0, len(rows), per_batch):
         chunk = rows[b:b + per_batch]
         width = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        ids, mask = left_pad(chunk)
         got = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
                              min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
         out += got[:, width:].tolist()
