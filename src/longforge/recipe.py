@@ -35,15 +35,17 @@ def parse_yaml(text: str, source: str) -> Any:
         raise LongforgeError(f"{source}: not valid YAML{where}; fix the syntax there.") from None
 
 
-def read_yaml_file(path: Path, what: str) -> Any:
-    """A YAML file's data; a missing or non-UTF-8 file is one sentence naming `what` it should be."""
+def read_yaml_file(path: Path, what: str, label: str | None = None) -> Any:
+    """A YAML file's data; a missing or non-UTF-8 file is one sentence naming `what` it should be (and the file as
+    `label`, e.g. with the flag that gave it)."""
     path = Path(path)
+    name = label or str(path)
     if not path.is_file():
-        raise LongforgeError(f"{path} does not exist; pass the path of {what}.")
+        raise LongforgeError(f"{name} does not exist; pass the path of {what}.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise LongforgeError(f"{path} is not UTF-8 text; save it as UTF-8 YAML.") from None
+        raise LongforgeError(f"{name} is not UTF-8 text; save it as UTF-8 YAML.") from None
     return parse_yaml(text, str(path))
 
 

@@ -101,13 +101,10 @@ def model_checks(run_dir: Path, window: int) -> list[dict[str, Any]]:
 def run_model_demo(out: Path, model: Path, data: Path | None, device: str = "auto", fresh: bool = False,
                    seed: int = 0) -> dict[str, Any]:
     """Extend a given checkpoint 4x on the given corpus, evaluate before and after, and report, into `out`."""
-    import yaml
-
+    from longforge.demo.run import run_and_check
     from longforge.hf import load_tokenizer, resolve_device
     from longforge.lab.given import check_base
-    from longforge.recipe import parse_recipe
-    from longforge.report.build import build_report
-    from longforge.runner import discard, old_run_folder, run_recipe
+    from longforge.runner import discard, old_run_folder
 
     t0 = time.time()
     dev = resolve_device(device)
@@ -127,15 +124,4 @@ def run_model_demo(out: Path, model: Path, data: Path | None, device: str = "aut
         f"{profile.steps} steps x {profile.batch} sequences on {data}")
     sources, ppl = demo_sources(data, out, load_tokenizer(model), window * profile.factor)
     recipe_dict = model_recipe(profile, Path(model), window, sources, ppl, dev.type, seed)
-    atomic_write_text(out / "demo.yaml", yaml.safe_dump(recipe_dict, sort_keys=False))
-    result = run_recipe(parse_recipe(recipe_dict, "demo recipe"), out)
-    checks = model_checks(out, window)
-    total = time.time() - t0
-    atomic_write_text(out / "demo_checks.json", json.dumps({"checks": checks, "seconds": round(total, 1)}, indent=1))
-    build_report(out)  # again, now that the checks exist: the report's verdict lists them
-    for c in checks:
-        mark = "[green]PASS[/]" if c["pass"] else "[red]MISS[/]"
-        val = "-" if c["value"] is None else f"{c['value']:.0%}"
-        say(f"{mark} {c['check']}: {val} (target {c['target']})")
-    say(f"demo finished in {total / 60:.1f} min; recipe: {out / 'demo.yaml'}")
-    return {**result, "checks": checks, "seconds": total}
+    return run_and_check(recipe_dict, out, lambda: model_checks(out, window), t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from longforge.demo.retrieval import RetrievalDocs
 from longforge.demo.tokenizer import train_tokenizer
 from longforge.errors import LongforgeError
 from longforge.eval.passkey import FILLER, NEEDLE, QUESTION
-from longforge.files import claim_dir
+from longforge.files import atomic_write_text, claim_dir
 from longforge.hf import load_tokenizer, resolve_device
 from longforge.progress import say
 from longforge.recipe import parse_recipe, parse_yaml
@@ -213,13 +214,19 @@ def run_demo(out: Path, device: str = "auto", fresh: bool = False, seed: int = 0
     assets = build_assets(profile, cache, dev, seed)
     recipe_dict = demo_recipe(profile, assets, dev.type, seed)
     claim_dir(out, "demo run folder", ours=old_run_folder)
+    return run_and_check(recipe_dict, out, lambda: demo_checks(out, profile.base.window), t0)
+
+
+def run_and_check(recipe_dict: dict[str, Any], out: Path, checks_of: Callable[[], list[dict[str, Any]]],
+                  t0: float) -> dict[str, Any]:
+    """Run a demo's recipe into `out`, then its checks: written, added to the report, and said PASS/MISS."""
     import yaml
 
-    (out / "demo.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+    atomic_write_text(out / "demo.yaml", yaml.safe_dump(recipe_dict, sort_keys=False))
     result = run_recipe(parse_recipe(recipe_dict, "demo recipe"), out)
-    checks = demo_checks(out, profile.base.window)
+    checks = checks_of()
     total = time.time() - t0
-    (out / "demo_checks.json").write_text(json.dumps({"checks": checks, "seconds": round(total, 1)}, indent=1))
+    atomic_write_text(out / "demo_checks.json", json.dumps({"checks": checks, "seconds": round(total, 1)}, indent=1))
     build_report(out)  # again, now that the checks exist: the report's verdict lists them
     for c in checks:
         mark = "[green]PASS[/]" if c["pass"] else "[red]MISS[/]"

@@ -134,15 +134,9 @@ def _task_names(text: str) -> list[str]:
 
 def read_spec_file(path: Path) -> EvalSpec:
     """The `eval` section of a YAML file (or the whole file), validated; relative paths are relative to the file."""
-    from longforge.config import parse_yaml
+    from longforge.recipe import read_yaml_file
 
-    if not path.is_file():
-        raise LongforgeError(f"--spec {path} does not exist; pass a YAML file holding the recipe's `eval` section.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LongforgeError(f"--spec {path} is not UTF-8 text; save it as UTF-8 YAML.") from None
-    data = parse_yaml(text, str(path)) or {}
+    data = read_yaml_file(path, "a YAML file holding the recipe's `eval` section", f"--spec {path}") or {}
     data = data.get("eval", data) if isinstance(data, dict) else data
     if not isinstance(data, dict):
         raise LongforgeError(f"--spec {path}: the eval section must be a mapping of keys to values, not "
