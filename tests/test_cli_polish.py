@@ -298,7 +298,7 @@ def test_hf_path_passes_the_cache_by_the_name_the_model_takes(tokenizer, one_thr
 
 
 def test_the_command_line_starts_without_importing_torch() -> None:
-    """`longforge --help` and the schema load without torch (2 s -> 0.8 s): the schema's names live in model/names.py,
+    """`longforge --help` and the schema load without torch (1.89 s -> 0.71 s): the schema's names live in model/names.py,
     and the back-ends there are the ones model/attention.py implements."""
     import subprocess
     import sys
