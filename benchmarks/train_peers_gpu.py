@@ -107,6 +107,8 @@ SUITES["peers8b-64k"] = peer_cases("llama-3.1-8b", (65536,))
 SUITES["peers8b-128k-peers"] = [c for c in peer_cases("llama-3.1-8b", (131072,)) if c["impl"] != "longforge"]
 SUITES["peers8b-128k-longforge"] = [c for c in peer_cases("llama-3.1-8b", (131072,)) if c["impl"] == "longforge"]
 SUITES["peers"] = [c for k in SHAPES for c in SUITES[f"peers{k}"]]
+# Where the small shape's step time goes (issue 19, item 2): every kind at 32K with one more step under the profiler.
+SUITES["profile135m"] = [{**c, "steps": 3, "profile": True} for c in peer_cases("smollm2-135m", (32768,))]
 
 
 class Unavailable(RuntimeError):
