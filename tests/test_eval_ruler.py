@@ -200,3 +200,23 @@ def test_a_length_that_only_some_samples_fit_is_skipped_whole(tokenizer, essays:
     prompts, skipped = build_task("niah_multiquery", tokenizer, [length, 2048], 4, seed=seed, res=res, fmt=FMT)
     assert set(skipped) == {str(length)} and "sample" in skipped[str(length)]  # skipped, not an error
     assert len(prompts) == 4 and all(p.length == 2048 for p in prompts)
+
+
+def test_prompts_built_ahead_on_a_thread_give_the_same_results(tokenizer, essays: Path, qa_files) -> None:
+    tasks = ["niah_single_1", "niah_multikey_2", "fwe", "qa_1"]
+    kw = dict(essays=essays, squad=qa_files[0], hotpotqa=qa_files[1], batch_size=4)
+    model = make_tiny_model(len(tokenizer))
+    inline = run_ruler(model, tokenizer, tasks, [700, 900], 2, 3, ahead=False, **kw)
+    ahead = run_ruler(model, tokenizer, tasks, [700, 900], 2, 3, ahead=True, **kw)
+    assert [s["prompt_sha1"] for s in ahead["samples"]] == [s["prompt_sha1"] for s in inline["samples"]]
+    assert ahead["samples"] == inline["samples"] and ahead["summary"] == inline["summary"]
+
+
+def test_a_prompt_build_that_fails_on_the_thread_fails_the_run(tokenizer, tmp_path: Path) -> None:
+    squad = tmp_path / "squad.json"  # one short paragraph: too few to fill 4096 tokens
+    squad.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": "The keeper is named Ada.", "qas": [{"id": "q", "question": "Who is the keeper?",
+                                                          "answers": [{"text": "Ada", "answer_start": 20}]}]}]}]}))
+    with pytest.raises(LongforgeError, match="too few paragraphs"):
+        run_ruler(make_tiny_model(len(tokenizer)), tokenizer, ["niah_single_1", "qa_1"], [4096], 1, 0, squad=squad,
+                  ahead=True)

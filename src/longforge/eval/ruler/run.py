@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,42 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
     return prompts, skipped
 
 
+Built = tuple[str, tuple[list[Prompt], dict[str, str]], float, float]
+
+
+def task_prompts(tasks: list[str], tokenizer: Any, lengths: list[int], samples: int, seed: int, res: Resources,
+                 fmt: PromptFormat, ahead: bool) -> Iterator[Built]:
+    """Each task's prompts in order, with the seconds building took and the seconds the caller waited for them.
+
+    With `ahead`, task i+1 is built on one thread while the caller answers task i (tokenizing releases the
+    interpreter); that thread has its own copy of the tokenizer, since a fast tokenizer's settings are changed by
+    every call and two threads in one would collide. The prompts are the same either way: each depends on its seed.
+    """
+    def build(task: str, tok: Any) -> tuple[tuple[list[Prompt], dict[str, str]], float]:
+        t0 = time.perf_counter()
+        out = build_task(task, tok, lengths, samples, seed, res, fmt)
+        return out, time.perf_counter() - t0
+
+    if not ahead:
+        for task in tasks:
+            out, took = build(task, tokenizer)
+            yield task, out, took, took
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ruler-prompts")
+    own = copy.deepcopy(tokenizer)
+    try:
+        queued: Future[Any] | None = pool.submit(build, tasks[0], own) if tasks else None
+        for i, task in enumerate(tasks):
+            t0 = time.perf_counter()
+            assert queued is not None
+            out, took = queued.result()  # raises here what building raised
+            waited = time.perf_counter() - t0
+            queued = pool.submit(build, tasks[i + 1], own) if i + 1 < len(tasks) else None
+            yield task, out, took, waited
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def haystack_of(task: str, res: Resources) -> str:
     """What a task's context is made of, for result files."""
     d = TASKS[task]
@@ -142,8 +180,11 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
               essays: Path | None = None, squad: Path | None = None, hotpotqa: Path | None = None,
               fmt: PromptFormat = PromptFormat(), batch_size: int = 8, batch_tokens: int = 131072,
               label: str = "ruler", threshold: float = THRESHOLD, max_new_tokens: int | None = None,
-              share: Share = SINGLE) -> dict[str, Any]:
-    """Generate and score every task at every length (this process's share, under torchrun); returns every sample and the summary."""
+              share: Share = SINGLE, ahead: bool | None = None) -> dict[str, Any]:
+    """Generate and score every task at every length (this process's share, under torchrun); returns every sample and the summary.
+
+    `ahead` builds the next task's prompts on a thread while the current task is answered (default: on a GPU).
+    """
     check_tasks(tasks, essays, squad, hotpotqa)
     engine = as_engine(model)
     lengths = sorted(lengths)
@@ -156,9 +197,10 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
         res.qa["hotpotqa"] = load_hotpotqa(hotpotqa)  # type: ignore[arg-type]
     all_samples: list[dict[str, Any]] = []
     skipped: dict[str, dict[str, str]] = {}
-    for task in tasks:
-        t0 = time.perf_counter()
-        prompts, skip = build_task(task, tokenizer, lengths, samples, seed, res, fmt)
+    if ahead is None:  # on a GPU the CPU is idle while answering; on the CPU the two would share its cores
+        ahead = getattr(getattr(engine, "device", None), "type", "cpu") == "cuda"
+    for task, (prompts, skip), built_s, waited_s in task_prompts(tasks, tokenizer, lengths, samples, seed, res, fmt,
+                                                                   ahead):
         t1 = time.perf_counter()
         if skip:
             skipped[task] = skip
@@ -171,7 +213,8 @@ def run_ruler(model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], 
         all_samples += done
         # Where a task's time goes (prompts built on the CPU with the tokenizer, answers generated on the device);
         # said, not written: result files stay the same bytes from run to run.
-        say(f"  {label} {task}: {len(prompts)} prompts built in {t1 - t0:.1f} s, answered in "
+        waited = f" on a thread (waited {waited_s:.1f} s)" if ahead else ""
+        say(f"  {label} {task}: {len(prompts)} prompts built in {built_s:.1f} s{waited}, answered in "
             f"{time.perf_counter() - t1:.1f} s")
     haystacks = {t: haystack_of(t, res) for t in tasks}
     return {"task": "ruler", "tasks": tasks, "lengths": lengths, "samples_per_task": samples, "seed": seed,
