@@ -537,9 +537,18 @@ def profile_step(step: Any) -> dict[str, Any]:
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sec
     busy = sum(kinds.values())
     top = sorted(kernels, key=lambda k: -k[1])[:25]
+    # Where the host waits or works (a step whose GPU idles between kernels): the runtime calls that block on the
+    # device, and the operators with the most host time of their own.
+    host = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    waits = {e.key: {"calls": e.count, "s": round(e.self_cpu_time_total / 1e6, 4)} for e in host
+             if any(w in e.key for w in ("Synchronize", "cudaMemcpy", "item", "_local_scalar_dense", "nonzero"))}
+    busiest = sorted(host, key=lambda e: -e.self_cpu_time_total)[:20]
     return {"wall_s_profiled": round(wall, 3), "gpu_busy_s": round(busy, 3),
             "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": n[:160], "s": round(sec, 4), "calls": c, "kind": kernel_kind(n)} for n, sec, c in top]}
+            "top": [{"kernel": n[:160], "s": round(sec, 4), "calls": c, "kind": kernel_kind(n)} for n, sec, c in top],
+            "host_waits": waits,
+            "host_top": [{"op": e.key[:120], "self_s": round(e.self_cpu_time_total / 1e6, 4), "calls": e.count}
+                         for e in busiest]}
 
 
 RUNNERS: dict[str, Any] = {"hf": run_hf, "longforge": run_longforge}  # case["impl"] -> runner (others may add)
