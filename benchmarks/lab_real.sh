@@ -18,6 +18,10 @@
 #      recorded (--report-only), and the small results into $OUT/lab_real/<F>x/.
 #
 # Usage there:  LAB_FACTOR=4 LAB_ARMS=base,pi-0 LAB_SECONDS=480 bash benchmarks/lab_real.sh
+# On a machine with several GPUs, groups of arms separated by "|" run at once, group i on GPU i, each in its own lab
+# folder ($LAB_DIR.gpu<i>; the lab brings an arm's dependencies, e.g. LongRecipe's analysis arm, into its group):
+#               LAB_ARMS="base,yarn-0,ultralong|prolong,fu" bash benchmarks/lab_real.sh
+# Their rows are then merged into $LAB_DIR (never overwriting rows it holds) and the report is built from all.
 # Settings: LAB_FACTOR (4 or 8), LAB_ARMS (comma-separated), LAB_SEEDS (default 0), LAB_TOKENS (per trained arm,
 # default 20000000), LAB_SECONDS (the lab's share of the call), LAB_ESSAYS (a prose haystack; default the corpus's
 # held-out prose), LAB_STATE.
@@ -70,14 +74,35 @@ fi
 ESSAYS_ARG=()
 [ -n "${LAB_ESSAYS:-}" ] && ESSAYS_ARG=(--essays "$LAB_ESSAYS")
 COMMON=(--base "$MODEL" --data "$STATE/corpus" --factor "$FACTOR" --tokens "$TOKENS" --seeds "$SEEDS"
-        --out "$LAB_DIR" --device cuda "${ESSAYS_ARG[@]}")
+        --device "${LAB_DEVICE:-cuda}" "${ESSAYS_ARG[@]}")
+lab_slice() {  # arms, lab folder, log prefix: one `longforge lab` under the time limit
+  timeout "${LAB_SECONDS:-480}" python3 -m longforge lab "${COMMON[@]}" --out "$2" --arms "$1" 2>&1 \
+    | grep --line-buffered -v "Loading weights\|Writing model" | sed -u "s/^/$3/" | tee -a "$LOG"
+  say "${3}lab exit: ${PIPESTATUS[0]} (124: cut by LAB_SECONDS; the next call on this warm machine resumes)"
+}
 if [ -n "${LAB_ARMS:-}" ]; then
+  IFS='|' read -r -a GROUPS_ <<< "$LAB_ARMS"
   say "lab: arms $LAB_ARMS, seeds $SEEDS, ${FACTOR}x, $TOKENS tokens per trained arm"
-  timeout "${LAB_SECONDS:-480}" python3 -m longforge lab "${COMMON[@]}" --arms "$LAB_ARMS" 2>&1 \
-    | grep --line-buffered -v "Loading weights\|Writing model" | tee -a "$LOG"
-  say "lab exit: ${PIPESTATUS[0]} (124: cut by LAB_SECONDS; the next call on this warm machine resumes)"
+  if [ "${#GROUPS_[@]}" -eq 1 ]; then
+    lab_slice "${GROUPS_[0]}" "$LAB_DIR" ""
+  else
+    for i in "${!GROUPS_[@]}"; do
+      mkdir -p "$LAB_DIR.gpu$i"
+      [ -d "$LAB_DIR" ] && (cd "$LAB_DIR" && find . -path './seed*' \( -name rows.json -o -name failed.json \
+        -o -path './seed*/impactful/*' \) -type f -print0 | tar cf - --null -T -) | (cd "$LAB_DIR.gpu$i" && tar xf - --skip-old-files)
+      CUDA_VISIBLE_DEVICES=$i lab_slice "${GROUPS_[$i]}" "$LAB_DIR.gpu$i" "[gpu$i] " &
+    done
+    wait
+    mkdir -p "$LAB_DIR"
+    for i in "${!GROUPS_[@]}"; do
+      (cd "$LAB_DIR.gpu$i" && find . -path './seed*' \( -name rows.json -o -name failed.json \
+        -o -path './seed*/impactful/*' -o -path '*/train/*/log.jsonl' \) -type f -print0 | tar cf - --null -T -) \
+        | (cd "$LAB_DIR" && tar xf - --skip-old-files)
+    done
+    say "merged the groups' rows into $LAB_DIR"
+  fi
 fi
-python3 -m longforge lab "${COMMON[@]}" --report-only 2>&1 | tail -2 | tee -a "$LOG"
+python3 -m longforge lab "${COMMON[@]}" --out "$LAB_DIR" --report-only 2>&1 | tail -2 | tee -a "$LOG"
 DEST=$OUT/lab_real/${FACTOR}x
 mkdir -p "$DEST"
 (cd "$LAB_DIR" && find . \( -name rows.json -o -name failed.json -o -path './seed*/impactful/*' \
