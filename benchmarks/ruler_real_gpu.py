@@ -51,9 +51,11 @@ SEED = 1234  # longforge eval's default seed: the subset's prompts are the comma
 
 
 def run_cli(model: Path, tasks: list[str], lengths: list[int], samples: int, out: Path, device: str,
-            timeout: float | None = None) -> dict[str, Any]:
-    """`longforge eval run` as a user runs it: wall time and the RULER result file."""
-    cmd = [sys.executable, "-m", "longforge", "eval", "run", str(model), "--tasks", "ruler", "--ruler-tasks",
+            timeout: float | None = None, procs: int = 1) -> dict[str, Any]:
+    """`longforge eval run` as a user runs it (under `torchrun --nproc-per-node procs` when procs > 1, the prompts
+    shared over the GPUs): wall time and the RULER result file."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)] if procs > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "longforge", "eval", "run", str(model), "--tasks", "ruler", "--ruler-tasks",
            ",".join(tasks), "--ruler-lengths", ",".join(map(str, lengths)), "--samples", str(samples),
            "--chat-template", "--device", device, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -73,7 +75,9 @@ def run_cli(model: Path, tasks: list[str], lengths: list[int], samples: int, out
     prompt_tokens = sum(s["prompt_tokens"] for s in res["samples"])
     new_tokens = sum(s["new_tokens"] for s in res["samples"])
     n = len(res["samples"])
-    return {"command": "longforge " + " ".join(cmd[3:]), "rc": 0, "wall_s": round(wall, 2), "prompts": n,
+    shown = ("torchrun " + " ".join(cmd[3:6]) + " ") if procs > 1 else ""
+    return {"command": shown + "longforge " + " ".join(cmd[3 + len(launcher):]), "rc": 0, "procs": procs,
+            "wall_s": round(wall, 2), "prompts": n,
             "prompts_per_s": round(n / wall, 1), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "tokens_per_s": round((prompt_tokens + new_tokens) / wall), "engine": res.get("engine"),
             "scores": res["summary"]}
@@ -145,6 +149,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--peer-samples", type=int, default=5, help="Samples per task and length for (a), (b), (c).")
     ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--skip-peers", action="store_true", help="Only the longforge eval command, not the three engines.")
+    ap.add_argument("--procs", type=int, default=1, help="Run the command under torchrun with this many processes "
+                    "(one GPU each).")
     ap.add_argument("--cli-timeout", type=float, default=None, help="Stop the longforge eval command after this long.")
     ap.add_argument("--smoke", action="store_true", help="CPU, 2 tasks at 4096, 2 samples: checks the script.")
     args = ap.parse_args()
@@ -164,9 +171,11 @@ def main() -> None:
 
     if not args.skip_cli:
         result["cli"] = run_cli(args.model, tasks, lengths, args.samples, args.out.parent / "ruler_cli", device,
-                                args.cli_timeout)
+                                args.cli_timeout, args.procs)
         print(json.dumps({k: v for k, v in result["cli"].items() if k not in ("engine", "scores")}), flush=True)
         save()
+    if args.skip_peers:
+        return
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()

@@ -151,7 +151,7 @@ def block_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
                q_docs: torch.Tensor | None, k_docs: torch.Tensor | None, scale: float,
                mask: Any = None, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One block with FlexAttention (gradients flow through its lse): output (B, H, Sq, D) and lse, both fp32."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     global _flex_compiled
     fn: Any = flex_attention
@@ -161,8 +161,9 @@ def block_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         fn = _flex_compiled
     if mask is None:
         mask = _block_mask(q_pos, k_pos, q_docs, k_docs)
-    out, lse = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-    return out.float(), lse.float()
+    out, aux = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                  return_aux=AuxRequest(lse=True))
+    return out.float(), aux.lse.float()
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
