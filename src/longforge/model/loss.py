@@ -24,8 +24,9 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torc
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1)
     w = weights.reshape(-1)
-    keep = w > 0
-    h, lab, w = h[keep], lab[keep], w[keep]
+    # The positions that count, found once: each boolean index is a device sync, so one index serves all three.
+    keep = (w > 0).nonzero(as_tuple=True)[0]
+    h, lab, w = h.index_select(0, keep), lab.index_select(0, keep), w.index_select(0, keep)
     total = hidden.new_zeros((), dtype=torch.float32)
     assert getattr(lm_head, "bias", None) is None, "LM heads with a bias are not supported"
     weight = lm_head.weight
