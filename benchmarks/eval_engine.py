@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import platform
 import sys
@@ -38,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from eval_gpu import reset_peak, sync  # noqa: E402
 from longforge.inference import Engine  # noqa: E402
 from longforge.inference.engine import PAD_TO, PREFIX_MIN, _Batch  # noqa: E402
 from longforge.inference.prefill import Fill  # noqa: E402
@@ -103,21 +104,6 @@ def grid_prompts(length: int, depths: int, vocab: int, seed: int) -> list[list[i
     question = torch.randint(3, vocab, (20,), generator=g).tolist()
     at = [round(i * (len(hay) - 1) / max(1, depths - 1)) for i in range(depths)]
     return [hay[:d] + needle + hay[d:] + question for d in at]
-
-
-def sync(device: torch.device) -> float:
-    """Wall time once queued device work has finished."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def reset_peak(device: torch.device) -> None:
-    """Free what can be freed and restart the peak-memory counter."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_gib(device: torch.device) -> float:

@@ -37,6 +37,12 @@ mkdir -p "$OUT/lab_real" "$STATE/parts"
 LOG=$OUT/lab_real/call.log
 t0=$(date +%s)
 say() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
+# Copy the files below folder $1 that the find tests after $2 select into folder $2, never overwriting one it holds.
+copy_new() { local from=$1 to=$2; shift 2; mkdir -p "$to"
+  (cd "$from" && find . "$@" -type f -print0 | tar cf - --null -T -) | (cd "$to" && tar xf - --skip-old-files); }
+# What an arm records that a later call or the report needs (rows, failures, LongRecipe's profile), and its logs.
+ROWS=( -path './seed*' \( -name rows.json -o -name failed.json -o -path './seed*/impactful/*' \) )
+LOGS=( -path '*/train/*/log.jsonl' )
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -64,9 +70,7 @@ cp "$STATE/corpus/corpus.json" "$OUT/lab_real/corpus.json"
 
 # 4. Results of earlier calls (rows, failures, LongRecipe's profile): never overwrite what this machine holds.
 if [ -d "benchmarks/results/lab_real/${FACTOR}x" ]; then
-  mkdir -p "$LAB_DIR"
-  (cd "benchmarks/results/lab_real/${FACTOR}x" && find . -path './seed*' -type f -print0 | tar cf - --null -T -) \
-    | (cd "$LAB_DIR" && tar xf - --skip-old-files)
+  copy_new "benchmarks/results/lab_real/${FACTOR}x" "$LAB_DIR" -path './seed*'
   say "imported earlier results from benchmarks/results/lab_real/${FACTOR}x"
 fi
 
@@ -88,25 +92,16 @@ if [ -n "${LAB_ARMS:-}" ]; then
   else
     for i in "${!GROUPS_[@]}"; do
       mkdir -p "$LAB_DIR.gpu$i"
-      [ -d "$LAB_DIR" ] && (cd "$LAB_DIR" && find . -path './seed*' \( -name rows.json -o -name failed.json \
-        -o -path './seed*/impactful/*' \) -type f -print0 | tar cf - --null -T -) | (cd "$LAB_DIR.gpu$i" && tar xf - --skip-old-files)
+      [ -d "$LAB_DIR" ] && copy_new "$LAB_DIR" "$LAB_DIR.gpu$i" "${ROWS[@]}"
       CUDA_VISIBLE_DEVICES=$i lab_slice "${GROUPS_[$i]}" "$LAB_DIR.gpu$i" "[gpu$i] " &
     done
     wait
-    mkdir -p "$LAB_DIR"
-    for i in "${!GROUPS_[@]}"; do
-      (cd "$LAB_DIR.gpu$i" && find . -path './seed*' \( -name rows.json -o -name failed.json \
-        -o -path './seed*/impactful/*' -o -path '*/train/*/log.jsonl' \) -type f -print0 | tar cf - --null -T -) \
-        | (cd "$LAB_DIR" && tar xf - --skip-old-files)
-    done
+    for i in "${!GROUPS_[@]}"; do copy_new "$LAB_DIR.gpu$i" "$LAB_DIR" \( "${ROWS[@]}" -o "${LOGS[@]}" \); done
     say "merged the groups' rows into $LAB_DIR"
   fi
 fi
 python3 -m longforge lab "${COMMON[@]}" --out "$LAB_DIR" --report-only 2>&1 | tail -2 | tee -a "$LOG"
 DEST=$OUT/lab_real/${FACTOR}x
-mkdir -p "$DEST"
-(cd "$LAB_DIR" && find . \( -name rows.json -o -name failed.json -o -path './seed*/impactful/*' \
-   -o -path './report/*' -o -name results.json -o -path '*/train/*/log.jsonl' \) -type f -print0 \
-   | tar cf - --null -T -) | (cd "$DEST" && tar xf -)
+copy_new "$LAB_DIR" "$DEST" \( "${ROWS[@]}" -o "${LOGS[@]}" -o -path './report/*' -o -name results.json \)
 say "results in $DEST"
 du -sh "$DEST" | tee -a "$LOG"

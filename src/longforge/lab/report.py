@@ -64,11 +64,16 @@ class Claim:
     lower_is_better: bool = False
 
 
-CLAIMS = [
+# The zero-shot claims both labs test.
+ZERO_SHOT_CLAIMS = [
     Claim("Without training, NTK-aware scaling extends further than PI", "NTK-aware / YaRN papers", "ppl_target",
           "ntk-0", "pi-0", lower_is_better=True),
     Claim("Without training, YaRN extends further than NTK-aware scaling", "YaRN (Peng et al. 2023)", "ppl_target",
           "yarn-0", "ntk-0", lower_is_better=True),
+]
+
+CLAIMS = [
+    *ZERO_SHOT_CLAIMS,
     Claim("Continued pretraining is needed: trained YaRN retrieves far better than zero-shot YaRN", "all four recipes",
           "long_score", "yarn", "yarn-0"),
     Claim("YaRN beats NTK for continued pretraining (RULER<1M 80.17 vs 76.62)", "UltraLong", "long_score", "yarn", "ntk"),
@@ -87,10 +92,7 @@ CLAIMS = [
 
 # The claims for a given pretrained base (`longforge lab --base`): its arms are each paper's recipe.
 BASE_CLAIMS = [
-    Claim("Without training, NTK-aware scaling extends further than PI", "NTK-aware / YaRN papers", "ppl_target",
-          "ntk-0", "pi-0", lower_is_better=True),
-    Claim("Without training, YaRN extends further than NTK-aware scaling", "YaRN (Peng et al. 2023)", "ppl_target",
-          "yarn-0", "ntk-0", lower_is_better=True),
+    *ZERO_SHOT_CLAIMS,
     Claim("Dynamic NTK needs no training to keep the original window", "dynamic NTK (Reddit/emozilla, 2023)",
           "ppl_quarter", "dynamic-0", "ntk-0", lower_is_better=True),
     Claim("Continued pretraining is needed: trained YaRN (UltraLong) retrieves far better than zero-shot YaRN",

@@ -15,6 +15,7 @@ import numpy as np
 from longforge.config import DataSpec, EvalSpec, PositionSpec
 from longforge.errors import LongforgeError
 from longforge.files import atomic_write_json, claim_dir, read_json
+from longforge.lab.given import join_long
 from longforge.lab.arms import (
     BASE_PROFILES,
     PROFILES,
@@ -53,16 +54,7 @@ def write_side_corpora(corpus_dir: Path, out: Path, tokenizer: Any, doc_tokens: 
     with (out / "essays.jsonl").open("w") as fh:
         for e in essays:
             fh.write(json.dumps({"text": e}) + "\n")
-    docs: list[tuple[str, int]] = []
-    cur, n = "", 0
-    for text in _jsonl_texts(corpus_dir / "heldout.jsonl"):
-        cur = f"{cur}\n\n{text}" if cur else text
-        n += len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n >= doc_tokens:
-            docs.append((cur, n))
-            cur, n = "", 0
-    if cur:
-        docs.append((cur, n))  # the remainder serves the shorter lengths
+    docs = join_long(_jsonl_texts(corpus_dir / "heldout.jsonl"), tokenizer, doc_tokens)  # remainder kept for shorter lengths
     with (out / "heldout_long.jsonl").open("w") as fh:
         for d, _ in docs:
             fh.write(json.dumps({"text": d}) + "\n")

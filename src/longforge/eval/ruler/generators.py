@@ -77,19 +77,19 @@ def insert_among(rng: np.random.Generator, units: list[str], items: list[str]) -
         slots = sorted(int(x) for x in rng.choice(n, size=k, replace=False))
     else:
         slots = sorted(int(x) for x in rng.integers(0, n + 1, size=k))
-    out = list(units)
-    where = []
-    for j, (slot, item) in enumerate(zip(slots, items)):
-        out.insert(slot + j, item)
-        where.append(slot + j)
-    return out, where
+    return _insert(units, items, slots)
 
 
 def insert_at_sentences(sentences: list[str], items: list[str], depths: list[float]) -> tuple[list[str], list[int]]:
     """RULER's insertion into essays: the items, in order, at sentences int(n x depth) of the depths in ascending order."""
     n = len(sentences)
     slots = sorted(int(n * d) for d in depths)
-    out = list(sentences)
+    return _insert(sentences, items, slots)
+
+
+def _insert(units: list[str], items: list[str], slots: list[int]) -> tuple[list[str], list[int]]:
+    """Item j before unit slots[j] (slots ascending, items in order); the new list and the items' indices in it."""
+    out = list(units)
     where = []
     for j, (slot, item) in enumerate(zip(slots, items)):
         out.insert(slot + j, item)

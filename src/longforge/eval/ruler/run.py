@@ -6,7 +6,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,7 @@ def task_prompts(tasks: list[str], tokenizer: Any, lengths: list[int], samples: 
         out = build_task(task, tok, lengths, samples, seed, res, fmt)
         return out, time.perf_counter() - t0
 
-    if not ahead:
+    if not ahead or not tasks:
         for task in tasks:
             out, took = build(task, tokenizer)
             yield task, out, took, took
@@ -121,13 +121,13 @@ def task_prompts(tasks: list[str], tokenizer: Any, lengths: list[int], samples: 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ruler-prompts")
     own = copy.deepcopy(tokenizer)
     try:
-        queued: Future[Any] | None = pool.submit(build, tasks[0], own) if tasks else None
+        queued = pool.submit(build, tasks[0], own)
         for i, task in enumerate(tasks):
             t0 = time.perf_counter()
-            assert queued is not None
             out, took = queued.result()  # raises here what building raised
             waited = time.perf_counter() - t0
-            queued = pool.submit(build, tasks[i + 1], own) if i + 1 < len(tasks) else None
+            if i + 1 < len(tasks):
+                queued = pool.submit(build, tasks[i + 1], own)
             yield task, out, took, waited
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
