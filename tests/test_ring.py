@@ -152,3 +152,31 @@ def test_ring_training_matches_one_process(reference: Path, tmp_path: Path, sp: 
             # whose gradient is near 0 amplifies rounding (blocks combined in another order); a tenth of a step.
             for k in wa:
                 torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=3e-4)
+
+
+def test_what_a_batch_derives_is_never_given_to_the_next_batch() -> None:
+    import gc
+    import weakref
+
+    from longforge.model.ring import per_batch
+
+    made: list[int] = []
+
+    def derive(t: torch.Tensor) -> int:
+        made.append(int(t.sum()))
+        return made[-1]
+
+    first = torch.zeros(1, 64, dtype=torch.long)
+    assert per_batch("test", first, lambda: derive(first)) == 0
+    assert per_batch("test", first, lambda: derive(first)) == 0 and made == [0]  # every layer reuses it
+    # The entry keeps its tensor alive, so no later tensor can take its id or its memory and pass for it.
+    alive = weakref.ref(first)
+    del first
+    gc.collect()
+    assert alive() is not None
+    second = torch.ones(1, 64, dtype=torch.long)
+    assert per_batch("test", second, lambda: derive(second)) == 64
+    second += 1  # changed in place: made again
+    assert per_batch("test", second, lambda: derive(second)) == 128 and made == [0, 64, 128]
+    assert per_batch("test", None, lambda: -1, 2) == -1 and per_batch("test", None, lambda: -2, 2) == -1
+    assert per_batch("test", None, lambda: -3, 4) == -3  # other extra keys: made again

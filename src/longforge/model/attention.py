@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from longforge.model.names import ATTENTION_NAMES, BACKENDS  # noqa: F401 - BACKENDS re-exported
 from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_heads, spread_kv
-from longforge.model.ring import ring_attention
+from longforge.model.ring import per_batch, ring_attention
 
 ATTN_NAME = "longforge"
 # The one keyword a forward call passes through transformers to the attention: document ids (B, S) of packed tokens.
@@ -30,7 +30,6 @@ DOC_IDS = "lf_doc_ids"
 # Where an attention layer holds its bound context (a plain attribute: not a parameter, never saved).
 CONTEXT_ATTR = "_lf_attention"
 _registered: set[str] = set()
-_cache: dict[str, Any] = {}
 # Query elements one attention call is given at most. Kernels index with signed 32-bit offsets in places (2^31 is
 # a hard limit), and a backward's scratch grows with its call: an fp32 query-gradient accumulator and, under GQA,
 # key/value gradients expanded to every query head. One call of 4 query heads over 4M tokens (8-way sequence
@@ -135,22 +134,11 @@ def cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def _cached(key: str, doc_ids: torch.Tensor, make: Any) -> Any:
-    """Reuse what is derived from the same document-id tensor across layers and recomputation."""
-    tag = (id(doc_ids), doc_ids.data_ptr(), tuple(doc_ids.shape), doc_ids._version)
-    hit = _cache.get(key)
-    if hit is not None and hit[0] == tag:
-        return hit[1]
-    value = make()
-    _cache[key] = (tag, value)
-    return value
-
-
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     b, h, s, d = q.shape
-    cu, longest = _cached("varlen", doc_ids, lambda: cu_seqlens(doc_ids))
+    cu, longest = per_batch("varlen", doc_ids, lambda: cu_seqlens(doc_ids))
     kwargs: dict[str, Any] = {"scale": scale}
     params = inspect.signature(varlen_attn).parameters
     if "is_causal" in params:
@@ -188,7 +176,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tens
 
         return create_block_mask(doc_causal, b, None, s, s, device=q.device)
 
-    block = _cached("flex", doc_ids, make)
+    block = per_batch("flex", doc_ids, make)
     return _flex_compiled(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -24,6 +24,7 @@ values around the ring (P - 1 shifts); the partial outputs of the P blocks are c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ import torch.distributed as dist
 # A masked score: finite, so a row with no allowed key in a block gets a weight of exactly 0 when blocks are
 # combined (exp(-1e30 - lse) underflows to 0) and never a NaN in backward (exp(-inf - -inf)).
 MASKED = -1e30
-_cache: dict[str, Any] = {}
+# What per_batch made, by key: (the document-id tensor it was made from, that tensor's version and extra keys, value).
+_derived: dict[str, tuple[torch.Tensor | None, tuple[Any, ...], Any]] = {}
 _flex_compiled: Any = None
 
 
@@ -179,16 +181,26 @@ def _plan(p: int, length: int, device: torch.device, doc_ids: torch.Tensor | Non
     return {"pos": pos, "docs": docs, "masks": {}}
 
 
+def per_batch(key: str, doc_ids: torch.Tensor | None, make: Callable[[], Any], *extra: Any) -> Any:
+    """What is derived from one micro-batch's document ids (and `extra`), made once and reused by every layer and
+    by recomputation.
+
+    The entry holds the tensor itself and compares by identity: a freed tensor's id and memory are reused by the
+    next ones (the CUDA allocator hands the same block to a same-sized tensor), so a key of id and address could
+    give one micro-batch's document boundaries to the next. An in-place change (a new version) makes it again.
+    """
+    tag = (doc_ids._version if doc_ids is not None else None, *extra)
+    hit = _derived.get(key)
+    if hit is not None and hit[0] is doc_ids and hit[1] == tag:
+        return hit[2]
+    value = make()
+    _derived[key] = (doc_ids, tag, value)
+    return value
+
+
 def _cached_plan(p: int, r: int, length: int, device: torch.device, doc_ids: torch.Tensor | None) -> dict[str, Any]:
-    """The plan of one micro-batch, shared by every layer and by recomputation (keyed on the document-id tensor)."""
-    tag = (p, r, length, str(device)) + ((id(doc_ids), doc_ids.data_ptr(), tuple(doc_ids.shape), doc_ids._version)
-                                         if doc_ids is not None else ())
-    hit = _cache.get("plan")
-    if hit is not None and hit[0] == tag:
-        return hit[1]
-    plan = _plan(p, length, device, doc_ids)
-    _cache["plan"] = (tag, plan)
-    return plan
+    """The plan of one micro-batch, shared by every layer and by recomputation."""
+    return per_batch("ring-plan", doc_ids, lambda: _plan(p, length, device, doc_ids), p, r, length, str(device))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, sp: Any,
