@@ -1,42 +1,47 @@
 #!/usr/bin/env bash
-# `longforge lab --base` on SmolLM2-135M-Instruct on the GPU machine, one slice per call (each under 9 minutes).
+# `longforge lab --base` on SmolLM2-135M-Instruct on the GPU machine, across several calls (each under 10 minutes).
 #
 # State lives outside the checkout in $LAB_STATE (default ~/lab-real): it survives between calls only while the
-# machine stays warm. Everything small that a later call needs (each arm's rows.json, failed.json, LongRecipe's
-# impactful profile, the report) comes back under $OUT/lab_real/; put it back into the checkout as
-# benchmarks/results/lab_real/ (untracked files travel with the working tree) and a call on a fresh machine
-# imports it, so finished arms are never rerun. Trained checkpoints are too large to carry: an arm that did not
-# finish in one call resumes from its newest checkpoint only on the same warm machine, else starts again.
+# machine stays warm. The lab itself runs detached (setsid), one process per group of arms, so it goes on between
+# calls and is never cut at a call's end; each call starts the groups not yet running, waits up to LAB_SECONDS, and
+# sends back what is recorded so far as ONE archive, $OUT/lab_real_<F>x.tgz (what comes back from $OUT is a few
+# files at most two folders down): each arm's rows.json and failed.json, LongRecipe's impactful profile, training
+# logs, the report, results.json and the groups' logs. Unpack it into benchmarks/results/lab_real/<F>x/ (untracked
+# files travel with the working tree) and a call on a fresh machine imports it, so finished arms are never rerun.
+# Checkpoints are too large to carry: an arm that did not finish resumes from its newest checkpoint only on the
+# same warm machine, else starts again.
 #
-# Per call, what it does, in order (each step skipped when its output is already in $LAB_STATE):
+# Per call, in order (each step skipped when its output is already in $LAB_STATE):
 #   1. install the carried wheels (.whl/*.whl: gguf, pydantic) into /tmp/site;
-#   2. copy carried GGUF parts (.smol/part.aa, .smol/part.ab: `split -b 50000000 SmolLM2-135M-Instruct.Q4_1.gguf
-#      part.`) to $LAB_STATE/parts; with both there, join and convert to a bf16 checkpoint (REALMODEL.md);
-#   3. build the corpus from this machine's site-packages (benchmarks/real_corpus.py, tokens counted by SmolLM2);
+#   2. build the corpus from this machine's site-packages (benchmarks/real_corpus.py), its tokens counted by the
+#      model's tokenizer, or by a carried copy of it (.smol/tok) while the model is not here yet;
+#   3. copy carried GGUF parts (.smol/part.aa, .smol/part.ab: `split -b 50000000 SmolLM2-135M-Instruct.Q4_1.gguf
+#      part.`) to $LAB_STATE/parts; with both there, join and convert to a bf16 checkpoint (benchmarks/smollm2.sh);
 #   4. import benchmarks/results/lab_real/<F>x/ (results of earlier calls) into the lab folder;
-#   5. `longforge lab --base ... --arms $LAB_ARMS` under `timeout $LAB_SECONDS`, then the report from every arm
-#      recorded (--report-only), and the small results into $OUT/lab_real/<F>x/.
+#   5. start each group of $LAB_ARMS ("a,b|c,d": groups separated by "|") that is not running and not finished,
+#      group i on GPU i mod (GPUs here), each in its own lab folder ($LAB_DIR.g<i>; the lab brings an arm's
+#      dependencies, e.g. LongRecipe's analysis arm, into its group); wait until all are done or LAB_SECONDS pass;
+#   6. merge the groups' rows into $LAB_DIR (never overwriting rows it holds), build the report from every arm
+#      recorded (--report-only), and pack the archive.
 #
-# Usage there:  LAB_FACTOR=4 LAB_ARMS=base,pi-0 LAB_SECONDS=480 bash benchmarks/lab_real.sh
-# On a machine with several GPUs, groups of arms separated by "|" run at once, group i on GPU i, each in its own lab
-# folder ($LAB_DIR.gpu<i>; the lab brings an arm's dependencies, e.g. LongRecipe's analysis arm, into its group):
-#               LAB_ARMS="base,yarn-0,ultralong|prolong,fu" bash benchmarks/lab_real.sh
-# Their rows are then merged into $LAB_DIR (never overwriting rows it holds) and the report is built from all.
-# Settings: LAB_FACTOR (4 or 8), LAB_ARMS (comma-separated), LAB_SEEDS (default 0), LAB_TOKENS (per trained arm,
-# default 20000000), LAB_SECONDS (the lab's share of the call), LAB_ESSAYS (a prose haystack; default the corpus's
-# held-out prose), LAB_STATE.
+# Usage there:  LAB_FACTOR=4 LAB_ARMS="base,yarn-0|prolong|fu,longrecipe" LAB_SECONDS=520 bash benchmarks/lab_real.sh
+# and in the next call, at once, the same line: the running groups are left alone and waited for.
+# Settings: LAB_FACTOR (4 or 8), LAB_ARMS, LAB_SEEDS (default 0), LAB_TOKENS (per trained arm, default 20000000),
+# LAB_SECONDS (how long this call waits), LAB_ESSAYS (a prose haystack; default the corpus's held-out prose),
+# LAB_STATE, LAB_DEVICE (cuda; cpu for a check here, groups then all run on the CPU).
 set -u
 OUT=${OUT:-/tmp/lab-real-out}
 STATE=${LAB_STATE:-$HOME/lab-real}
 FACTOR=${LAB_FACTOR:-4}
 SEEDS=${LAB_SEEDS:-0}
 TOKENS=${LAB_TOKENS:-20000000}
+DEVICE=${LAB_DEVICE:-cuda}
 LAB_DIR=$STATE/lab-${FACTOR}x
-MODEL=$STATE/smollm2-135m
-mkdir -p "$OUT/lab_real" "$STATE/parts"
-LOG=$OUT/lab_real/call.log
+RUN=$STATE/run-${FACTOR}x
+mkdir -p "$OUT" "$STATE/parts" "$RUN"
+LOG=$RUN/calls.log
 t0=$(date +%s)
-say() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
+say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
 # Copy the files below folder $1 that the find tests after $2 select into folder $2, never overwriting one it holds.
 copy_new() { local from=$1 to=$2; shift 2; mkdir -p "$to"
   (cd "$from" && find . "$@" -type f -print0 | tar cf - --null -T -) | (cd "$to" && tar xf - --skip-old-files); }
@@ -44,29 +49,37 @@ copy_new() { local from=$1 to=$2; shift 2; mkdir -p "$to"
 ROWS=( -path './seed*' \( -name rows.json -o -name failed.json -o -path './seed*/impactful/*' \) )
 LOGS=( -path '*/train/*/log.jsonl' )
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+# Installed once per machine (a reinstall would swap files under processes that import from /tmp/site).
+if [ ! -d /tmp/site/pydantic ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
 fi
+export PYTHONPATH=$PWD/src
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD/src
 export PYTHONUNBUFFERED=1 LONGFORGE_QUIET=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 
-# 2. The model (benchmarks/smollm2.sh: parts carried in two calls, joined and converted once).
+# 2. The corpus (needs only a tokenizer: the model's, else the carried copy).
 MODEL=$(SMOL_STATE=$STATE bash benchmarks/smollm2.sh 2>>"$LOG")
-if [ -z "$MODEL" ]; then
-  say "the model is not here yet: carry .smol/part.aa in this call and .smol/part.ab in the next, back to back"
-  exit 0
-fi
-say "model: $MODEL"
-
-# 3. The corpus.
-if [ ! -f "$STATE/corpus/corpus.json" ]; then
-  python3 benchmarks/real_corpus.py --out "$STATE/corpus" --tokenizer "$MODEL" 2>&1 | tee -a "$LOG"
+TOK=${MODEL:-}
+[ -z "$TOK" ] && [ -f .smol/tok/tokenizer.json ] && TOK=.smol/tok
+if [ ! -f "$STATE/corpus/corpus.json" ] && [ -n "$TOK" ]; then
+  python3 benchmarks/real_corpus.py --out "$STATE/corpus" --tokenizer "$TOK" 2>&1 | tee -a "$LOG"
   say "corpus built"
 fi
-cp "$STATE/corpus/corpus.json" "$OUT/lab_real/corpus.json"
+pack() {  # the archive of everything small recorded so far, and the calls' log
+  [ -f "$STATE/corpus/corpus.json" ] && cp "$STATE/corpus/corpus.json" "$OUT/corpus.json"
+  cp "$LOG" "$OUT/lab_real_calls.log"
+  [ -d "$LAB_DIR" ] || return 0
+  mkdir -p "$LAB_DIR/groups" && cp "$RUN"/g*.log "$LAB_DIR/groups/" 2>/dev/null
+  (cd "$LAB_DIR" && find . \( "${ROWS[@]}" -o "${LOGS[@]}" -o -path './report/*' -o -name results.json \
+     -o -path './groups/*' \) -type f -print0 | tar czf "$OUT/lab_real_${FACTOR}x.tgz" --null -T -)
+  say "results: lab_real_${FACTOR}x.tgz ($(du -h "$OUT/lab_real_${FACTOR}x.tgz" | cut -f1)); unpack into benchmarks/results/lab_real/${FACTOR}x/"
+}
+if [ -z "$MODEL" ]; then
+  say "the model is not here yet: carry .smol/part.aa in this call and .smol/part.ab in the next, back to back"
+  pack; exit 0
+fi
+say "model: $MODEL"
 
 # 4. Results of earlier calls (rows, failures, LongRecipe's profile): never overwrite what this machine holds.
 if [ -d "benchmarks/results/lab_real/${FACTOR}x" ]; then
@@ -74,34 +87,56 @@ if [ -d "benchmarks/results/lab_real/${FACTOR}x" ]; then
   say "imported earlier results from benchmarks/results/lab_real/${FACTOR}x"
 fi
 
-# 5. The slice, then the report from everything recorded.
+# 5. The groups, detached; then wait for them up to LAB_SECONDS.
 ESSAYS_ARG=()
 [ -n "${LAB_ESSAYS:-}" ] && ESSAYS_ARG=(--essays "$LAB_ESSAYS")
 COMMON=(--base "$MODEL" --data "$STATE/corpus" --factor "$FACTOR" --tokens "$TOKENS" --seeds "$SEEDS"
-        --device "${LAB_DEVICE:-cuda}" "${ESSAYS_ARG[@]}")
-lab_slice() {  # arms, lab folder, log prefix: one `longforge lab` under the time limit
-  timeout "${LAB_SECONDS:-480}" python3 -m longforge lab "${COMMON[@]}" --out "$2" --arms "$1" 2>&1 \
-    | grep --line-buffered -v "Loading weights\|Writing model" | sed -u "s/^/$3/" | tee -a "$LOG"
-  say "${3}lab exit: ${PIPESTATUS[0]} (124: cut by LAB_SECONDS; the next call on this warm machine resumes)"
-}
+        --device "$DEVICE" "${ESSAYS_ARG[@]}")
+NGPU=1
+[ "$DEVICE" = cuda ] && NGPU=$(nvidia-smi -L | wc -l)
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+PIDS=()
 if [ -n "${LAB_ARMS:-}" ]; then
   IFS='|' read -r -a GROUPS_ <<< "$LAB_ARMS"
-  say "lab: arms $LAB_ARMS, seeds $SEEDS, ${FACTOR}x, $TOKENS tokens per trained arm"
-  if [ "${#GROUPS_[@]}" -eq 1 ]; then
-    lab_slice "${GROUPS_[0]}" "$LAB_DIR" ""
-  else
-    for i in "${!GROUPS_[@]}"; do
-      mkdir -p "$LAB_DIR.gpu$i"
-      [ -d "$LAB_DIR" ] && copy_new "$LAB_DIR" "$LAB_DIR.gpu$i" "${ROWS[@]}"
-      CUDA_VISIBLE_DEVICES=$i lab_slice "${GROUPS_[$i]}" "$LAB_DIR.gpu$i" "[gpu$i] " &
-    done
-    wait
-    for i in "${!GROUPS_[@]}"; do copy_new "$LAB_DIR.gpu$i" "$LAB_DIR" \( "${ROWS[@]}" -o "${LOGS[@]}" \); done
-    say "merged the groups' rows into $LAB_DIR"
-  fi
+  # The groups share the host's cores (tokenizing, the training loop's host work): no oversubscription.
+  export OMP_NUM_THREADS=$(( $(nproc) / ${#GROUPS_[@]} > 1 ? $(nproc) / ${#GROUPS_[@]} : 1 ))
+  say "lab: groups $LAB_ARMS on $NGPU GPU(s), seeds $SEEDS, ${FACTOR}x, $TOKENS tokens per trained arm"
+  for i in "${!GROUPS_[@]}"; do
+    arms=${GROUPS_[$i]}; key=$(echo "$arms" | tr ',' '_'); pidf=$RUN/g-$key.pid
+    PIDS+=("$pidf")
+    if running "$pidf"; then say "group $arms: still running (pid $(cat "$pidf"))"; continue; fi
+    if [ -f "$RUN/g-$key.done" ]; then say "group $arms: finished in an earlier call"; continue; fi
+    folder=$LAB_DIR.g$i
+    mkdir -p "$folder"
+    [ -d "$LAB_DIR" ] && copy_new "$LAB_DIR" "$folder" "${ROWS[@]}"
+    gpu=$(( i % NGPU ))
+    # setsid: the group outlives this call (its processes are not the call's), until it ends or the machine goes;
+    # it records its own pid, and a marker once the lab exits cleanly.
+    CUDA_VISIBLE_DEVICES=$gpu LONGFORGE_QUIET=0 setsid bash -c 'echo $$ > "$3"
+      python3 -m longforge lab "${@:5}" --out "$1" --arms "$2" 2>&1 | grep --line-buffered -v "Loading weights\|Writing model"
+      rc=${PIPESTATUS[0]}; echo "exit $rc"; [ "$rc" -eq 0 ] && touch "$4"' _ \
+        "$folder" "$arms" "$pidf" "$RUN/g-$key.done" "${COMMON[@]}" > "$RUN/g$i-$key.log" 2>&1 < /dev/null &
+    say "group $arms: started on GPU $gpu (log $RUN/g$i-$key.log)"
+  done
+  sleep 2
+  deadline=$(( t0 + ${LAB_SECONDS:-480} ))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    alive=0; for p in "${PIDS[@]}"; do running "$p" && alive=1; done
+    [ $alive -eq 0 ] && break
+    sleep 10
+  done
+  for p in "${PIDS[@]}"; do
+    key=$(basename "$p" .pid); state=finished; running "$p" && state=running
+    say "$key: $state; last lines: $(tail -n 2 "$RUN"/g*-"${key#g-}".log | tr '\n' ' ' | cut -c1-300)"
+  done
 fi
+
+# 6. Merge, report, archive.
+for folder in "$LAB_DIR".g*; do
+  [ -d "$folder" ] || continue
+  copy_new "$folder" "$LAB_DIR" "${ROWS[@]}"
+  # Training logs grow while a group runs: always the newest.
+  (cd "$folder" && find . "${LOGS[@]}" -type f -print0 | tar cf - --null -T -) | (cd "$LAB_DIR" && tar xf -)
+done
 python3 -m longforge lab "${COMMON[@]}" --out "$LAB_DIR" --report-only 2>&1 | tail -2 | tee -a "$LOG"
-DEST=$OUT/lab_real/${FACTOR}x
-copy_new "$LAB_DIR" "$DEST" \( "${ROWS[@]}" -o "${LOGS[@]}" -o -path './report/*' -o -name results.json \)
-say "results in $DEST"
-du -sh "$DEST" | tee -a "$LOG"
+pack

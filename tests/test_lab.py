@@ -198,3 +198,22 @@ def test_lab_refuses_a_bad_base_in_one_sentence(tmp_path: Path, tiny_base: Path)
         run_lab(tmp_path / "l5", base=tiny_base, **{**kw, "data": tmp_path / "none"})
     for bad in ("l1", "l2", "l3", "l4", "l5"):
         assert not (tmp_path / bad).exists()  # refused before anything was written
+
+
+def test_prose_share_is_cut_to_what_the_corpus_holds_for_every_arm() -> None:
+    from longforge.lab.arms import BASE_PROFILES, base_arms, for_base
+    from longforge.lab.given import PROSE_MARGIN, prose_share
+    from longforge.lab.run import data_spec
+
+    def manifest(prose: int) -> dict:
+        return {"domains": {"code": {"tokens": 10**9}, "prose": {"tokens": prose}}}
+
+    assert prose_share(manifest(10**9), 20_000_000) == 0.4  # plenty of prose: ProLong's 60/40
+    assert prose_share(manifest(4_000_000), 20_000_000) == round(PROSE_MARGIN * 0.2, 3)
+    assert prose_share({}, 20_000_000) == 0.4  # not counted: the recipe's share, checked by the data stage
+    prof = for_base(BASE_PROFILES["cuda"], 8192, 1e5, 4, 20_000_000)
+    assets = {"corpus": Path("c"), "prose_share": 0.14}
+    specs = {a.name: data_spec(prof, assets, a, 32768, None) for a in base_arms(prof) if a.train}
+    for name, spec in specs.items():  # the same mix in every arm; ProLong's long share grows to match it
+        assert [s["weight"] for s in spec["sources"]] == [0.86, 0.14], name
+    assert specs["prolong"]["long_share"] == 0.86 and specs["prolong"]["plan"] == "long_short_mix"

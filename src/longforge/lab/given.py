@@ -125,9 +125,10 @@ def write_heldout(corpus: Path, out: Path, tokenizer: Any, doc_tokens: int) -> d
     return stats
 
 
-def base_assets(base: Path, corpus: Path, essays: Path | None, folder: Path, target: int) -> dict[str, Any]:
-    """The lab's assets for a given checkpoint: the base itself (and its tokenizer), the corpus, long held-out
-    documents for perplexity to 2x the target, and the essay haystack (the user's, else the held-out prose)."""
+def base_assets(base: Path, corpus: Path, essays: Path | None, folder: Path, target: int, tokens: int) -> dict[str, Any]:
+    """The lab's assets for a given checkpoint: the base itself (and its tokenizer), the corpus and its prose share of
+    an arm's `tokens`, long held-out documents for perplexity to 2x the target, and the essay haystack (the user's,
+    else the held-out prose)."""
     from longforge.demo.run import _params
     from longforge.hf import load_tokenizer
     from longforge.runner import run_stage
@@ -138,12 +139,29 @@ def base_assets(base: Path, corpus: Path, essays: Path | None, folder: Path, tar
     rec = run_stage("lab/long held-out documents (code, prose)", side, fingerprint(["heldout", corpus_fp, base_fp, 2 * target]),
                     lambda: write_heldout(corpus, side, load_tokenizer(base), 2 * target))
     manifest = read_json(corpus / CORPUS_MANIFEST) or {}
-    return {"corpus": corpus, "tokenizer": base, "side": side, "base": base, "tok_fp": base_fp,
+    share = prose_share(manifest, tokens + 16 * target)  # the largest budget: training at 2x the target
+    sizes = f"{corpus_sizes(manifest)}; every arm's mix: code {1 - share:.0%}, prose {share:.0%}"
+    return {"corpus": corpus, "prose_share": share, "tokenizer": base, "side": side, "base": base, "tok_fp": base_fp,
             "heldout_texts": corpus / "heldout_code.jsonl", "essays": Path(essays) if essays else corpus / "heldout_prose.jsonl",
             "ppl_code": side / "heldout_code_long.jsonl", "ppl_prose": side / "heldout_prose_long.jsonl",
             "heldout_tokens": {k: v for k, v in rec.items() if k in ("code", "prose")},
             "base_record": {"fingerprint": fingerprint([base_fp, corpus_fp]), "path": str(base), "params": _params(base),
-                            "tokens": None, "seconds": None, "corpus": str(corpus), "corpus_tokens": corpus_sizes(manifest)}}
+                            "tokens": None, "seconds": None, "corpus": str(corpus), "corpus_tokens": sizes}}
+
+
+# The lab's mix for a given base: code repositories and prose, 60/40 where the prose allows (ProLong's long/short
+# shares). A machine's site-packages can hold less prose than 40% of an arm's budget; the share is then cut to what
+# the prose gives with a margin for what the sampling plans drop (short documents), the same for every arm.
+PROSE_SHARE = 0.4
+PROSE_MARGIN = 0.7
+
+
+def prose_share(manifest: dict[str, Any], budget: int) -> float:
+    """The prose share of every arm's tokens: PROSE_SHARE, or less when the corpus's prose cannot fill it."""
+    prose = ((manifest.get("domains") or {}).get("prose") or {}).get("tokens")
+    if not prose or budget <= 0:  # not counted (no tokenizer): the recipe's share, the data stage checks it
+        return PROSE_SHARE
+    return round(min(PROSE_SHARE, PROSE_MARGIN * prose / budget), 3)
 
 
 def corpus_sizes(manifest: dict[str, Any]) -> str:

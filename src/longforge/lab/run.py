@@ -134,9 +134,10 @@ def corpus_sources(profile: LabProfile, assets: dict[str, Any], arm: Arm, seq: i
     c = assets["corpus"]
     if profile.pretrained:
         roles = arm.data.get("plan") == "long_short_mix"
-        return [{"name": "code-repositories", "path": str(c / "code.jsonl"), "domain": "code", "weight": 0.6,
+        p = assets["prose_share"]
+        return [{"name": "code-repositories", "path": str(c / "code.jsonl"), "domain": "code", "weight": round(1 - p, 3),
                  **({"role": "long"} if roles else {})},
-                {"name": "prose", "path": str(c / "prose.jsonl"), "domain": "prose", "weight": 0.4,
+                {"name": "prose", "path": str(c / "prose.jsonl"), "domain": "prose", "weight": p,
                  **({"role": "short"} if roles else {})}]
     return [{"name": "code-repositories", "path": str(c / "long.jsonl"), "domain": "code", "weight": 0.6},
             {"name": "modules-docstrings", "path": str(c / "short.jsonl"), "domain": "text", "weight": 0.1},
@@ -155,6 +156,8 @@ def data_spec(profile: LabProfile, assets: dict[str, Any], arm: Arm, seq: int, p
     }
     if profile.pretrained:  # the same tokens for every arm: a real corpus holds far more than one arm trains on
         spec["token_budget"] = profile.tokens + 8 * seq
+        if spec["plan"] == "long_short_mix":  # ProLong's short share is the prose; no more than the corpus gives
+            spec["long_share"] = max(spec.get("long_share", 0.6), round(1 - assets["prose_share"], 3))
     if arm.sentences is not None:
         spec["sentence_filter"] = {"method": arm.sentences, "budget_fraction": 0.3, "min_document_tokens": 64,
                                    "sources": [s["name"] for s in sources[:2]],
@@ -478,7 +481,7 @@ def run_lab(out: Path, device: str = "auto", profile_name: str = "auto", seeds: 
         assets = build_lab_assets(profile, lab_cache(profile), dev)
     else:
         assert data is not None
-        assets = base_assets(Path(base), data, essays, out / "assets", profile.target)
+        assets = base_assets(Path(base), data, essays, out / "assets", profile.target, profile.tokens)
     rows: list[dict[str, Any]] = []
     if not report_only:
         check_evaluation(profile, assets, seeds[0])
