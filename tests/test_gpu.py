@@ -190,3 +190,24 @@ def test_kill_9_under_torchrun_on_two_gpus_resumes_the_run(model_dir: Path, corp
     a = [json.loads(x)["loss"] for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 30 and b == pytest.approx(a, rel=1e-3)
+
+
+def test_fp32_queries_under_autocast_take_the_flash_varlen_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16-mixed training: RoPE leaves the queries fp32; under autocast they go to varlen in bf16, as SDPA would
+    compute them, not to the fp32 flex path."""
+    import longforge.model.attention as attention
+    from longforge.model.attention import attend
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("flex was used")
+
+    monkeypatch.setattr(attention, "_flex", refuse)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, 512, 64, device="cuda") for n in (8, 2, 2))
+    docs = torch.zeros(2, 512, dtype=torch.long, device="cuda")
+    docs[0, 200:] = 1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attend(q, k, v, docs, "varlen", None)
+    assert out.dtype == torch.bfloat16
+    ref = attend(q, k, v, docs, "dense", None)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

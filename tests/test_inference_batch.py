@@ -180,6 +180,24 @@ def test_offloaded_cache_runs_rows_of_equal_length_together(one_thread) -> None:
     assert eng.placement == {"kv_layers_on_gpu": 1, "kv_layers_in_host_memory": 2}
 
 
+def test_a_batch_just_over_the_memory_runs_in_ragged_halves(one_thread) -> None:  # noqa: ANN001
+    """When the whole batch's cache does not fit but half of it does, two ragged batches run (shorter prompts, then
+    longer), each row still getting its tokens alone; the stop callback sees the caller's row numbers."""
+    model = _model(seed=2)
+    rows = _rows([20, 35, 21, 51, 8], seed=5)
+    eng = Engine(model, prefill_chunk=9, stop_on_eos=False)
+    eng.kv_cache = "auto"  # the engine only sizes caches on a GPU; force the placement to test the logic
+    n = model.config.num_hidden_layers
+    eng._resident_layers = lambda capacity, batch: n if batch <= 3 else 1  # type: ignore[method-assign]
+    seen: list[int] = []
+    got = eng.generate(rows, 6, stop=lambda row, toks: seen.append(row) or (row == 3 and len(toks) == 2))
+    device_rows = Engine(model, prefill_chunk=9, stop_on_eos=False).generate(rows, 6)
+    assert got == device_rows[:3] + [device_rows[3][:2], device_rows[4]]
+    assert eng.last["groups"] == 2 and "ragged halves" in eng.last["ragged_fallback"] and eng.last["batch"] == 5
+    assert eng.last["prompt_tokens"] == sum(map(len, rows)) and set(seen) == set(range(5))
+    assert eng.placement == {"kv_layers_on_gpu": n, "kv_layers_in_host_memory": 0}
+
+
 def test_hf_path_takes_ragged_batches(one_thread) -> None:  # noqa: ANN001
     model = _model()
     rows = _rows([8, 15, 8], seed=6)

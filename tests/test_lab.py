@@ -42,6 +42,35 @@ def test_verdicts_follow_the_numbers_and_the_seed_spread() -> None:
     assert verdict(Claim("missing", "x", "long_score", "a", "zzz"), agg)["verdict"] == "not run"
 
 
+def test_one_seed_verdicts_weigh_the_prompts_sampling_error() -> None:
+    """With one seed, a difference inside two standard errors of the prompts behind each number is not a verdict."""
+    from longforge.lab.report import prompt_counts, sampling_error
+
+    def row(name: str, pk: float, ruler: float) -> dict:
+        ev = {"passkey": {"per_length": {"64": 1.0, "128": pk, "256": pk, "512": 0.0},
+                          "grid": [[1.0] * 5, [pk] * 5, [pk] * 5, [0.0] * 5]},
+              "ruler": {"average": {"32": 50.0, "256": ruler},
+                        "per_task": {"vt": {"32": 50.0, "256": ruler}, "niah_multikey_1": {"32": 50.0, "256": ruler}}},
+              "ppl": {"64": 5.0, "256": 5.0}}
+        return {"row": name, "arm": name, "label": name, "seed": 0, "tokens": 1, "train_seconds": 1.0,
+                "eval_seconds": 1.0, "eval": ev}
+
+    counts = prompt_counts(row("a", 0.5, 40.0)["eval"], 64, 256, trials=4, samples=4)
+    assert counts == {"passkey_inside": 20, "passkey_extended": 40, "passkey_beyond": 20, "ruler_extended": 8,
+                      "niah_m_extended": 4, "ruler_half": 8}
+    # Agresti-Coull: 20 of 40 -> (20 + 2) / 44 = 0.5, sqrt(0.25 / 44) = 7.54 points.
+    assert sampling_error(50.0, 40) == pytest.approx(100 * (0.25 / 44) ** 0.5)
+    assert sampling_error(0.0, 40) > 0
+    rows = [row("a", 0.6, 40.0), row("b", 0.55, 40.0), row("c", 1.0, 100.0), row("d", 0.0, 0.0)]
+    agg = aggregate(rows, 64, 256, trials=4, samples=4)
+    close = verdict(Claim("a beats b", "x", "long_score", "a", "b"), agg)
+    assert close["verdict"].startswith("within the sampling error (±") and close["verdict"].endswith("(one seed)")
+    assert close["difference"] == pytest.approx(2.5) and close["difference"] < close["sampling_margin"]
+    assert verdict(Claim("c beats d", "x", "long_score", "c", "d"), agg)["verdict"] == "holds (one seed)"
+    # Without the prompt counts (older results), the verdict stays as the numbers say.
+    assert aggregate(rows, 64, 256)["a"]["metrics"]["long_score"].get("sampling_error") is None
+
+
 def test_tiny_lab_runs_every_kind_of_arm_and_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from longforge.lab.run import run_lab
 

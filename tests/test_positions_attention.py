@@ -119,3 +119,34 @@ def test_training_loss_uses_the_transformed_ids_and_masks() -> None:
     want = (ce * w.reshape(-1).double()).sum()
     assert float(weight) == float(w.sum()) == 2 * (SEQ - 1) - 3  # no target across the 3 document joins
     assert float(loss_sum) == pytest.approx(float(want), rel=2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_document_attention_equals_each_document_alone_without_a_dense_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flex back-end's block mask comes from per-block document ranges: never the dense B x S x S mask (at 4 rows
+    of 64K tokens its construction needed 128 GiB), and each document's output is that document attended alone."""
+    import torch.nn.attention.flex_attention as fa
+
+    import longforge.model.attention as attention
+    from longforge.model.attention import attend
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the dense mask was built")
+
+    monkeypatch.setattr(fa, "create_mask", refuse)
+    monkeypatch.setattr(attention, "_flex_compiled", fa.flex_attention)  # no compiler on CPU; the same kernel
+    g = torch.Generator().manual_seed(0)
+    b, s, d = 2, 300, 16  # 300: the last block of 128 is partial
+    q = torch.randn(b, 4, s, d, generator=g)
+    k, v = (torch.randn(b, 2, s, d, generator=g) for _ in range(2))
+    docs = torch.zeros(b, s, dtype=torch.long)
+    docs[0, 100:], docs[0, 130:] = 1, 2  # a document inside one block, one across three
+    docs[1, 256:] = 1  # a boundary on a block edge
+    out = attend(q, k, v, docs, "flex", None)
+    for row in range(b):
+        for doc in docs[row].unique():
+            span = (docs[row] == doc).nonzero()[:, 0]
+            lo, hi = int(span[0]), int(span[-1]) + 1
+            alone = F.scaled_dot_product_attention(q[row:row + 1, :, lo:hi], k[row:row + 1, :, lo:hi],
+                                                   v[row:row + 1, :, lo:hi], is_causal=True, enable_gqa=True)
+            torch.testing.assert_close(out[row:row + 1, :, lo:hi], alone, rtol=1e-5, atol=1e-5)

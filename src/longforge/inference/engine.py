@@ -24,6 +24,7 @@ batches could be ragged (benchmarks compare against it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -269,7 +270,11 @@ class Engine:
 
     def release(self) -> None:
         """Drop the cache and graph kept for the last batch shape (their GPU memory goes back to the allocator)."""
-        self._graphed = None
+        if self._graphed is not None:
+            self._graphed = None
+            # At once, not at the collector's next pass: the next batch is sized by the memory allocated now (a
+            # released 30 GB cache still counted once sent a 16K batch to the slow equal-length path).
+            gc.collect()
 
     def _store(self, capacity: int, batch: int = 1) -> DeviceKV | OffloadedKV:
         """The KV store for one batch: on the device, offloaded, or (auto) as many layers resident as fit."""
@@ -432,7 +437,8 @@ class Engine:
         return self._in_groups(rows, max_new_tokens, stop, self._generate_hf)
 
     def _generate_longforge(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None) -> list[list[int]]:
-        """The whole batch at once when its cache fits on the device; else rows of equal length together."""
+        """The whole batch at once when its cache fits on the device; else in two ragged halves when each fits; else
+        rows of equal length together."""
         note = "ragged batches are off (ragged=False)"
         if self.ragged:
             batch = _Batch.sorted(rows, self.prefix_min, self.pad_to, self.worth)
@@ -444,6 +450,14 @@ class Engine:
             if self._graphed is not None or self._resident(capacity, len(rows)) == n_layers:
                 self.placement = {"kv_layers_on_gpu": n_layers, "kv_layers_in_host_memory": 0}
                 return self._generate_ragged(batch, max_new_tokens, stop, capacity, width, key)
+            self.release()
+            if self.kv_cache == "auto" and len(rows) > 1 and self._resident(capacity, -(-len(rows) // 2)) == n_layers:
+                # A cache rounded up for its graph can pass the budget the caller cut the batch by: two ragged halves
+                # (shorter and longer prompts) cost far less than one equal-length group per distinct length.
+                order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+                halves = [order[: len(rows) // 2], order[len(rows) // 2:]]
+                return self._in_groups(rows, max_new_tokens, stop, self._generate_longforge, halves=halves,
+                                       note="the batch's KV cache did not fit on the GPU: it ran in ragged halves")
             note = "the batch's KV cache does not fit on the GPU: rows of equal length ran together, offloaded"
         self.release()
         return self._in_groups(rows, max_new_tokens, stop, self._generate_group, note)
@@ -459,23 +473,27 @@ class Engine:
         grain = max(256, 1 << max(0, need.bit_length() - 4))
         return -(-need // grain) * grain, width
 
-    def _in_groups(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None,
-                   run: Callable[[torch.Tensor, int, Stop | None], list[list[int]]],
-                   note: str | None = None) -> list[list[int]]:
-        """Run rows of equal length together through `run` (a (B, L) batch each); outputs in the rows' order."""
+    def _in_groups(self, rows: list[list[int]], max_new_tokens: int, stop: Stop | None, run: Callable[..., list[list[int]]],
+                   note: str | None = None, halves: list[list[int]] | None = None) -> list[list[int]]:
+        """Run rows of equal length together through `run` (a (B, L) batch each), or the given groups of rows (token
+        lists each); outputs in the rows' order."""
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(len(r), []).append(i)
+        parts = halves if halves is not None else list(groups.values())
         out: list[list[int]] = [[] for _ in rows]
         totals: dict[str, Any] = {}
-        for idx in groups.values():
+        graphs = []
+        for idx in parts:
             row_stop = None if stop is None else (lambda r, toks, idx=idx: stop(idx[r], toks))
-            for i, toks in zip(idx, run(torch.tensor([rows[i] for i in idx]), max_new_tokens, row_stop)):
+            part = [rows[i] for i in idx] if halves is not None else torch.tensor([rows[i] for i in idx])
+            for i, toks in zip(idx, run(part, max_new_tokens, row_stop)):
                 out[i] = toks
             for k, v in self.last.items():
                 totals[k] = totals.get(k, 0) + v if k in SUMMED else v
-        self.last = {**totals, "batch": len(rows), "groups": len(groups), "cuda_graph": False}
-        if note is not None and len(groups) > 1:
+            graphs.append(bool(self.last.get("cuda_graph")))
+        self.last = {**totals, "batch": len(rows), "groups": len(parts), "cuda_graph": bool(halves) and all(graphs)}
+        if note is not None and len(parts) > 1:
             self.last["ragged_fallback"] = note
         return out
 

@@ -52,6 +52,40 @@ def row_metrics(ev: dict[str, Any], window: int, target: int) -> dict[str, float
     return out
 
 
+def prompt_counts(ev: dict[str, Any], window: int, target: int, trials: int, samples: int) -> dict[str, int]:
+    """How many scored prompts stand behind each accuracy metric of row_metrics (passkey: depths x trials per length;
+    RULER: tasks scored x samples per length)."""
+    pk = ev["passkey"]
+    per_pk = len(pk["grid"][0]) * trials if pk.get("grid") else 0
+    pk_lengths = [int(k) for k in pk["per_length"]]
+    per_task = ev.get("ruler", {}).get("per_task", {})
+
+    def ruler(keep: Any, tasks: Any = None) -> int:
+        return samples * sum(1 for t, by in per_task.items() if tasks is None or t in tasks for k in by if keep(int(k)))
+
+    ext = lambda k: window < k <= target  # noqa: E731
+    return {"passkey_inside": per_pk * sum(k <= window for k in pk_lengths),
+            "passkey_extended": per_pk * sum(ext(k) for k in pk_lengths),
+            "passkey_beyond": per_pk * sum(k > target for k in pk_lengths),
+            "ruler_extended": ruler(ext), "niah_m_extended": ruler(ext, NIAH_M),
+            "ruler_half": ruler(lambda k: k == window // 2)}
+
+
+def sampling_error(pct: float, n: int) -> float:
+    """Standard error, in points, of an accuracy of `pct`% measured on `n` prompts (binomial, with the Agresti-Coull
+    adjustment so 0% and 100% on few prompts are not taken as exact)."""
+    q = (pct / 100 * n + 2) / (n + 4)
+    return 100 * float(np.sqrt(q * (1 - q) / (n + 4)))
+
+
+def _errors(means: dict[str, float | None], counts: dict[str, int]) -> dict[str, float]:
+    """Sampling errors of the accuracy metrics (long_score: half the root sum of squares of its two parts)."""
+    out = {k: sampling_error(means[k], n) for k, n in counts.items() if n and means.get(k) is not None}  # type: ignore[arg-type]
+    if "passkey_extended" in out and "ruler_extended" in out:
+        out["long_score"] = 0.5 * float(np.hypot(out["passkey_extended"], out["ruler_extended"]))
+    return out
+
+
 @dataclass(frozen=True)
 class Claim:
     """A paper's claim as a comparison of two lab rows on one metric."""
@@ -114,8 +148,10 @@ BASE_CLAIMS = [
 ]
 
 
-def aggregate(rows: list[dict[str, Any]], window: int, target: int) -> dict[str, dict[str, Any]]:
-    """Per row name: label, seeds, mean and half-range of every metric, tokens and seconds."""
+def aggregate(rows: list[dict[str, Any]], window: int, target: int, trials: int = 0,
+              samples: int = 0) -> dict[str, dict[str, Any]]:
+    """Per row name: label, seeds, mean and half-range of every metric, the sampling error of the accuracy metrics
+    (given passkey trials per cell and RULER samples per task; over every seed's prompts), tokens and seconds."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by[r["row"]].append(r)
@@ -128,6 +164,11 @@ def aggregate(rows: list[dict[str, Any]], window: int, target: int) -> dict[str,
             vals = [m[k] for m in ms if m.get(k) is not None]
             stats[k] = {"mean": float(np.mean(vals)) if vals else None,
                         "spread": float((max(vals) - min(vals)) / 2) if len(vals) > 1 else None, "values": vals}
+        if trials and samples:
+            counts = [prompt_counts(r["eval"], window, target, trials, samples) for r in rs]
+            total = {k: sum(c[k] for c in counts) for k in counts[0]}
+            for k, e in _errors({k: v["mean"] for k, v in stats.items()}, total).items():
+                stats[k]["sampling_error"] = e
         out[name] = {"label": rs[0]["label"], "arm": rs[0]["arm"], "seeds": [r["seed"] for r in rs],
                      "tokens": rs[0]["tokens"], "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
                      "eval_seconds": float(np.mean([r["eval_seconds"] for r in rs])), "metrics": stats}
@@ -144,15 +185,21 @@ def verdict(claim: Claim, agg: dict[str, dict[str, Any]]) -> dict[str, Any]:
     diff = (b["mean"] - a["mean"]) if claim.lower_is_better else (a["mean"] - b["mean"])
     spreads = [s for s in (a["spread"], b["spread"]) if s is not None]
     noise = max(spreads) if spreads else None
+    # Two standard errors of the difference: the prompts are a sample too (a few dozen per arm and length).
+    errors = [x.get("sampling_error") for x in (a, b)]
+    margin = 2 * float(np.hypot(*errors)) if None not in errors else None
     if abs(diff) < 1e-9:
         word = "no difference"
     elif noise is not None and abs(diff) <= noise:
         word = "within the seed spread"
+    elif margin is not None and abs(diff) <= margin:
+        word = f"within the sampling error (±{margin:.1f})"
     else:
         word = "holds" if diff > 0 else "does not hold"
     if noise is None:
         word += " (one seed)"
-    return {"verdict": word, "a": a["mean"], "b": b["mean"], "difference": diff, "seed_spread": noise}
+    return {"verdict": word, "a": a["mean"], "b": b["mean"], "difference": diff, "seed_spread": noise,
+            "sampling_margin": margin}
 
 
 def _fmt(stat: dict[str, Any] | None, pct: bool = False) -> str:
@@ -258,13 +305,13 @@ def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     rows = results["rows"]
     pretrained = bool(results.get("pretrained"))
     claims = BASE_CLAIMS if pretrained else CLAIMS
-    agg = aggregate(rows, w, t)
+    p = results["profile"]
+    agg = aggregate(rows, w, t, p.get("passkey_trials", 0), p.get("ruler_samples", 0))
     verdicts = [{"claim": c.text, "source": c.source, "metric": c.metric, "a": c.a, "b": c.b, **verdict(c, agg)}
                 for c in claims]
     ruler_lengths = sorted({int(k) for r in rows for k in r["eval"].get("ruler", {}).get("average", {})})
     head, trows = table(agg, w, t, ruler_lengths, prose=pretrained)
     png = curves(rows, w, t, out / "lab_curves.png")
-    p = results["profile"]
     b = results["base"]
     if pretrained:
         about = (f"Base model: {b.get('path')} ({b.get('params') or 0:,} parameters, window {w}, as given: not trained by "
@@ -289,7 +336,9 @@ def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     lines = [f"# longforge lab ({p['name']} profile)", "", about,
              "long_score = mean of passkey accuracy and RULER average over lengths in (window, target]; NIAH(M) = "
              "LongRecipe's metric (multikey, multivalue, multiquery).",
-             "Numbers are mean ± half the range over the seeds listed; passkey and RULER in %.", "",
+             "Numbers are mean ± half the range over the seeds listed; passkey and RULER in %. A claim's difference "
+             "within two standard errors of the prompts' sampling (binomial over the prompts behind each number) is "
+             "reported as within the sampling error, not as holding.", "",
              _md(head, trows), "", *extra, "## The papers' claims at this scale", "",
              _md(["claim", "source", "metric", "rows", "measured", "verdict"],
                  [[v["claim"], v["source"], v["metric"], f"{c.a} vs {c.b}",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from longforge.model.names import ATTENTION_NAMES, BACKENDS  # noqa: F401 - BACKENDS re-exported
 from longforge.model.parallel import SequenceParallel, heads_to_seq, seq_to_heads, spread_kv
-from longforge.model.ring import per_batch, ring_attention
+from longforge.model.ring import block_mask, per_batch, ring_attention
 
 ATTN_NAME = "longforge"
 # The one keyword a forward call passes through transformers to the attention: document ids (B, S) of packed tokens.
@@ -159,7 +159,7 @@ _flex_compiled: Any = None
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     global _flex_compiled
     if _flex_compiled is None:
@@ -169,12 +169,11 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tens
         doc_ids = torch.zeros(b, s, dtype=torch.long, device=q.device)
 
     def make() -> Any:
+        # From per-block ranges: create_block_mask first builds the dense B x S x S mask (its int64 index
+        # intermediates were 128 GiB for 4 rows of 64K tokens).
+        pos = torch.arange(s, device=q.device)
         docs = doc_ids.to(q.device)
-
-        def doc_causal(bi: Any, hi: Any, qi: Any, ki: Any) -> Any:
-            return (qi >= ki) & (docs[bi, qi] == docs[bi, ki])
-
-        return create_block_mask(doc_causal, b, None, s, s, device=q.device)
+        return block_mask(pos, pos, docs, docs)
 
     block = per_batch("flex", doc_ids, make)
     return _flex_compiled(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -230,7 +229,7 @@ ATTENTION_BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("dense", lambda q, k, docs, mask: mask is None, lambda q, k, v, docs, scale: _dense(q, k, v, docs, None, scale)),
     Backend("sdpa", lambda q, k, docs, mask: docs is None and mask is None and _square(q, k),
             lambda q, k, v, docs, scale: split_heads(lambda a, b, c: _sdpa_causal(a, b, c, scale), q, k, v)),
-    # Flash takes half precision only: fp32 queries (under bf16 autocast, after RoPE) go to flex.
+    # Flash takes half precision only: fp32 queries go to flex (under autocast, attend casts them as SDPA does).
     Backend("varlen", lambda q, k, docs, mask: docs is not None and _square(q, k),
             lambda q, k, v, docs, scale: split_heads(lambda a, b, c: _varlen(a, b, c, docs, scale), q, k, v),  # type: ignore[arg-type]
             fp32_instead="flex"),
@@ -247,7 +246,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     """Causal attention (B, H, S, D) -> (B, H, S, D), within documents when doc_ids is given."""
     chosen = ATTENTION_BACKENDS[backend]
     if chosen.fp32_instead and q.dtype == torch.float32:
-        chosen = ATTENTION_BACKENDS[chosen.fp32_instead]
+        if q.is_cuda and torch.is_autocast_enabled("cuda"):
+            # Under autocast SDPA computes in the autocast dtype; the flash varlen kernel is given the same inputs
+            # (RoPE leaves the queries in fp32), rather than the slower fp32 flex path.
+            half = torch.get_autocast_dtype("cuda")
+            q, k, v = q.to(half), k.to(half), v.to(half)
+        else:
+            chosen = ATTENTION_BACKENDS[chosen.fp32_instead]
     if chosen.fits(q, k, doc_ids, mask):
         return chosen.run(q, k, v, doc_ids, scale)
     return _dense(q, k, v, doc_ids, mask, scale)

@@ -100,7 +100,7 @@ def block_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
     return torch.matmul(torch.exp(s - lse[..., None]), v.to(wide)), lse
 
 
-def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_docs: torch.Tensor | None, k_docs: torch.Tensor | None,
+def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_docs: torch.Tensor | None, k_docs: torch.Tensor | None,
                 size: int = 128) -> Any:
     """A FlexAttention BlockMask built from per-block ranges (never the dense Sq x Sk mask).
 
@@ -162,7 +162,7 @@ def block_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
             _flex_compiled = torch.compile(flex_attention, dynamic=False)
         fn = _flex_compiled
     if mask is None:
-        mask = _block_mask(q_pos, k_pos, q_docs, k_docs)
+        mask = block_mask(q_pos, k_pos, q_docs, k_docs)
     out, aux = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                   return_aux=AuxRequest(lse=True))
     return out.float(), aux.lse.float()
@@ -237,7 +237,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: t
         if kernel == "flex":
             masks = plan["masks"]
             if t not in masks:
-                masks[t] = _block_mask(*args[3:7])
+                masks[t] = block_mask(*args[3:7])
             o, l = block_flex(*args, mask=masks[t])
         else:
             o, l = block_plain(*args)
