@@ -198,6 +198,34 @@ def test_a_batch_just_over_the_memory_runs_in_ragged_halves(one_thread) -> None:
     assert eng.placement == {"kv_layers_on_gpu": n, "kv_layers_in_host_memory": 0}
 
 
+def test_dynamic_rope_prompts_prefill_in_one_pass_as_generate_does(one_thread) -> None:  # noqa: ANN001
+    """Dynamic NTK rotates by each pass's longest position: the engine prefills such a prompt in one pass, from the
+    original frequencies, and decodes rows of equal length together, so every row gets what transformers' generate
+    gives it on a fresh model (chunked, one of these rows differed; and generate itself keeps the frequencies grown
+    for the longest prompt it saw)."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    cfg = make_tiny_model(VOCAB, window=32, seed=3).config
+    cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(cfg).eval()
+    fresh = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    for n in (50, 90, 70):  # the rows the first draws make (as in the check that found the difference)
+        torch.randint(1, VOCAB, (n,), generator=g)
+    rows = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in range(40, 120, 4)]
+    eng = Engine(model, prefill_chunk=16, stop_on_eos=False)
+    passes: list[int] = []
+    run = eng._run_decoder
+    eng._run_decoder = lambda ids, start, store: passes.append(ids.shape[1]) or run(ids, start, store)  # type: ignore[method-assign]
+    assert eng.generate(rows, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in rows]
+    assert sorted(p for p in passes if p > 1) == sorted(map(len, rows))  # one prefill pass per prompt length
+    assert eng.generate(rows[10:11], 8) == [_hf(copy.deepcopy(fresh), rows[10], 8)]  # after longer ones: the same
+    assert not eng.ragged and "one pass" in eng.describe()["prefill"]
+
+
 def test_hf_path_takes_ragged_batches(one_thread) -> None:  # noqa: ANN001
     model = _model()
     rows = _rows([8, 15, 8], seed=6)

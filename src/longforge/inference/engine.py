@@ -143,6 +143,23 @@ def share_worth(model: Any) -> Worth:
     return worth
 
 
+def dynamic_rope(model: Any) -> bool:
+    """Whether the model rescales RoPE by the longest position of each forward pass (dynamic NTK)."""
+    cfg = model.config
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return isinstance(params, dict) and params.get("rope_type") == "dynamic"
+
+
+def reset_dynamic_rope(model: Any) -> None:
+    """Put dynamic NTK rotary modules back to their original frequencies: transformers only grows them between calls,
+    so a prompt would otherwise be rotated for the longest prompt before it (its generate depends on what ran first)."""
+    for m in model.modules():
+        if "dynamic" in str(getattr(m, "rope_type", "")) and hasattr(m, "original_inv_freq"):
+            if getattr(m, "max_seq_len_cached", 0) > getattr(m, "original_max_seq_len", 0):
+                m.register_buffer("inv_freq", m.original_inv_freq.to(m.inv_freq.device), persistent=False)
+                m.max_seq_len_cached = m.original_max_seq_len
+
+
 def supports_longforge_path(model: Any) -> bool:
     """True for decoders whose every layer is plain full attention reached through transformers' attention interface."""
     cfg = model.config
@@ -217,7 +234,11 @@ class Engine:
         self.stop_ids = eos_ids(model) if stop_on_eos else set()
         self.cache_kw = cache_keyword(model)  # read once: the signature does not change while the engine lives
         self.pool = HostPool()
-        self.ragged = ragged  # prompts of different lengths decode together (else in groups of equal length)
+        # Dynamic NTK rotates by the longest position of each forward pass: a prompt prefilled in chunks, or decoded
+        # beside longer rows, would be rotated otherwise than transformers' generate rotates it (the whole prompt in
+        # one pass, then each new token at the row's own length). Such models prefill in one pass, rows of equal length.
+        self.one_pass = dynamic_rope(model)
+        self.ragged = ragged and not self.one_pass  # prompts of different lengths decode together (else equal lengths)
         self.cuda_graphs: GraphMode = cuda_graphs
         self.sync_every = sync_every
         self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse else None
@@ -248,7 +269,16 @@ class Engine:
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "ragged": self.ragged, "sync_every": self.sync_every, "prefix_reuse": self.prefix_min,
                 "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "cuda_graphs": self._graphs_described(),
-                "kv_shards": self.kv_shards, **self._shards_described()}
+                "kv_shards": self.kv_shards, **self._shards_described(),
+                **({"prefill": "one pass (dynamic RoPE), rows of equal length together"} if self.one_pass else {})}
+
+    def _span(self, n: int) -> int:
+        """Positions per prefill pass of an n-token prompt: the chunk, or (dynamic RoPE, its frequencies reset first
+        so the prompt is rotated for its own length) all of them."""
+        if not self.one_pass:
+            return self.prefill_chunk
+        reset_dynamic_rope(self.model)
+        return n
 
     def _shards_described(self) -> dict[str, Any]:
         """Which prompts ran with their keys and values sharded over processes (nothing when none did)."""
@@ -622,8 +652,9 @@ class Engine:
         with self._attached(store):
             t0 = self._sync()
             h = None
-            for start in range(0, n, self.prefill_chunk):
-                h = self._run_decoder(prompts[:, start:start + self.prefill_chunk], start, store)
+            span = self._span(n)
+            for start in range(0, n, span):
+                h = self._run_decoder(prompts[:, start:start + span], start, store)
             assert h is not None
             state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
             state.start(agree(head(h[:, -1]).argmax(-1)))
@@ -663,8 +694,9 @@ class Engine:
         cache = DynamicCache(config=model.config)
         t0 = self._sync()
         logits = None
-        for start in range(0, n, self.prefill_chunk):
-            chunk = prompts[:, start:start + self.prefill_chunk]
+        span = self._span(n)
+        for start in range(0, n, span):
+            chunk = prompts[:, start:start + span]
             logits = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
         assert logits is not None
         state = DecodeState(b, max_new_tokens, self.device, self.stop_ids)
@@ -694,7 +726,7 @@ class Engine:
         n = ids.shape[1]
         first_target = 1 if score_last is None else max(1, n - score_last)
         head = self.model.get_output_embeddings()
-        if self.path != "longforge" or n <= self.prefill_chunk:
+        if self.path != "longforge" or n <= self._span(n):
             h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
             return _nll_part(h, ids, 0, first_target, head, chunked_lm_loss)
         store = self._store(n)
