@@ -83,7 +83,7 @@ say "model: $MODEL"
 
 # 4. Results of earlier calls (rows, failures, LongRecipe's profile): never overwrite what this machine holds.
 if [ -d "benchmarks/results/lab_real/${FACTOR}x" ]; then
-  copy_new "benchmarks/results/lab_real/${FACTOR}x" "$LAB_DIR" -path './seed*'
+  copy_new "benchmarks/results/lab_real/${FACTOR}x" "$LAB_DIR" "${ROWS[@]}"
   say "imported earlier results from benchmarks/results/lab_real/${FACTOR}x"
 fi
 

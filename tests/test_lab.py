@@ -246,3 +246,27 @@ def test_prose_share_is_cut_to_what_the_corpus_holds_for_every_arm() -> None:
     for name, spec in specs.items():  # the same mix in every arm; ProLong's long share grows to match it
         assert [s["weight"] for s in spec["sources"]] == [0.86, 0.14], name
     assert specs["prolong"]["long_share"] == 0.86 and specs["prolong"]["plan"] == "long_short_mix"
+
+
+def test_longrecipe_uses_the_carried_impactful_profile_in_another_lab_folder(tmp_path: Path, tiny_base: Path,
+                                                                             one_thread: None) -> None:
+    """The analysis runs right after the Fu et al. arm; a later call elsewhere (another machine's lab folder) gets only
+    the small results (rows, the profile) and runs LongRecipe from them, without Fu et al.'s checkpoint."""
+    import shutil
+
+    from longforge.lab.run import run_lab
+
+    corpus = _corpus(tmp_path)
+    common = dict(device="cpu", profile_name="tiny", seeds=[0], base=tiny_base, data=corpus, factor=2, tokens=1024)
+    first = tmp_path / "lab-a"
+    run_lab(first, arm_names=["fu"], **common)
+    assert (first / "seed0" / "impactful" / "profile.json").is_file()
+    second = tmp_path / "lab-b"
+    for f in [*first.glob("seed0/*/rows.json"), *(first / "seed0" / "impactful").rglob("*")]:
+        if f.is_file():
+            (second / f.parent.relative_to(first)).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, second / f.relative_to(first))
+    run_lab(second, arm_names=["longrecipe"], **common)
+    rows = [r["row"] for r in json.loads((second / "results.json").read_text())["rows"]]
+    assert rows == ["fu", "longrecipe", "longrecipe+replay", "longrecipe+replay+merge"]
+    assert not (second / "seed0" / "fu" / "train").exists()  # Fu et al. was not trained again

@@ -263,7 +263,8 @@ def curves(rows: list[dict[str, Any]], window: int, target: int, path: Path) -> 
         ax.set_xlabel("length (tokens)")
         if title == "perplexity":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
+    if by:
+        axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"lab: window {window} -> {target} (dotted lines); dashed = no training")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -258,9 +258,12 @@ def impactful_profile(profile: LabProfile, assets: dict[str, Any], extended: Pat
         paths = write_profile(prof, out)
         return {"selected": prof.selected, "rows": prof.rows[:8], "json": str(paths["json"])}
 
+    # Keyed by the analysed checkpoint's place in the seed folder, not its absolute path, and the profile found beside
+    # the record: a later call on another machine (another lab folder) uses the carried profile as it is.
+    where = extended.relative_to(out.parent).as_posix() if extended.is_relative_to(out.parent) else str(extended)
     rec = run_stage(f"lab/impactful-token analysis (base vs {extended.parents[2].name} full-length)", out,
-                    fingerprint(["impactful", str(extended), profile.analysis_texts, profile.target]), do)
-    return Path(rec["json"])
+                    fingerprint(["impactful", where, profile.analysis_texts, profile.target]), do)
+    return out / Path(rec["json"]).name
 
 
 def zero_shot_model(profile: LabProfile, assets: dict[str, Any], arm: Arm, out: Path) -> Path:
