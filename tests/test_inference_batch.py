@@ -198,7 +198,8 @@ def test_a_batch_just_over_the_memory_runs_in_ragged_halves(one_thread) -> None:
     assert eng.placement == {"kv_layers_on_gpu": n, "kv_layers_in_host_memory": 0}
 
 
-def test_dynamic_rope_prompts_prefill_in_one_pass_as_generate_does(one_thread) -> None:  # noqa: ANN001
+def test_dynamic_rope_prompts_prefill_in_one_pass_as_generate_does(monkeypatch: pytest.MonkeyPatch,
+                                                                   one_thread) -> None:  # noqa: ANN001
     """Dynamic NTK rotates by each pass's longest position: the engine prefills such a prompt in one pass, from the
     original frequencies, and decodes rows of equal length together, so every row gets what transformers' generate
     gives it on a fresh model (chunked, one of these rows differed; and generate itself keeps the frequencies grown
@@ -223,6 +224,14 @@ def test_dynamic_rope_prompts_prefill_in_one_pass_as_generate_does(one_thread) -
     assert eng.generate(rows, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in rows]
     assert sorted(p for p in passes if p > 1) == sorted(map(len, rows))  # one prefill pass per prompt length
     assert eng.generate(rows[10:11], 8) == [_hf(copy.deepcopy(fresh), rows[10], 8)]  # after longer ones: the same
+    # Equal lengths prefill together, at most PREFILL_BATCH_TOKENS per pass (one pass holds all its activations).
+    import longforge.inference.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_BATCH_TOKENS", 130)
+    same = [rows[5], rows[5][::-1], rows[5][1:] + rows[5][:1]]  # three rows of 60 tokens: two passes, 2 + 1 rows
+    passes.clear()
+    assert eng.generate(same, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in same]
+    assert [p for p in passes if p > 1] == [60, 60] and eng.last["groups"] == 2
     assert not eng.ragged and "one pass" in eng.describe()["prefill"]
 
 

@@ -511,6 +511,11 @@ class Engine:
         for i, r in enumerate(rows):
             groups.setdefault(len(r), []).append(i)
         parts = halves if halves is not None else list(groups.values())
+        if self.one_pass and halves is None:
+            # A one-pass prefill holds every row's activations at once: at most PREFILL_BATCH_TOKENS per pass (rows
+            # are independent, so fewer per group changes no token).
+            parts = [idx[i:i + per] for idx in parts for per in [max(1, PREFILL_BATCH_TOKENS // len(rows[idx[0]]))]
+                     for i in range(0, len(idx), per)]
         out: list[list[int]] = [[] for _ in rows]
         totals: dict[str, Any] = {}
         graphs = []
