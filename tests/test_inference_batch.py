@@ -232,6 +232,12 @@ def test_dynamic_rope_prompts_prefill_in_one_pass_as_generate_does(monkeypatch: 
     passes.clear()
     assert eng.generate(same, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in same]
     assert [p for p in passes if p > 1] == [60, 60] and eng.last["groups"] == 2
+    # Perplexity windows too: rotated for the window's own length, whatever ran before.
+    ids = torch.tensor([rows[3]])
+    total, count = eng.window_nll(ids)
+    with torch.no_grad():
+        ref = copy.deepcopy(fresh)(input_ids=ids, labels=ids).loss.item()
+    assert total / count == pytest.approx(ref, rel=1e-5)
     assert not eng.ragged and "one pass" in eng.describe()["prefill"]
 
 

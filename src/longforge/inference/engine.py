@@ -657,7 +657,8 @@ class Engine:
         with self._attached(store):
             t0 = self._sync()
             h = None
-            span = self._span(n)
+            # A sharded store is filled chunk by chunk over the processes (dynamic RoPE then rotates per chunk too).
+            span = self.prefill_chunk if sharded else self._span(n)
             for start in range(0, n, span):
                 h = self._run_decoder(prompts[:, start:start + span], start, store)
             assert h is not None
@@ -731,7 +732,8 @@ class Engine:
         n = ids.shape[1]
         first_target = 1 if score_last is None else max(1, n - score_last)
         head = self.model.get_output_embeddings()
-        if self.path != "longforge" or n <= self._span(n):
+        span = self._span(n)
+        if self.path != "longforge" or n <= span:
             h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
             return _nll_part(h, ids, 0, first_target, head, chunked_lm_loss)
         store = self._store(n)
