@@ -21,12 +21,13 @@ ROWS, SEQ = 4, 24
 class ShardedSource:
     """The same 4 rows per step for every layout, split over data-parallel ranks and micro-batches."""
 
-    def __init__(self, dp_rank: int, dp: int, micro: int):
-        self.dp_rank, self.dp, self.micro = dp_rank, dp, micro
+    def __init__(self, dp_rank: int, dp: int, micro: int, seed: int = 0):
+        self.dp_rank, self.dp, self.micro, self.seed = dp_rank, dp, micro, seed
 
     def batch(self, step: int, micro: int) -> Batch:
         first = (micro * self.dp + self.dp_rank) * self.micro
-        rows = [_packed([9, 6, SEQ - 15], 50, seed=1000 * step + r, counting=True) for r in range(first, first + self.micro)]
+        rows = [_packed([9, 6, SEQ - 15], 50, seed=self.seed + 1000 * step + r, counting=True)
+                for r in range(first, first + self.micro)]
         return Batch(*(torch.cat(c) for c in zip(*rows)))
 
 
@@ -41,9 +42,13 @@ def run(rank: int, world: int, sp: int, kv_heads: int, out: str, port: int) -> N
     layout = init_layout(sp=sp, device="cpu")
     dp = world // sp
     micro = ROWS // (2 * dp)
-    spec = StageSpec(steps=3, batch_size=micro, grad_accum=2, lr=3e-3, warmup_steps=1, save_every=2, sp=sp)
+    spec = StageSpec(steps=3, batch_size=micro, grad_accum=2, lr=3e-3, warmup_steps=1, save_every=2, sp=sp,
+                     val_every=2, val_batches=2)
     model = make_tiny_model(50, kv_heads=kv_heads)
-    train_model(model, ShardedSource(layout.dp_rank, dp, micro), spec, Path(out), layout.device, layout=layout)
+    # Held-out rows (other seeds): a validation global batch is micro-batch 0 of a step, half the rows, on every layout.
+    held = ShardedSource(layout.dp_rank, dp, micro, seed=500_000)
+    train_model(model, ShardedSource(layout.dp_rank, dp, micro), spec, Path(out), layout.device, layout=layout,
+                validation=held)
     if world > 1:
         torch.distributed.destroy_process_group()
 

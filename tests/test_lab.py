@@ -179,7 +179,13 @@ def test_lab_from_a_given_base_runs_two_arms_in_slices_and_lists_the_rest(tmp_pa
     # Passkey to 2x the target, perplexity on code and prose from a quarter of the window, RULER from half of it.
     assert max(map(int, ev["passkey"]["per_length"])) == 512 and "32" in ev["ppl"] and "32" in ev["ppl_prose"]
     assert res["rows"][1]["tokens"] >= 1024 and res["window"] == 128 and res["target"] == 256
+    # The budget curve: the held-out loss at the target length while training (tiny profile: 2 steps, each one),
+    # ending at the arm's tokens; a zero-shot arm has none.
+    curve = res["rows"][1]["val_curve"]
+    assert len(curve) == 2 and curve[-1][0] == res["rows"][1]["tokens"] and all(loss > 0 for _, loss in curve)
+    assert "val_curve" not in res["rows"][0]
     md = (out / "report" / "LAB.md").read_text()
+    assert "## The budget: held-out loss while training" in md and (out / "report" / "lab_budget.png").is_file()
     assert "| ultralong |" in md and "| yarn-0 |" in md and str(tiny_base) in md
     assert "## Retention at the original window" in md and "## Arms not run" in md
     assert "| prolong | 0 |" in md and "not run yet" in md

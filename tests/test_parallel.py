@@ -49,8 +49,11 @@ def test_layout_matches_single_process(reference: dict[int, Path], tmp_path: Pat
     _launch(world, sp, kv, tmp_path)
     ref, got = _log(reference[kv]), _log(tmp_path)
     assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["step"] for r in got if "val_loss" in r] == [2, 3]  # validation: every 2 steps and after the last
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        if "val_loss" in a:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["tokens"] == a["tokens"]
     wa = load_file(str(reference[kv] / "final" / "model.safetensors"))

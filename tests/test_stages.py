@@ -202,6 +202,27 @@ def test_stage_fingerprints_are_those_of_earlier_runs() -> None:
     }
     for fp, stage in expected.items():
         assert fingerprint(flat_settings(validate(AnyStageSpec, stage, "t"))) == fp, stage
+    # Validation changes no weight: a finished stage given val_data later stays finished.
+    with_val = {**expected["84fbd59855854f16"], "val_data": "/x/held", "val_every": 2, "val_batches": 8}
+    assert fingerprint(flat_settings(validate(AnyStageSpec, with_val, "t"))) == "84fbd59855854f16"
+
+
+def test_train_logs_the_loss_on_held_out_data(model_dir: Path, data_dir: Path, tmp_path: Path, one_thread) -> None:  # noqa: ANN001
+    """`longforge train --val-data`: every --val-every steps and after the last, the log's step record has val_loss;
+    a val_data that is not a data folder is refused in one sentence before any step."""
+    import json
+
+    res = CliRunner().invoke(app, ["train", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path / "t"),
+                                   "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu",
+                                   "--val-data", str(data_dir), "--val-every", "2", "--val-batches", "2"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 3] and all(r["val_loss"] > 0 for r in log[1:])
+    res = CliRunner().invoke(app, ["train", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path / "u"),
+                                   "--steps", "1", "--device", "cpu", "--val-data", str(tmp_path)])
+    assert isinstance(res.exception, LongforgeError)
+    assert str(res.exception).startswith(f"--val-data {tmp_path} is not a longforge data folder")
+    assert not (tmp_path / "u" / "log.jsonl").exists()
 
 
 def test_schema_choices_come_from_the_registries() -> None:

@@ -135,6 +135,38 @@ def test_loss_goes_down_and_final_checkpoint_loads(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
 
 
+class _HeldOut(_Source):
+    """Other rows than the training source's (their own seeds), several documents each."""
+
+    def rows(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [_packed([5, 11, self.seq - 16], self.vocab, seed=777_000 + 1000 * step + r) for r in range(4)]
+
+
+def test_validation_loss_is_each_held_out_document_scored_alone(tmp_path: Path) -> None:
+    """val_loss is logged every val_every steps and after the last; at the last step it is the final model's mean
+    next-token loss over the held-out batches, each document scored alone by plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    spec = StageSpec(steps=5, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=1, save_every=5, val_every=2,
+                     val_batches=2)
+    held = _HeldOut(50, 4)
+    res = train_model(make_tiny_model(50), _Source(50, 2), spec, tmp_path / "run", torch.device("cpu"), validation=held)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 4, 5]
+    final = AutoModelForCausalLM.from_pretrained(res.final).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(2):
+            ids, docs, _ = held.batch(i, 0).input_ids, held.batch(i, 0).doc_ids, None
+            for row, row_docs in zip(ids, docs):
+                for d in row_docs.unique():
+                    doc = row[row_docs == d][None]
+                    logits = final(input_ids=doc).logits[0, :-1]
+                    total += float(F.cross_entropy(logits, doc[0, 1:], reduction="sum"))
+                    count += doc.shape[1] - 1
+    assert log[-1]["val_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
 def test_interrupted_training_resumes_bitwise(tmp_path: Path) -> None:
     straight = make_tiny_model(50)
     train_model(straight, _Source(50, 2), _spec(), tmp_path / "a", torch.device("cpu"))

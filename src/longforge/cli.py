@@ -506,7 +506,8 @@ def train(
     if TRANSFORMS[transform].skips and not target_length:
         raise LongforgeError(f"--transform {transform} needs --target-length (the length the skipped positions should reach).")
     model = Checkpoint(model_dir)
-    flags = {"data": "--data", "sft.data": f"{where}: `sft.data`", "sft.chat_template": f"{where}: `sft.chat_template`"}
+    flags = {"data": "--data", "sft.data": f"{where}: `sft.data`", "sft.chat_template": f"{where}: `sft.chat_template`",
+             "val_data": "--val-data" if "val_data" in values else f"{where}: `val_data`"}
     if kind == "sft":
         if data is not None:
             raise LongforgeError("--data is for pretrain stages; an sft stage reads its conversations from `sft.data`.")

@@ -309,6 +309,12 @@ class PretrainStageSpec(TrainSpec, StageName):
     data: InputPath | None = Field(default=None, description="Packed data folder; the data stage's output when absent.")
     dataset: Literal["main", "replay"] = Field(
         default="main", description="Which set of the data stage to train on: the long data, or its replay set (short, contiguous positions).")
+    val_data: InputPath | None = Field(
+        default=None, description="A packed data folder of held-out sequences (`longforge data build`); its mean "
+        "next-token loss (contiguous positions, the stage's document masks) is logged as val_loss.")
+    val_every: int = Field(default=0, ge=0, description="With val_data: validate every this many steps and after the last (0: after the last only).")
+    val_batches: int = Field(default=4, gt=0, description="With val_data: global batches read per validation, the same "
+                             "ones every time (micro-batches of as many tokens as the training's).")
 
 
 class SFTStageSpec(TrainSpec, StageName):

@@ -34,6 +34,7 @@ class LabProfile:
     task_share: float = 0.3  # share of passkey/RULER-format documents in each extension corpus (0: natural text only)
     checkpoints: int = 2  # checkpoints per trained arm (a slice cut by a time limit resumes from the newest)
     pretrained: bool = False  # a given checkpoint as the base: window read from it, retention measured at the window
+    val_tokens: int = 0  # held-out tokens at the target length each trained arm's loss is validated on (0: none)
 
     @property
     def window(self) -> int:
@@ -107,13 +108,14 @@ BASE_PROFILES: dict[str, LabProfile] = {
     # CI-sized, for a tiny checkpoint on CPU.
     "tiny": replace(PROFILES["tiny"], name="base-tiny", ext_steps=2, ruler_lengths=(), ruler_tasks=("niah_single_1",),
                     ruler_max_new_tokens=16, passkey_depths=5, passkey_trials=1, ppl_docs=1, task_share=0.0,
-                    pretrained=True),
+                    pretrained=True, val_tokens=2048),
     # One H200 and SmolLM2-135M (8K): 8 x 32K tokens per step at 4x (~48K tokens/s), 4 x 64K at 8x.
     "cuda": LabProfile(
         name="base-cuda", base=replace(PROFILES["cuda"].base, window=8192, rope_theta=100000.0), factor=4,
         ext_steps=80, ext_batch=8, ext_lr=1e-4, ext_warmup=4, pool_docs=0, ext_task_docs=0, replay_fraction=0.1,
         passkey_lengths=0, passkey_depths=5, passkey_trials=4, ruler_lengths=(), ruler_samples=4, ruler_tasks=None,
         ruler_max_new_tokens=64, ppl_docs=4, analysis_texts=8, task_share=0.0, checkpoints=8, pretrained=True,
+        val_tokens=1 << 20,
     ),
 }
 

@@ -271,6 +271,45 @@ def curves(rows: list[dict[str, Any]], window: int, target: int, path: Path) -> 
     return path
 
 
+def budget_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The held-out loss at each validation of every trained arm (mean over seeds), columns by training tokens."""
+    by: dict[str, list[list[list[float]]]] = defaultdict(list)
+    for r in rows:
+        if r.get("val_curve"):
+            by[r["row"]].append(r["val_curve"])
+    if not by:
+        return [], []
+    points = max((c for cs in by.values() for c in cs), key=len)
+    head = ["row"] + [f"{t / 1e6:.1f}M tokens" for t, _ in points]
+    out = []
+    for name, curves in by.items():
+        cells = [f"{np.mean([c[i][1] for c in curves if i < len(c)]):.4f}" if any(i < len(c) for c in curves) else "-"
+                 for i in range(len(points))]
+        out.append([name, *cells])
+    return head, out
+
+
+def budget_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Held-out loss against training tokens, one line per trained row (None when no row has a curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(r["row"], r["val_curve"]) for r in rows if r.get("val_curve")]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in curves:
+        ax.plot([t / 1e6 for t, _ in c], [v for _, v in c], marker="o", markersize=3, label=name)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("held-out loss at the target length")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _train_seconds(rows: list[dict[str, Any]]) -> float:
     """Training time over all arms and seeds (a row's seconds include its earlier stages, so take each arm's last)."""
     last: dict[tuple[str, int], float] = {}
@@ -330,6 +369,13 @@ def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     if pretrained:
         rhead, rrows = retention_table(agg, w)
         extra += ["## Retention at the original window (against the base)", "", _md(rhead, rrows), ""]
+    bhead, brows = budget_table(rows)
+    if brows:
+        budget_plot(rows, out / "lab_budget.png")
+        extra += ["## The budget: held-out loss while training", "",
+                  "Loss on held-out code and prose packed at the target length (contiguous positions, each arm's own "
+                  "document masks), every eighth of the budget; where it flattens, more tokens stop paying.", "",
+                  _md(bhead, brows), "", "![budget](lab_budget.png)", ""]
     missing = results.get("not_run") or []
     if missing:
         extra += ["## Arms not run", "", _md(["arm", "seed", "what", "reason"],

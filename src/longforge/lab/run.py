@@ -173,6 +173,26 @@ def replay_spec(profile: LabProfile, assets: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "seq_len": profile.window}
 
 
+def validation_data(profile: LabProfile, assets: dict[str, Any], folder: Path) -> Path | None:
+    """Held-out code and prose (the training mix) packed at the target length, on which every trained arm's loss is
+    measured as it trains (the budget curve); None when the profile asks for none."""
+    if not profile.val_tokens:
+        return None
+    c = assets["corpus"]
+    p = assets["prose_share"]
+    spec = DataSpec.model_validate({
+        "sources": [{"name": "heldout-code", "path": str(c / "heldout_code.jsonl"), "domain": "code", "weight": round(1 - p, 3)},
+                    {"name": "heldout-prose", "path": str(c / "heldout_prose.jsonl"), "domain": "prose", "weight": p}],
+        "plan": "none", "token_budget": profile.val_tokens, "separator": "eos"})
+
+    def do() -> dict[str, Any]:
+        return DataStage(spec, folder).run(RunPlan(tokenizer=assets["tokenizer"], seq_len=profile.target, seed=0))
+
+    run_stage(f"lab/validation data ({profile.val_tokens:,} held-out tokens at {profile.target})", folder,
+              fingerprint([spec.model_dump(mode="json"), profile.target, assets["tok_fp"]]), do)
+    return folder
+
+
 def arm_recipe(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, device: str, data_dir: Path,
                profile_json: Path | None) -> dict[str, Any]:
     """The longforge recipe of one trained arm (its data folder built by the lab, shared where arms agree)."""
@@ -182,6 +202,9 @@ def arm_recipe(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int,
         "name": "extend", "steps": steps, "batch_size": batch, "lr": profile.ext_lr, "warmup_steps": profile.ext_warmup,
         "schedule": arm.schedule, "document_mask": arm.document_mask, "save_every": max(steps // profile.checkpoints, 1),
         "data": str(data_dir)}]
+    if assets.get("val") is not None:  # the loss on held-out text every eighth of the budget (one global batch's tokens each)
+        stages[0].update(val_data=str(assets["val"]), val_every=max(steps // profile.checkpoints, 1),
+                         val_batches=max(1, round(profile.val_tokens / profile.tokens_per_step)))
     if "replay" in arm.after:
         rbatch = max(profile.tokens_per_step // profile.window, 1)
         rsteps = max(round(profile.replay_fraction * profile.ext_steps), 1)
@@ -310,7 +333,9 @@ def arm_fingerprint(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed:
     # still match (their content is covered by the base's and the corpus's fingerprints).
     for key in ("side", "corpus"):
         text = text.replace(str(assets[key]), f"<{key}>")
-    return fingerprint([asdict(arm), asdict(profile), assets["base_record"]["fingerprint"], seed, text])
+    # Validation only reads: rows recorded before it existed (or with another val_tokens) stay valid.
+    settings = {k: v for k, v in asdict(profile).items() if k != "val_tokens"}
+    return fingerprint([asdict(arm), settings, assets["base_record"]["fingerprint"], seed, text])
 
 
 def recorded_rows(arm_dir: Path, fp: str) -> list[dict[str, Any]] | None:
@@ -389,8 +414,20 @@ def _run_arm(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int, s
         ev = evaluate_row(profile, assets, Path(done["final"]), arm_dir / f"eval-{st['name']}", seed, device, name,
                           done["fingerprint"])
         rows.append({"row": name, "arm": arm.name, "label": label, "seed": seed, "tokens": tokens,
-                     "train_seconds": round(seconds, 1), "eval_seconds": ev["seconds"], "eval": ev})
+                     "train_seconds": round(seconds, 1), "eval_seconds": ev["seconds"], "eval": ev,
+                     **({"val_curve": val_curve(arm_dir / "train" / st["name"] / "log.jsonl")} if st.get("val_data") else {})})
     return rows
+
+
+def val_curve(log: Path) -> list[list[float]]:
+    """[training tokens so far, held-out loss] at every validation a stage's step log recorded."""
+    out, tokens = [], 0
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        tokens += int(rec.get("tokens", 0))
+        if "val_loss" in rec:
+            out.append([tokens, float(rec["val_loss"])])
+    return out
 
 
 def select_arms(profile: LabProfile, names: list[str] | None) -> list[Arm]:
@@ -485,6 +522,7 @@ def run_lab(out: Path, device: str = "auto", profile_name: str = "auto", seeds: 
     else:
         assert data is not None
         assets = base_assets(Path(base), data, essays, out / "assets", profile.target, profile.tokens)
+        assets["val"] = validation_data(profile, assets, out / "assets" / f"val-{profile.target}")
     rows: list[dict[str, Any]] = []
     if not report_only:
         check_evaluation(profile, assets, seeds[0])

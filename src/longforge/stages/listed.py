@@ -14,6 +14,8 @@ from longforge.stages.base import Checkpoint, RunPlan, Stage
 
 # Settings added after that release, left out of the fingerprint while at these defaults.
 LATER_DEFAULTS: dict[str, Any] = {"sequence_parallel": "auto"}
+# Settings that change no weight (validation only reads): a finished stage stays finished when they change.
+READ_ONLY = ("val_data", "val_every", "val_batches")
 _UNSET = object()
 
 
@@ -32,7 +34,7 @@ def flat_settings(spec: Any) -> dict[str, Any]:
     unused training defaults included); a setting added later must be left out here while at its default.
     """
     settings = {**_flat_defaults(), **spec.model_dump(mode="json")}
-    return {k: v for k, v in settings.items() if LATER_DEFAULTS.get(k, _UNSET) != v}
+    return {k: v for k, v in settings.items() if LATER_DEFAULTS.get(k, _UNSET) != v and k not in READ_ONLY}
 
 
 @dataclass

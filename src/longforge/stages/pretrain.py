@@ -48,6 +48,9 @@ class PretrainStage(ListedStage, TrainingStage):
         if not own and not (Path(self.data) / "index.json").is_file():
             raise LongforgeError(f"{self.said('data')} {self.data} is not a longforge data folder; point it at the "
                                  "output of `longforge data build`, or build one.")
+        if spec.val_data is not None and not (Path(spec.val_data) / "index.json").is_file():
+            raise LongforgeError(f"{self.said('val_data')} {spec.val_data} is not a longforge data folder; point it at "
+                                 "held-out text built by `longforge data build`, or leave val_data out.")
         transform = TRANSFORMS.pick(self.transform(plan))
         # A named folder's length is checked when its batches are made (before any step), against its index.
         if own and transform.skips and plan.seq_len and plan.target_length and plan.seq_len > plan.target_length:
@@ -76,6 +79,23 @@ class PretrainStage(ListedStage, TrainingStage):
         return PackedBatches(ds, spec.batch_size, spec.grad_accum, plan.seed, transform.name,
                              plan.target_length or ds.seq_len, spec.document_mask, rank=layout.dp_rank,
                              world=layout.dp, sentence_ends=ends)
+
+    def validation(self, plan: RunPlan, layout: Any) -> Any:
+        """val_data's sequences with contiguous positions and the stage's document masks, this process's share of
+        each global batch (micro-batches of as many tokens as the training's), or None without val_data."""
+        from longforge.data.verify import check_data_for_model
+        from longforge.train.batches import PackedBatches
+
+        spec = self.spec
+        if spec.val_data is None:
+            return None
+        ds = check_data_for_model(spec.val_data, self.model.path)
+        if layout.sp > 1 and ds.seq_len % (2 * layout.sp):
+            raise LongforgeError(f"{self.said('val_data')} {spec.val_data} holds sequences of {ds.seq_len} tokens, which "
+                                 f"sequence-parallel degree {layout.sp} cannot split; pack it at a multiple of {2 * layout.sp}.")
+        rows = max(1, spec.batch_size * check_data_for_model(self.data, self.model.path).seq_len // ds.seq_len)
+        return PackedBatches(ds, rows, 1, plan.seed, "contiguous", ds.seq_len, spec.document_mask,
+                             rank=layout.dp_rank, world=layout.dp, order="shuffle")
 
 
 KIND = StageKind("pretrain", PretrainStage, "train/<name>", "continual pretraining on packed long sequences")

@@ -21,6 +21,10 @@ class TrainingStage(Stage):
         """The batch source (longforge.train.batches.BatchSource) for this process's part of the data."""
         raise NotImplementedError
 
+    def validation(self, plan: RunPlan, layout: Any) -> Any:
+        """Held-out batches scored while training (a BatchSource), or None: the kind's choice."""
+        return None
+
     def load(self, plan: RunPlan) -> Any:
         """The model to train, on the CPU (the training loop places and shards it)."""
         from longforge.hf import load_model
@@ -36,7 +40,8 @@ class TrainingStage(Stage):
 
         layout = plan.layout(self.spec.sp)
         source = self.batches(plan, layout)  # first: its inputs are checked against the model before it is loaded
+        validation = self.validation(plan, layout)
         model = self.load(plan)
         res = train_model(model, source, self.spec, self.folder, layout.device, tokenizer_from=self.model_path(),
-                          label=self.label or self.title, layout=layout)
+                          label=self.label or self.title, layout=layout, validation=validation)
         return {"final": str(res.final), "steps": res.steps, "last_loss": res.last_loss, "tokens": res.tokens}

@@ -51,10 +51,13 @@ def old_train_folder(folder: Path) -> bool:
 
 
 def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, device: torch.device,
-                tokenizer_from: Path | None = None, label: str = "train", layout: Layout | None = None) -> TrainResult:
+                tokenizer_from: Path | None = None, label: str = "train", layout: Layout | None = None,
+                validation: BatchSource | None = None) -> TrainResult:
     """Train for spec.steps, resuming from the newest checkpoint in out/checkpoints; export out/final.
 
     `out` is claimed (a folder of user files is refused) and locked while training, so two runs never mix in it.
+    With `validation`, its first spec.val_batches global batches are scored every spec.val_every steps and after the
+    last (the step's log record gets val_loss).
     """
     layout = layout or Layout.single(device)
     out = Path(out)
@@ -64,14 +67,14 @@ def train_model(model: Any, source: BatchSource, spec: StageSpec, out: Path, dev
         lock = FolderLock(out, "training output folder").acquire()
     try:
         layout.barrier()
-        return _train(model, source, spec, out, tokenizer_from, label, layout)
+        return _train(model, source, spec, out, tokenizer_from, label, layout, validation)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(model: Any, source: BatchSource, spec: StageSpec, out: Path, tokenizer_from: Path | None, label: str,
-           layout: Layout) -> TrainResult:
+           layout: Layout, validation: BatchSource | None = None) -> TrainResult:
     """train_model's work, in a folder it holds: resume point, preparation, the steps, the export."""
     ck_dir = out / "checkpoints"
     records = current_records(spec, getattr(model, "_lf_source_dir", None), tokenizer_from)
@@ -115,6 +118,9 @@ def _train(model: Any, source: BatchSource, spec: StageSpec, out: Path, tokenize
                     "Lower the learning rate or check the data.")
             tokens_done += rec["tokens"]
             last_loss = rec["loss"]
+            every = getattr(spec, "val_every", 0) or spec.steps
+            if validation is not None and ((step + 1) % every == 0 or step + 1 == spec.steps):
+                rec["val_loss"] = round(_validate(training, validation, getattr(spec, "val_batches", 4)), 5)
             log.write(rec)
             bar.update(task, advance=1, description=f"{label}: loss {last_loss:.3f}")
             if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
@@ -223,6 +229,21 @@ def _train_step(training: TrainingModel, optimizer: torch.optim.Optimizer, sourc
         rec["mfu"] = round(flops_per_token(training.net.lm.config, attention_context(docs)) * n_tok / dt / (peak * layout.world), 4)
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(layout.device) / 2**30, 2)
     return rec
+
+
+@torch.no_grad()
+def _validate(training: TrainingModel, source: BatchSource, batches: int) -> float:
+    """Mean next-token loss over the first `batches` global batches of a held-out source (the same every time),
+    normalised as the training loss is: every target token of every process counted once."""
+    layout = training.layout
+    total = torch.zeros((), device=layout.device)
+    weight = torch.zeros((), device=layout.device)
+    for i in range(batches):
+        b = source.batch(i, 0).to(layout.device)
+        labels, w = targets(b)
+        total += training.micro_loss(b, labels, w).detach().float()
+        weight += w.sum() / layout.sp  # sequence-parallel ranks hold the same rows
+    return float(all_reduce_sum(total, layout) / all_reduce_sum(weight, layout))
 
 
 def _clip(net: torch.nn.Module, max_norm: float) -> float:
