@@ -543,3 +543,28 @@ def test_the_batch_budget_depends_on_the_model_not_on_what_the_allocator_holds(m
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: pytest.fail("read the allocator"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert eng.batch_tokens_budget() == int(0.5 * (2.0 * 2**30 - weights) / eng._kv_bytes_per_token())
+
+
+def test_a_cache_is_placed_in_what_the_device_has_free_beside_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers stay on the GPU only as far as the budget and the device's free memory allow: another process on the
+    same GPU (the lab runs several) holds memory that the budget, a share of the whole device, does not see."""
+    model = _model()
+    eng = Engine(model, stop_on_eos=False)
+    eng.device = torch.device("cuda")
+    n = model.config.num_hidden_layers
+    per_token = eng._kv_bytes_per_token()
+    capacity, rows = 1000, 4
+    need = rows * capacity * per_token
+    work = eng._work_bytes(capacity, rows)
+    monkeypatch.setattr(eng, "_budget", lambda: 10 * (need + work))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (2 * (need + work), 80 * 2**30))
+    assert eng._resident_layers(capacity, rows) == n  # the device has room: every layer
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (work + need // 2, 80 * 2**30))
+    from longforge.inference.kv import resident_layers
+
+    # Others hold the rest: only what fits in half the cache stays (for 2 layers and 2 staging slots, none).
+    assert eng._resident_layers(capacity, rows) == resident_layers(n, need // n, need // 2) < n
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: need)  # our own cached blocks count as free
+    assert eng._resident_layers(capacity, rows) == n

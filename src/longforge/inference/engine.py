@@ -322,9 +322,13 @@ class Engine:
         return self._resident_layers(capacity, batch) if resident is None else resident
 
     def _resident_layers(self, capacity: int, batch: int) -> int:
-        """How many layers' caches fit on the GPU under the memory budget next to the weights and one chunk's work."""
+        """How many layers' caches fit on the GPU under the memory budget next to the weights and one chunk's work,
+        and in what the device has free now (other processes may share it: the lab runs several per GPU)."""
         per_layer = batch * capacity * self._kv_bytes_per_token() // self.model.config.num_hidden_layers
-        free = self._budget() - torch.cuda.memory_allocated(self.device) - self._work_bytes(capacity, batch)
+        work = self._work_bytes(capacity, batch)
+        allocated = torch.cuda.memory_allocated(self.device)
+        device_free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - allocated
+        free = min(self._budget() - allocated, device_free) - work
         return resident_layers(self.model.config.num_hidden_layers, per_layer, free)
 
     def _kv_bytes_per_token(self) -> int:
