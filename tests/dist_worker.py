@@ -125,11 +125,14 @@ class RingSource:
     """The same 4 packed rows per step for every layout (documents crossing every shard boundary, positions
     restarting per document), as 2 micro-batches of 2 rows."""
 
+    def __init__(self, seed: int = 0):
+        self.seed = seed  # another seed: held-out rows for validation
+
     def batch(self, step: int, micro: int) -> Batch:
         rows = range(2 * micro, 2 * micro + 2)
-        g = torch.Generator().manual_seed(100 * step + micro)
+        g = torch.Generator().manual_seed(self.seed + 100 * step + micro)
         ids = torch.randint(1, 50, (2, RING_SEQ), generator=g)
-        docs = torch.cat([ring_docs(1, RING_SEQ, 1000 * step + r) for r in rows])
+        docs = torch.cat([ring_docs(1, RING_SEQ, self.seed + 1000 * step + r) for r in rows])
         new = torch.ones_like(docs, dtype=torch.bool)
         new[:, 1:] = docs[:, 1:] != docs[:, :-1]
         pos = torch.arange(RING_SEQ).expand(2, -1) - torch.cummax(torch.where(new, torch.arange(RING_SEQ), 0), 1).values
@@ -153,9 +156,9 @@ def ring_train(rank: int, world: int, sp: int, out: str, port: int, kind: str) -
     for name, heads, kv, hidden in RING_MODELS:
         for mask in (True, False):
             spec = StageSpec(steps=RING_STEPS, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=1,
-                             save_every=RING_STEPS, sp=sp, document_mask=mask, sequence_parallel=kind)
+                             save_every=RING_STEPS, sp=sp, document_mask=mask, sequence_parallel=kind, val_batches=2)
             model = make_tiny_model(50, kv_heads=kv, heads=heads, hidden=hidden)
             folder = Path(out) / f"{name}-{'docs' if mask else 'causal'}"
-            train_model(model, RingSource(), spec, folder, layout.device, layout=layout)
+            train_model(model, RingSource(), spec, folder, layout.device, layout=layout, validation=RingSource(50_000))
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -142,6 +142,8 @@ def test_ring_training_matches_one_process(reference: Path, tmp_path: Path, sp: 
         for mask in ("docs", "causal"):
             ref, got = _log(reference / f"{name}-{mask}"), _log(tmp_path / f"{name}-{mask}")
             assert [r["step"] for r in got] == list(range(1, RING_STEPS + 1))
+            assert "val_loss" in got[-1] and "val_loss" in ref[-1]  # validation after the last step, ring-sharded too
+            assert got[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5, abs=1e-6), (name, mask)
             for a, b in zip(ref, got):
                 assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (name, mask)
                 assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, mask)
