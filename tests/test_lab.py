@@ -276,3 +276,15 @@ def test_longrecipe_uses_the_carried_impactful_profile_in_another_lab_folder(tmp
     rows = [r["row"] for r in json.loads((second / "results.json").read_text())["rows"]]
     assert rows == ["fu", "longrecipe", "longrecipe+replay", "longrecipe+replay+merge"]
     assert not (second / "seed0" / "fu" / "train").exists()  # Fu et al. was not trained again
+
+
+def test_the_budget_reading_names_the_best_arm_and_its_last_quarter() -> None:
+    from longforge.lab.report import budget_reading, last_quarter
+
+    flat = [[1e6, 2.0], [2e6, 1.6], [3e6, 1.5], [4e6, 1.47]]  # 3/4 of 4M is 3M: 1.5 -> 1.47, -2%
+    assert last_quarter(flat) == pytest.approx(-0.02)
+    assert last_quarter([[1e6, 2.0]]) is None
+    rows = [{"row": "a", "val_curve": flat}, {"row": "b", "val_curve": [[1e6, 2.1], [4e6, 1.9]]}, {"row": "c"}]
+    text = budget_reading(rows)
+    assert text.startswith("The lowest held-out loss at the end is a's (1.4700 after 4.0M tokens)") and "-2.0%" in text
+    assert budget_reading([{"row": "c"}]) == ""

@@ -289,6 +289,29 @@ def budget_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     return head, out
 
 
+def last_quarter(curve: list[list[float]]) -> float | None:
+    """Relative change of the held-out loss over the last quarter of the budget (from the validation nearest 3/4 of
+    the tokens to the last); None for a curve too short to say."""
+    if len(curve) < 2:
+        return None
+    end_tokens, end_loss = curve[-1]
+    start = min(curve[:-1], key=lambda p: abs(p[0] - 0.75 * end_tokens))
+    return (end_loss - start[1]) / start[1]
+
+
+def budget_reading(rows: list[dict[str, Any]]) -> str:
+    """One sentence on where more tokens stop paying: the arm with the lowest final held-out loss, and how much that
+    loss still moved over the last quarter of its budget."""
+    curves = [(r["row"], r["val_curve"]) for r in rows if len(r.get("val_curve") or []) >= 2]
+    if not curves:
+        return ""
+    name, best = min(curves, key=lambda c: c[1][-1][1])
+    change = last_quarter(best)
+    assert change is not None
+    return (f"The lowest held-out loss at the end is {name}'s ({best[-1][1]:.4f} after {best[-1][0] / 1e6:.1f}M tokens); "
+            f"over the last quarter of its budget it changed by {100 * change:+.1f}%.")
+
+
 def budget_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Held-out loss against training tokens, one line per trained row (None when no row has a curve)."""
     import matplotlib
@@ -375,7 +398,7 @@ def write_lab_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
         extra += ["## The budget: held-out loss while training", "",
                   "Loss on held-out code and prose packed at the target length (contiguous positions, each arm's own "
                   "document masks), every eighth of the budget; where it flattens, more tokens stop paying.", "",
-                  _md(bhead, brows), "", "![budget](lab_budget.png)", ""]
+                  _md(bhead, brows), "", budget_reading(rows), "", "![budget](lab_budget.png)", ""]
     missing = results.get("not_run") or []
     if missing:
         extra += ["## Arms not run", "", _md(["arm", "seed", "what", "reason"],
