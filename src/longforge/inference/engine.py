@@ -272,9 +272,9 @@ class Engine:
                 "kv_shards": self.kv_shards, **self._shards_described(),
                 **({"prefill": "one pass (dynamic RoPE), rows of equal length together"} if self.one_pass else {})}
 
-    def _span(self, n: int) -> int:
-        """Positions per prefill pass of an n-token prompt: the chunk, or (dynamic RoPE, its frequencies reset first
-        so the prompt is rotated for its own length) all of them."""
+    def _prefill_span(self, n: int) -> int:
+        """Positions per prefill pass of an n-token prompt about to be prefilled: the chunk, or (dynamic RoPE, whose
+        frequencies this resets, so the prompt is rotated for its own length) all of them."""
         if not self.one_pass:
             return self.prefill_chunk
         reset_dynamic_rope(self.model)
@@ -484,7 +484,6 @@ class Engine:
             if self._graphed is not None or self._resident(capacity, len(rows)) == n_layers:
                 self.placement = {"kv_layers_on_gpu": n_layers, "kv_layers_in_host_memory": 0}
                 return self._generate_ragged(batch, max_new_tokens, stop, capacity, width, key)
-            self.release()
             if self.kv_cache == "auto" and len(rows) > 1 and self._resident(capacity, -(-len(rows) // 2)) == n_layers:
                 # A cache rounded up for its graph can pass the budget the caller cut the batch by: two ragged halves
                 # (shorter and longer prompts) cost far less than one equal-length group per distinct length.
@@ -662,7 +661,7 @@ class Engine:
             t0 = self._sync()
             h = None
             # A sharded store is filled chunk by chunk over the processes (dynamic RoPE then rotates per chunk too).
-            span = self.prefill_chunk if sharded else self._span(n)
+            span = self.prefill_chunk if sharded else self._prefill_span(n)
             for start in range(0, n, span):
                 h = self._run_decoder(prompts[:, start:start + span], start, store)
             assert h is not None
@@ -704,7 +703,7 @@ class Engine:
         cache = DynamicCache(config=model.config)
         t0 = self._sync()
         logits = None
-        span = self._span(n)
+        span = self._prefill_span(n)
         for start in range(0, n, span):
             chunk = prompts[:, start:start + span]
             logits = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}).logits
@@ -736,7 +735,7 @@ class Engine:
         n = ids.shape[1]
         first_target = 1 if score_last is None else max(1, n - score_last)
         head = self.model.get_output_embeddings()
-        span = self._span(n)
+        span = self._prefill_span(n)
         if self.path != "longforge" or n <= span:
             h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
             return _nll_part(h, ids, 0, first_target, head, chunked_lm_loss)

@@ -128,17 +128,22 @@ def retrieval_source(profile: LabProfile, assets: dict[str, Any], max_length: in
     return folder / "retrieval.jsonl"
 
 
+def mix_sources(assets: dict[str, Any], code_name: str, prose_name: str, prefix: str) -> list[dict[str, Any]]:
+    """A given base's two domains as data sources, weighted by the lab's mix: the corpus folder's `<prefix>code.jsonl`
+    and `<prefix>prose.jsonl` (prefix "heldout_" for the held-out packages)."""
+    c, p = assets["corpus"], assets["prose_share"]
+    return [{"name": code_name, "path": str(c / f"{prefix}code.jsonl"), "domain": "code", "weight": round(1 - p, 3)},
+            {"name": prose_name, "path": str(c / f"{prefix}prose.jsonl"), "domain": "prose", "weight": p}]
+
+
 def corpus_sources(profile: LabProfile, assets: dict[str, Any], arm: Arm, seq: int) -> list[dict[str, Any]]:
     """The extension corpus's sources: the lab's own (code repositories, short text, task documents), or for a given
     base the corpus folder's code repositories (60%) and prose (40%), long and short roles for ProLong's mix."""
     c = assets["corpus"]
     if profile.pretrained:
         roles = arm.data.get("plan") == "long_short_mix"
-        p = assets["prose_share"]
-        return [{"name": "code-repositories", "path": str(c / "code.jsonl"), "domain": "code", "weight": round(1 - p, 3),
-                 **({"role": "long"} if roles else {})},
-                {"name": "prose", "path": str(c / "prose.jsonl"), "domain": "prose", "weight": p,
-                 **({"role": "short"} if roles else {})}]
+        code, prose = mix_sources(assets, "code-repositories", "prose", "")
+        return [{**code, **({"role": "long"} if roles else {})}, {**prose, **({"role": "short"} if roles else {})}]
     return [{"name": "code-repositories", "path": str(c / "long.jsonl"), "domain": "code", "weight": 0.6},
             {"name": "modules-docstrings", "path": str(c / "short.jsonl"), "domain": "text", "weight": 0.1},
             {"name": "tasks", "path": str(retrieval_source(profile, assets, seq)), "domain": "tasks",
@@ -157,7 +162,8 @@ def data_spec(profile: LabProfile, assets: dict[str, Any], arm: Arm, seq: int, p
     if profile.pretrained:  # the same tokens for every arm: a real corpus holds far more than one arm trains on
         spec["token_budget"] = profile.tokens + 8 * seq
         if spec["plan"] == "long_short_mix":  # ProLong's short share is the prose; no more than the corpus gives
-            spec["long_share"] = max(spec.get("long_share", 0.6), round(1 - assets["prose_share"], 3))
+            spec["long_share"] = max(spec.get("long_share", DataSpec.model_fields["long_share"].default),
+                                     round(1 - assets["prose_share"], 3))
     if arm.sentences is not None:
         spec["sentence_filter"] = {"method": arm.sentences, "budget_fraction": 0.3, "min_document_tokens": 64,
                                    "sources": [s["name"] for s in sources[:2]],
@@ -178,12 +184,8 @@ def validation_data(profile: LabProfile, assets: dict[str, Any], folder: Path) -
     measured as it trains (the budget curve); None when the profile asks for none."""
     if not profile.val_tokens:
         return None
-    c = assets["corpus"]
-    p = assets["prose_share"]
-    spec = DataSpec.model_validate({
-        "sources": [{"name": "heldout-code", "path": str(c / "heldout_code.jsonl"), "domain": "code", "weight": round(1 - p, 3)},
-                    {"name": "heldout-prose", "path": str(c / "heldout_prose.jsonl"), "domain": "prose", "weight": p}],
-        "plan": "none", "token_budget": profile.val_tokens, "separator": "eos"})
+    spec = DataSpec.model_validate({"sources": mix_sources(assets, "heldout-code", "heldout-prose", "heldout_"),
+                                    "plan": "none", "token_budget": profile.val_tokens, "separator": "eos"})
 
     def do() -> dict[str, Any]:
         return DataStage(spec, folder).run(RunPlan(tokenizer=assets["tokenizer"], seq_len=profile.target, seed=0))

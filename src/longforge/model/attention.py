@@ -164,18 +164,16 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tens
     global _flex_compiled
     if _flex_compiled is None:
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    b, _, s, _ = q.shape
-    if doc_ids is None:
-        doc_ids = torch.zeros(b, s, dtype=torch.long, device=q.device)
+    s = q.shape[2]
 
     def make() -> Any:
         # From per-block ranges: create_block_mask first builds the dense B x S x S mask (its int64 index
-        # intermediates were 128 GiB for 4 rows of 64K tokens).
+        # intermediates were 128 GiB for 4 rows of 64K tokens). Without documents: causal only, for every row.
         pos = torch.arange(s, device=q.device)
-        docs = doc_ids.to(q.device)
+        docs = doc_ids.to(q.device) if doc_ids is not None else None
         return block_mask(pos, pos, docs, docs)
 
-    block = per_batch("flex", doc_ids, make)
+    block = per_batch("flex", doc_ids, make, s, str(q.device))
     return _flex_compiled(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 

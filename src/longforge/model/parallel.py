@@ -98,8 +98,6 @@ def init_layout(sp: int = 1, device: str = "auto") -> Layout:
     return Layout(world, rank, dp, sp, dev, world_mesh, mesh.get_group("sp") if sp > 1 else None)
 
 
-
-
 def ulysses_refusal(config: Any, sp: int) -> str | None:
     """Why Ulysses cannot split the model's heads over `sp` ranks (None when it can)."""
     heads = config.num_attention_heads
