@@ -149,6 +149,16 @@ def build(roots: list[Path], out: Path, tokenizer: Any = None, heldout_every: in
     files = {k: (out / f"{k}.jsonl").open("w") for k in ("code", "prose", "heldout_code", "heldout_prose")}
     stats: dict[str, dict[str, int]] = {k: {"documents": 0, "characters": 0, "tokens": 0} for k in files}
     held: list[str] = []
+    pending: list[tuple[str, str]] = []  # (file key, text) whose tokens are not counted yet
+
+    def count() -> None:
+        # One batched call: the fast tokenizer encodes a batch on all cores (one document at a time used one core).
+        if tokenizer is not None and pending:
+            ids = tokenizer([t for _, t in pending], add_special_tokens=False)["input_ids"]
+            for (key, _), row in zip(pending, ids):
+                stats[key]["tokens"] += len(row)
+        pending.clear()
+
     try:
         for name, where in packages(roots).items():
             code, prose = package_documents(name, where, max_chars, file_limit)
@@ -163,8 +173,10 @@ def build(roots: list[Path], out: Path, tokenizer: Any = None, heldout_every: in
                 s = stats[key]
                 s["documents"] += 1
                 s["characters"] += len(text)
-                if tokenizer is not None:
-                    s["tokens"] += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                pending.append((key, text))
+                if len(pending) >= 32:
+                    count()
+        count()
     finally:
         for fh in files.values():
             fh.close()
