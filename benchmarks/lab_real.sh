@@ -135,6 +135,10 @@ fi
 for folder in "$LAB_DIR".g*; do
   [ -d "$folder" ] || continue
   copy_new "$folder" "$LAB_DIR" "${ROWS[@]}"
+  # An arm that failed in an earlier call and has rows now: the imported failure is stale (the report already
+  # prefers rows; the archive must not carry both).
+  (cd "$folder" && find . -path './seed*' -name rows.json) | while read -r r; do
+    d=$(dirname "$r"); [ -f "$folder/$d/failed.json" ] || rm -f "$LAB_DIR/$d/failed.json"; done
   # Training logs grow while a group runs: always the newest.
   (cd "$folder" && find . "${LOGS[@]}" -type f -print0 | tar cf - --null -T -) | (cd "$LAB_DIR" && tar xf -)
 done
