@@ -283,7 +283,7 @@ def test_fused_decoding_kernels_go_in_while_decoding_and_out_after(monkeypatch: 
     for phase, k in kernels.items():
         for name in calls[phase]:
             setattr(k, name, type(getattr(k, name))(getattr(k, name).fn, counting(phase, name)))
-    monkeypatch.setattr(engine_module, "decode_kernels", lambda phase="decode": kernels[phase])
+    monkeypatch.setattr(engine_module, "decode_kernels", lambda phase="decode", gemm="cublas": kernels[phase])
     model = _model()
     rows = _rows([12, 31, 5], seed=9)
     plain = Engine(model, stop_on_eos=False).generate(rows, 6)

@@ -452,6 +452,9 @@ class InferenceSpec(Strict):
     cuda_graphs: Literal["auto", "off"] = Field(
         default="auto", description="'auto' captures the decoding step as a CUDA graph per batch shape and replays it "
         "(eager if capture fails); 'off' decodes eagerly.")
+    decode_gemm: Literal["cublas", "triton"] = Field(
+        default="cublas", description="A decoding step's linear layers on a GPU: 'cublas' (torch's) or 'triton' (a kernel "
+        "that streams each weight once, for at most 32 rows; a row's numbers do not depend on its batch).")
     batch_tokens: int | None = Field(default=None, gt=0, description="At most this many prompt tokens in one batch; default "
                                      "131072 on a CPU, on a GPU as many as half the memory free after the weights holds "
                                      "as KV cache.")
@@ -472,6 +475,11 @@ class InferenceSpec(Strict):
         return n
 
 
+# Inference settings added after evaluations were recorded (fingerprinted), at the defaults that reproduce them.
+INFERENCE_LATER_DEFAULTS: dict[str, Any] = {"decode_gemm": "cublas"}
+_NONE = object()
+
+
 class EvalSpec(Strict):
     """What to evaluate, on which models."""
 
@@ -482,6 +490,13 @@ class EvalSpec(Strict):
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     models: list[Literal["base", "final"]] = ["base", "final"]
     seed: int = 1234
+
+    def settings(self) -> dict[str, Any]:
+        """The evaluation's settings for fingerprints: inference settings added later are left out while at their
+        defaults, so evaluations recorded before they existed stay valid."""
+        out = self.model_dump(mode="json")
+        out["inference"] = {k: v for k, v in out["inference"].items() if INFERENCE_LATER_DEFAULTS.get(k, _NONE) != v}
+        return out
 
     def resolve_paths(self, fix: Any) -> None:
         """Apply `fix` (relative -> absolute) to every path of the evaluation (longforge.recipe.map_paths)."""

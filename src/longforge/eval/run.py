@@ -68,7 +68,7 @@ def make_engine(model: Any, spec: EvalSpec, share: Share = SINGLE) -> Engine:
     long prompt's KV cache over (inference/sharded.py)."""
     inf = spec.inference
     return Engine(model, prefill_chunk=inf.prefill_chunk, kv_cache=inf.kv_cache, attention=inf.attention,
-                  gpu_memory_gib=inf.gpu_memory_gib, cuda_graphs=inf.cuda_graphs, kv_shards=inf.kv_shards,
+                  gpu_memory_gib=inf.gpu_memory_gib, cuda_graphs=inf.cuda_graphs, kv_shards=inf.kv_shards, decode_gemm=inf.decode_gemm,
                   kv_group=kv_group(inf.kv_shards, share.rank, share.world))
 
 

@@ -36,6 +36,7 @@ import torch
 from longforge.errors import LongforgeError
 from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
 from longforge.inference.fusion import decode_kernels, fused_decoding
+from longforge.inference.skinny import available as skinny_available
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
 from longforge.inference.prefill import Fill, Share, Step, Worth, computed_tokens, prefill_plan, shared_tokens
 from longforge.inference.sharded import KVGroup, KVShards, ShardedKV, shard_sizes
@@ -52,6 +53,7 @@ KVPlace = Literal["auto", "device", "cpu"]
 GIB = 2**30
 AttentionPath = Literal["auto", "longforge", "hf"]
 GraphMode = Literal["auto", "off"]
+DecodeGemm = Literal["cublas", "triton"]
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 # Steps between host visits: each visit costs a sync and the stop callbacks; a row that ended keeps computing until
 # the next one, so this bounds the wasted steps (answers are a few to a few hundred tokens).
@@ -218,11 +220,14 @@ class Engine:
                  attention: AttentionPath = "auto", stop_on_eos: bool = True, gpu_memory_gib: float | None = None,
                  ragged: bool = True, cuda_graphs: GraphMode = "auto", sync_every: int = SYNC_EVERY,
                  prefix_reuse: bool = True, prefix_min: int = PREFIX_MIN, pad_to: int | None = PAD_TO,
-                 fused: GraphMode = "auto", kv_shards: KVShards = "auto", kv_group: KVGroup | None = None):
+                 fused: GraphMode = "auto", kv_shards: KVShards = "auto", kv_group: KVGroup | None = None,
+                 decode_gemm: DecodeGemm = "cublas"):
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1 (steps between host visits), not {sync_every}")
         if cuda_graphs not in ("auto", "off"):
             raise ValueError(f"cuda_graphs must be 'auto' or 'off', not {cuda_graphs!r}")
+        if decode_gemm not in ("cublas", "triton"):
+            raise ValueError(f"decode_gemm must be 'cublas' or 'triton', not {decode_gemm!r}")
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
@@ -246,6 +251,9 @@ class Engine:
         self.pad_to = pad_to if pad_to and pad_to > 1 else None
         # Decoding steps with fused RMSNorm, RoPE and SwiGLU kernels (compiled; inference/fusion.py): CUDA only.
         self.fused = fused == "auto" and fused_available(self.device)
+        # A decoding step's linear layers by the weight-streaming Triton kernel (inference/skinny.py), with the fused
+        # kernels on a GPU; else torch's (cuBLAS).
+        self.decode_gemm: DecodeGemm = "triton" if decode_gemm == "triton" and self.fused and skinny_available(self.device) else "cublas"
         self.graph_failure: str | None = None  # why decoding runs eagerly after a failed capture (describe says it)
         self._graphed: _Graphed | None = None
         self.last: dict[str, Any] = {}  # timings and counts of the last generate call (benchmarks read them)
@@ -268,7 +276,7 @@ class Engine:
         return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv, "gpu_memory_gib": self.gpu_memory_gib,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "ragged": self.ragged, "sync_every": self.sync_every, "prefix_reuse": self.prefix_min,
-                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "cuda_graphs": self._graphs_described(),
+                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "decode_gemm": self.decode_gemm, "cuda_graphs": self._graphs_described(),
                 "kv_shards": self.kv_shards, **self._shards_described(),
                 **({"prefill": "one pass (dynamic RoPE), rows of equal length together"} if self.one_pass else {})}
 
@@ -628,7 +636,7 @@ class Engine:
         if not self.fused:
             yield
             return
-        with fused_decoding(self.model, decode_kernels(phase)):
+        with fused_decoding(self.model, decode_kernels(phase, self.decode_gemm if phase == "decode" else "cublas")):
             yield
 
     def _generate_group(self, prompts: torch.Tensor, max_new_tokens: int, stop: Stop | None) -> list[list[int]]:

@@ -1,5 +1,5 @@
 """Fewer kernels in a decoding step and a prefill chunk: the model's RMSNorms, RoPE and SwiGLU as single compiled
-kernels while the engine runs it.
+kernels while the engine runs it (and, when asked, a decoding step's linear layers as inference/skinny.py's kernel).
 
 A decoding step computes one token per row, so its matrix products are small and most of its kernels are tiny
 elementwise ones: transformers' RMSNorm is about eight kernels, RoPE about ten, SwiGLU two, per layer; in a CUDA
@@ -32,32 +32,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecodeKernels:
     """The compiled functions, made once per process and shared by every engine (compiling takes seconds)."""
 
-    def __init__(self, compiler: Callable[..., Any] | None = None):
+    def __init__(self, compiler: Callable[..., Any] | None = None, linear: Callable[..., torch.Tensor] | None = None):
         self.norm = Compiled(rms_norm, compiler)
         self.rope = Compiled(rope, compiler)
         self.mlp = Compiled(silu_mul, compiler)
+        self.linear = linear  # (x, weight, bias) -> x @ weight.T + bias for the decoder's and the head's linears; None: torch's
 
 
-_kernels: dict[str, DecodeKernels] = {}
+_kernels: dict[tuple[str, str], DecodeKernels] = {}
 
 
-def decode_kernels(phase: str = "decode") -> DecodeKernels:
+def decode_kernels(phase: str = "decode", gemm: str = "cublas") -> DecodeKernels:
     """The process's compiled functions for one phase: decoding steps, or prefill chunks (compiled apart, so the
-    chunks' shapes never count against the decoding functions' recompile limit)."""
-    if phase not in _kernels:
-        _kernels[phase] = DecodeKernels()
-    return _kernels[phase]
+    chunks' shapes never count against the decoding functions' recompile limit); gemm 'triton' also routes the
+    linear layers to the weight-streaming kernel."""
+    if (phase, gemm) not in _kernels:
+        from longforge.inference import skinny
+
+        _kernels[phase, gemm] = DecodeKernels(linear=skinny.linear if gemm == "triton" else None)
+    return _kernels[phase, gemm]
 
 
 @contextlib.contextmanager
 def fused_decoding(model: Any, kernels: DecodeKernels) -> Iterator[int]:
-    """Route the model's RMSNorms, RoPE and SiLU MLPs through `kernels` inside the block; yields how many modules
-    changed. Modules that already have a forward of their own (training's lean norms, fused MLPs) are left alone."""
+    """Route the model's RMSNorms, RoPE and SiLU MLPs (and, with `kernels.linear`, its linear layers) through
+    `kernels` inside the block; yields how many modules changed. Modules that already have a forward of their own
+    (training's lean norms, fused MLPs) are left alone."""
     patched: list[Any] = []
     for module in model.modules():
         if "forward" in vars(module):
             continue
-        if type(module).__name__ in LEAN_NORM_CLASSES:
+        if kernels.linear is not None and isinstance(module, torch.nn.Linear):
+            module.forward = (lambda m, f: lambda x: f(x, m.weight, m.bias))(module, kernels.linear)
+            patched.append(module)
+        elif type(module).__name__ in LEAN_NORM_CLASSES:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
             module.forward = (lambda m, e: lambda x: kernels.norm(x, m.weight, e))(module, eps)
             patched.append(module)

@@ -308,14 +308,14 @@ def evaluate_row(profile: LabProfile, assets: dict[str, Any], model: Path, out: 
     spec = eval_spec(profile, assets, seed)
     stage = EvalStage(spec, Checkpoint(Path(model)), label, out)
     plan = RunPlan(original_length=profile.window, target_length=profile.target, device=device.type)
-    run_stage(f"lab/eval {label}", out, fingerprint([spec.model_dump(mode="json"), model_fp]),
+    run_stage(f"lab/eval {label}", out, fingerprint([spec.settings(), model_fp]),
               lambda: {"summary": stage.run(plan)["seconds"]})
     summary = json.loads((out / "summary.json").read_text())
     if profile.pretrained:  # the second domain's perplexity, by the same evaluation stage into its own folder
         prose = base_eval_specs(profile, assets, seed)[1]
         pout = out.parent / f"{out.name}-prose"
         pstage = EvalStage(prose, Checkpoint(Path(model)), label, pout)
-        run_stage(f"lab/eval {label} (perplexity on prose)", pout, fingerprint([prose.model_dump(mode="json"), model_fp]),
+        run_stage(f"lab/eval {label} (perplexity on prose)", pout, fingerprint([prose.settings(), model_fp]),
                   lambda: {"summary": pstage.run(plan)["seconds"]})
         extra = json.loads((pout / "summary.json").read_text())
         summary["ppl_prose"] = extra.get("ppl", {})
@@ -330,7 +330,7 @@ FAILED = "failed.json"  # why an arm did not finish (the report lists it)
 def arm_fingerprint(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int) -> str:
     """What an arm's rows depend on: the arm, the profile, the base and corpus, the seed and the evaluation."""
     specs = base_eval_specs(profile, assets, seed) if profile.pretrained else (eval_spec(profile, assets, seed),)
-    text = json.dumps([s.model_dump(mode="json") for s in specs], sort_keys=True)
+    text = json.dumps([s.settings() for s in specs], sort_keys=True)
     # Files the lab derives are named by their place, not their folder, so rows carried to a lab folder elsewhere
     # still match (their content is covered by the base's and the corpus's fingerprints).
     for key in ("side", "corpus"):

@@ -34,7 +34,7 @@ class EvalStage(Stage):
         from longforge.recipe import input_paths
 
         files = [content_stamp(p) for p in input_paths(self.spec).values()]
-        return [self.spec.model_dump(mode="json"), self.model.fingerprint(plan), plan.original_length,
+        return [self.spec.settings(), self.model.fingerprint(plan), plan.original_length,
                 plan.target_length, files]
 
     def check(self, plan: RunPlan) -> None:
