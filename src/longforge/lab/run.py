@@ -203,7 +203,9 @@ def arm_recipe(profile: LabProfile, assets: dict[str, Any], arm: Arm, seed: int,
     stages: list[dict[str, Any]] = [{
         "name": "extend", "steps": steps, "batch_size": batch, "lr": profile.ext_lr, "warmup_steps": profile.ext_warmup,
         "schedule": arm.schedule, "document_mask": arm.document_mask, "save_every": max(steps // profile.checkpoints, 1),
-        "data": str(data_dir)}]
+        # Attention is most of a long step: keeping its outputs spares backward a second attention forward (the same
+        # numbers; tokens x hidden x 2 bytes per layer, 9 GiB for the 135M model's 262K tokens per step).
+        "checkpoint_policy": "save_attention", "data": str(data_dir)}]
     if assets.get("val") is not None:  # the loss on held-out text every eighth of the budget (one global batch's tokens each)
         stages[0].update(val_data=str(assets["val"]), val_every=max(steps // profile.checkpoints, 1),
                          val_batches=max(1, round(profile.val_tokens / profile.tokens_per_step)))
