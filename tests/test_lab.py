@@ -71,6 +71,24 @@ def test_one_seed_verdicts_weigh_the_prompts_sampling_error() -> None:
     assert aggregate(rows, 64, 256)["a"]["metrics"]["long_score"].get("sampling_error") is None
 
 
+def test_the_real_model_lab_judges_longrecipe_on_the_papers_metric() -> None:
+    """LongRecipe's claim cites NIAH(M): a passkey lead alone must not make it hold."""
+    from longforge.lab.report import BASE_CLAIMS
+
+    claim = next(c for c in BASE_CLAIMS if c.a == "longrecipe" and c.b == "fu")
+    assert claim.metric == "niah_m_extended"
+
+    def row(name: str, pk: float, niah: float) -> dict:
+        ev = {"passkey": {"per_length": {"128": pk, "256": pk}}, "ppl": {},
+              "ruler": {"average": {"256": niah}, "per_task": {t: {"256": niah} for t in ("niah_multikey_1", "vt")}}}
+        return {"row": name, "arm": name, "label": name, "seed": 0, "tokens": 1, "train_seconds": 1.0,
+                "eval_seconds": 1.0, "eval": ev}
+
+    agg = aggregate([row("longrecipe", 1.0, 10.0), row("fu", 0.2, 60.0)], 64, 256)
+    assert agg["longrecipe"]["metrics"]["long_score"]["mean"] > agg["fu"]["metrics"]["long_score"]["mean"]
+    assert verdict(claim, agg)["verdict"] == "does not hold (one seed)"
+
+
 def test_tiny_lab_runs_every_kind_of_arm_and_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from longforge.lab.run import run_lab
 

@@ -135,8 +135,10 @@ BASE_CLAIMS = [
           "prolong-nomask"),
     Claim("UltraLong's YaRN recipe beats a larger RoPE base with the same full-length training", "UltraLong",
           "long_score", "ultralong", "fu"),
+    # On the paper's own metric (its multi-key, multi-value and multi-query NIAH tasks), not on long_score, which
+    # passkey alone can carry.
     Claim("Training at 30% length with PIT matches full-length training (NIAH(M) 82.6 vs 73.2)", "LongRecipe",
-          "long_score", "longrecipe", "fu"),
+          "niah_m_extended", "longrecipe", "fu"),
     Claim("PoSE (training at the original window) extends the window like full-length training", "PoSE (Zhu et al. 2024)",
           "long_score", "pose", "fu"),
     Claim("Replay then merging with the original brings the short window back", "LongRecipe", "ppl_quarter",
