@@ -27,7 +27,8 @@
 # Usage there:  LAB_FACTOR=4 LAB_ARMS="base,yarn-0|prolong|fu,longrecipe" LAB_SECONDS=520 bash benchmarks/lab_real.sh
 # and in the next call, at once, the same line: the running groups are left alone and waited for.
 # Settings: LAB_FACTOR (4 or 8), LAB_ARMS, LAB_SEEDS (default 0), LAB_TOKENS (per trained arm, default 20000000),
-# LAB_SECONDS (how long this call waits), LAB_ESSAYS (a prose haystack; default the corpus's held-out prose),
+# LAB_SECONDS (how long this call waits; cut to what LAB_CALL_S, the call's limit, default 600, leaves for the report
+# and archive), LAB_ESSAYS (a prose haystack; default the corpus's held-out prose),
 # LAB_STATE, LAB_DEVICE (cuda; cpu for a check here, groups then all run on the CPU).
 set -u
 OUT=${OUT:-/tmp/lab-real-out}
@@ -119,7 +120,11 @@ if [ -n "${LAB_ARMS:-}" ]; then
     say "group $arms: started on GPU $gpu (log $RUN/g$i-$key.log)"
   done
   sleep 2
-  deadline=$(( t0 + ${LAB_SECONDS:-480} ))
+  # Merging, the report and the archive take ~45 s after the wait: the wait ends early enough for them to finish
+  # inside the call's limit (LAB_CALL_S, default 600), else the call is cut and nothing comes back.
+  wait_s=${LAB_SECONDS:-480}; room=$(( ${LAB_CALL_S:-600} - 75 ))
+  [ "$wait_s" -gt "$room" ] && { say "waiting until +$room s, not +$wait_s: the report and archive need the rest"; wait_s=$room; }
+  deadline=$(( t0 + wait_s ))
   while [ "$(date +%s)" -lt "$deadline" ]; do
     alive=0; for p in "${PIDS[@]}"; do running "$p" && alive=1; done
     [ $alive -eq 0 ] && break
