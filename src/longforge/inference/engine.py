@@ -36,7 +36,6 @@ import torch
 from longforge.errors import LongforgeError
 from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
 from longforge.inference.fusion import decode_kernels, fused_decoding
-from longforge.inference.skinny import available as skinny_available
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
 from longforge.inference.prefill import Fill, Share, Step, Worth, computed_tokens, prefill_plan, shared_tokens
 from longforge.inference.sharded import KVGroup, KVShards, ShardedKV, shard_sizes
@@ -251,9 +250,9 @@ class Engine:
         self.pad_to = pad_to if pad_to and pad_to > 1 else None
         # Decoding steps with fused RMSNorm, RoPE and SwiGLU kernels (compiled; inference/fusion.py): CUDA only.
         self.fused = fused == "auto" and fused_available(self.device)
-        # A decoding step's linear layers by the weight-streaming Triton kernel (inference/skinny.py), with the fused
-        # kernels on a GPU; else torch's (cuBLAS).
-        self.decode_gemm: DecodeGemm = "triton" if decode_gemm == "triton" and self.fused and skinny_available(self.device) else "cublas"
+        # A decoding step's linear layers by the weight-streaming Triton kernel (inference/skinny.py), routed with the
+        # fused kernels (which need CUDA and Triton too); else torch's (cuBLAS).
+        self.decode_gemm: DecodeGemm = "triton" if decode_gemm == "triton" and self.fused else "cublas"
         self.graph_failure: str | None = None  # why decoding runs eagerly after a failed capture (describe says it)
         self._graphed: _Graphed | None = None
         self.last: dict[str, Any] = {}  # timings and counts of the last generate call (benchmarks read them)
@@ -276,7 +275,8 @@ class Engine:
         return {"path": self.path, "prefill_chunk": self.prefill_chunk, "kv_cache": kv, "gpu_memory_gib": self.gpu_memory_gib,
                 "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "ragged": self.ragged, "sync_every": self.sync_every, "prefix_reuse": self.prefix_min,
-                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "decode_gemm": self.decode_gemm, "cuda_graphs": self._graphs_described(),
+                "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "decode_gemm": self.decode_gemm,
+                "cuda_graphs": self._graphs_described(),
                 "kv_shards": self.kv_shards, **self._shards_described(),
                 **({"prefill": "one pass (dynamic RoPE), rows of equal length together"} if self.one_pass else {})}
 

@@ -118,13 +118,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
-
-def available(device: torch.device) -> bool:
-    """The kernel needs a CUDA device and Triton."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
