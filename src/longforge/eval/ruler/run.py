@@ -63,22 +63,25 @@ def build_task(task: str, tokenizer: Any, lengths: list[int], samples: int, seed
         try:
             n0 = fit_count(tokens(0), room, f"RULER {task} prompt", guess=guess or max(1, room // 16), upper=upper)
             at_length: list[Prompt] = []
+            units = [n0] * samples
             made = [make_sample(task, n0, seed, length, i, res) for i in range(samples)]
             texts = [fmt.render(tokenizer, s.user, s.answer_prefix) for s in made]
             encoded = fmt.encode_many(tokenizer, texts)  # every sample at once: on all cores
-            for i in range(samples):
-                n, s, text, ids = n0, made[i], texts[i], encoded[i]
-                for _ in range(2):
-                    if room >= len(ids) >= 0.99 * room:
-                        break
-                    # This sample's needles or words tokenize differently: scale its size by its own token rate
-                    # (one tokenizer call each, usually enough), then search if that did not land within 1%.
-                    n = max(1, round(n * (room - 0.005 * room) / max(1, len(ids))))
+            for _ in range(2):
+                # Samples whose needles or words tokenize differently: scale each one's size by its own token rate
+                # (one tokenizer call each, usually enough; all of them in one batch), then search each one that did
+                # not land within 1%.
+                redo = [i for i in range(samples) if not room >= len(encoded[i]) >= 0.99 * room]
+                for i in redo:
+                    units[i] = max(1, round(units[i] * (room - 0.005 * room) / max(1, len(encoded[i]))))
                     if upper is not None:
-                        n = min(n, upper)
-                    s = make_sample(task, n, seed, length, i, res)
-                    text = fmt.render(tokenizer, s.user, s.answer_prefix)
-                    ids = fmt.encode(tokenizer, text)
+                        units[i] = min(units[i], upper)
+                    made[i] = make_sample(task, units[i], seed, length, i, res)
+                    texts[i] = fmt.render(tokenizer, made[i].user, made[i].answer_prefix)
+                for i, ids in zip(redo, fmt.encode_many(tokenizer, [texts[i] for i in redo])):
+                    encoded[i] = ids
+            for i in range(samples):
+                n, s, text, ids = units[i], made[i], texts[i], encoded[i]
                 if len(ids) > room or len(ids) < 0.99 * room:
                     n = fit_count(tokens(i), room, f"RULER {task} prompt", guess=n, upper=upper)
                     s = make_sample(task, n, seed, length, i, res)
