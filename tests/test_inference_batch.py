@@ -198,47 +198,89 @@ def test_a_batch_just_over_the_memory_runs_in_ragged_halves(one_thread) -> None:
     assert eng.placement == {"kv_layers_on_gpu": n, "kv_layers_in_host_memory": 0}
 
 
-def test_dynamic_rope_prompts_prefill_in_one_pass_as_generate_does(monkeypatch: pytest.MonkeyPatch,
-                                                                   one_thread) -> None:  # noqa: ANN001
-    """Dynamic NTK rotates by each pass's longest position: the engine prefills such a prompt in one pass, from the
-    original frequencies, and decodes rows of equal length together, so every row gets what transformers' generate
-    gives it on a fresh model (chunked, one of these rows differed; and generate itself keeps the frequencies grown
-    for the longest prompt it saw)."""
-    import copy
-
+def _dynamic_model():  # noqa: ANN202
     from transformers import LlamaForCausalLM
 
     cfg = make_tiny_model(VOCAB, window=32, seed=3).config
     cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
     torch.manual_seed(3)
     model = LlamaForCausalLM(cfg).eval()
-    fresh = copy.deepcopy(model)
+    with torch.no_grad():  # sharp attention, so a row rotated for another length picks other tokens
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def _dynamic_rows() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     for n in (50, 90, 70):  # the rows the first draws make (as in the check that found the difference)
         torch.randint(1, VOCAB, (n,), generator=g)
-    rows = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in range(40, 120, 4)]
+    # Inside the 32-token window and past it (where each row's frequencies depend on its own length).
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in [20, 31, 32, 33] + list(range(40, 120, 4))]
+
+
+def test_dynamic_rope_rows_decode_together_each_rotated_as_generate_rotates_it(monkeypatch: pytest.MonkeyPatch,
+                                                                               one_thread) -> None:  # noqa: ANN001
+    """Dynamic NTK rotates by each pass's longest position: the engine prefills each prompt in one pass and computes
+    every row's frequencies for its own length, so rows of different lengths decode in one batch and each gets what
+    transformers' generate gives it alone on a fresh model (chunked, or rotated for the batch's longest row, some
+    differed; and generate itself keeps the frequencies grown for the longest prompt it saw)."""
+    import copy
+
+    model = _dynamic_model()
+    fresh = copy.deepcopy(model)
+    rows = _dynamic_rows()
     eng = Engine(model, prefill_chunk=16, stop_on_eos=False)
+    assert eng.ragged and "its own length" in eng.describe()["prefill"]
     passes: list[int] = []
     run = eng._run_decoder
     eng._run_decoder = lambda ids, start, store: passes.append(ids.shape[1]) or run(ids, start, store)  # type: ignore[method-assign]
-    assert eng.generate(rows, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in rows]
+    want = [_hf(copy.deepcopy(fresh), r, 8) for r in rows]
+    assert eng.generate(rows, 8) == want
     assert sorted(p for p in passes if p > 1) == sorted(map(len, rows))  # one prefill pass per prompt length
-    assert eng.generate(rows[10:11], 8) == [_hf(copy.deepcopy(fresh), rows[10], 8)]  # after longer ones: the same
-    # Equal lengths prefill together, at most PREFILL_BATCH_TOKENS per pass (one pass holds all its activations).
+    assert eng.last["batch"] == len(rows) and "groups" not in eng.last and eng.last["prefix_saved_tokens"] == 0
+    # Without each row's own frequencies (transformers' rotary module: the batch's longest row), rows differ.
+    import contextlib
+
     import longforge.inference.engine as engine_module
 
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "rows_rotated", lambda model, fn: contextlib.nullcontext())
+        assert Engine(copy.deepcopy(fresh), prefill_chunk=16, stop_on_eos=False).generate(rows, 8) != want
+    assert eng.generate(rows[10:11], 8) == [_hf(copy.deepcopy(fresh), rows[10], 8)]  # after longer ones: the same
+    assert "forward" not in vars(model.model.rotary_emb)  # the model's own rotary module again after generate
+    # Equal lengths prefill together, at most PREFILL_BATCH_TOKENS per pass (one pass holds all its activations).
     monkeypatch.setattr(engine_module, "PREFILL_BATCH_TOKENS", 130)
-    same = [rows[5], rows[5][::-1], rows[5][1:] + rows[5][:1]]  # three rows of 60 tokens: two passes, 2 + 1 rows
+    same = [rows[9], rows[9][::-1], rows[9][1:] + rows[9][:1]]  # three rows of 60 tokens: two passes, 2 + 1 rows
     passes.clear()
     assert eng.generate(same, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in same]
-    assert [p for p in passes if p > 1] == [60, 60] and eng.last["groups"] == 2
+    assert [p for p in passes if p > 1] == [60, 60]
     # Perplexity windows too: rotated for the window's own length, whatever ran before.
-    ids = torch.tensor([rows[3]])
+    ids = torch.tensor([rows[7]])
     total, count = eng.window_nll(ids)
     with torch.no_grad():
         ref = copy.deepcopy(fresh)(input_ids=ids, labels=ids).loss.item()
     assert total / count == pytest.approx(ref, rel=1e-5)
-    assert not eng.ragged and "one pass" in eng.describe()["prefill"]
+
+
+def test_dynamic_rope_rows_of_equal_length_when_per_row_frequencies_differ(monkeypatch: pytest.MonkeyPatch,
+                                                                          one_thread) -> None:  # noqa: ANN001
+    """Where the per-row formula does not equal the model's own rotary module (checked bit for bit at the start),
+    rows of equal length run together, each prompt in one pass, as generate runs it."""
+    import copy
+
+    import longforge.inference.rope_rows as rope_rows
+
+    real = rope_rows.dynamic_inv_freq
+    monkeypatch.setattr(rope_rows, "dynamic_inv_freq", lambda config, lengths: real(config, lengths) * (1 + 1e-6))
+    model = _dynamic_model()
+    fresh = copy.deepcopy(model)
+    rows = _dynamic_rows()[:8]
+    eng = Engine(model, prefill_chunk=16, stop_on_eos=False)
+    assert eng.row_rope is None and not eng.ragged and "equal length" in eng.describe()["prefill"]
+    assert eng.generate(rows, 8) == [_hf(copy.deepcopy(fresh), r, 8) for r in rows]
+    assert eng.last["groups"] == len({len(r) for r in rows})
 
 
 def test_hf_path_takes_ragged_batches(one_thread) -> None:  # noqa: ANN001
@@ -568,3 +610,22 @@ def test_a_cache_is_placed_in_what_the_device_has_free_beside_other_processes(mo
     assert eng._resident_layers(capacity, rows) == resident_layers(n, need // n, need // 2) < n
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: need)  # our own cached blocks count as free
     assert eng._resident_layers(capacity, rows) == n
+
+
+@pytest.mark.gpu
+def test_dynamic_rope_rows_on_cuda_decode_in_a_graph_as_generate_does() -> None:
+    """Each row's own frequencies are tensor operations (no host sync): the decoding step is captured and replayed."""
+    import copy
+
+    model = _dynamic_model().to("cuda")
+    fresh = copy.deepcopy(model)
+    rows = _dynamic_rows()
+    eng = Engine(model, prefill_chunk=16, stop_on_eos=False)
+    got = eng.generate(rows, 8)
+    assert eng.last["cuda_graph"] and eng.graph_failure is None, eng.describe()
+    want = []
+    for r in rows:
+        out = copy.deepcopy(fresh).generate(torch.tensor([r], device="cuda"), max_new_tokens=8, min_new_tokens=8,
+                                            do_sample=False, pad_token_id=0, eos_token_id=None)
+        want.append(out[0, len(r):].tolist())
+    assert got == want

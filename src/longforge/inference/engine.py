@@ -36,6 +36,7 @@ import torch
 from longforge.errors import LongforgeError
 from longforge.inference.decode import DecodeState, GraphStep, Stop, run_decode
 from longforge.inference.fusion import decode_kernels, fused_decoding
+from longforge.inference.rope_rows import per_row_rope, rows_rotated
 from longforge.inference.kv import DeviceKV, HostPool, OffloadedKV, resident_layers, spread_layers
 from longforge.inference.prefill import Fill, Share, Step, Worth, computed_tokens, prefill_plan, shared_tokens
 from longforge.inference.sharded import KVGroup, KVShards, ShardedKV, shard_sizes
@@ -242,7 +243,10 @@ class Engine:
         # beside longer rows, would be rotated otherwise than transformers' generate rotates it (the whole prompt in
         # one pass, then each new token at the row's own length). Such models prefill in one pass, rows of equal length.
         self.one_pass = dynamic_rope(model)
-        self.ragged = ragged and not self.one_pass  # prompts of different lengths decode together (else equal lengths)
+        # ...and decode beside rows of other lengths only with each row's own frequencies (inference/rope_rows.py),
+        # where those equal transformers' for the row alone; else rows of equal length together.
+        self.row_rope = per_row_rope(model) if self.one_pass else None
+        self.ragged = ragged and (not self.one_pass or self.row_rope is not None)  # prompts of different lengths together
         self.cuda_graphs: GraphMode = cuda_graphs
         self.sync_every = sync_every
         self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse else None
@@ -278,7 +282,13 @@ class Engine:
                 "prefill_pad_to": self.pad_to, "fused_decoding": self.fused, "decode_gemm": self.decode_gemm,
                 "cuda_graphs": self._graphs_described(),
                 "kv_shards": self.kv_shards, **self._shards_described(),
-                **({"prefill": "one pass (dynamic RoPE), rows of equal length together"} if self.one_pass else {})}
+                **({"prefill": self._one_pass_described()} if self.one_pass else {})}
+
+    def _one_pass_described(self) -> str:
+        """How a dynamic-RoPE model's prompts run."""
+        if self.ragged:
+            return "one pass per prompt (dynamic RoPE), every row rotated for its own length, rows decoded together"
+        return "one pass (dynamic RoPE), rows of equal length together"
 
     def _prefill_span(self, n: int) -> int:
         """Positions per prefill pass of an n-token prompt about to be prefilled: the chunk, or (dynamic RoPE, whose
@@ -483,7 +493,9 @@ class Engine:
         rows of equal length together."""
         note = "ragged batches are off (ragged=False)"
         if self.ragged:
-            batch = _Batch.sorted(rows, self.prefix_min, self.pad_to, self.worth)
+            # Dynamic RoPE rotates a row's keys for its whole length: no prefix shared between rows, no padding.
+            batch = (_Batch.sorted(rows, None, None, self.worth) if self.one_pass
+                     else _Batch.sorted(rows, self.prefix_min, self.pad_to, self.worth))
             capacity, width = self._shape(batch, max_new_tokens)
             key = (len(rows), capacity, width, tuple(sorted(self.stop_ids)), next(self.model.parameters()).data_ptr())
             if self._graphed is not None and self._graphed.key != key:
@@ -552,7 +564,7 @@ class Engine:
         for i, r in enumerate(batch.rows):
             ids[i, :len(r)] = torch.tensor(r)
         ids = ids.to(self.device)
-        with self._attached(store):
+        with self._attached(store), rows_rotated(self.model, self.row_rope):
             t0 = self._sync()
             first = torch.zeros(b, dtype=torch.long, device=self.device)
             with self._fused("prefill"):
@@ -585,11 +597,13 @@ class Engine:
         """Prefill one Fill chunk by chunk; a row whose last position falls in a chunk gets its first new token there
         (a padded row's last position comes before the Fill's end)."""
         head = self.model.get_output_embeddings()
-        per_pass = max(1, max(self.prefill_chunk, PREFILL_BATCH_TOKENS) // min(self.prefill_chunk, s.end - s.start))
+        # Dynamic RoPE: each row in one pass (rotated for its length), at most PREFILL_BATCH_TOKENS per pass.
+        chunk = s.end - s.start if self.one_pass else self.prefill_chunk
+        per_pass = max(1, max(chunk, PREFILL_BATCH_TOKENS) // min(chunk, s.end - s.start))
         for lo in range(s.first, s.last, per_pass):
             hi = min(lo + per_pass, s.last)
-            for start in range(s.start, s.end, self.prefill_chunk):
-                stop = min(start + self.prefill_chunk, s.end)
+            for start in range(s.start, s.end, chunk):
+                stop = min(start + chunk, s.end)
                 store.select(lo, hi, start)
                 h = self._run_decoder(ids[lo:hi, start:stop], start, store)
                 ending = [r for r in range(lo, hi) if start < lengths[r] <= stop]
