@@ -27,6 +27,7 @@ import contextlib
 import gc
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -257,6 +258,9 @@ class Engine:
         # A decoding step's linear layers by the weight-streaming Triton kernel (inference/skinny.py), routed with the
         # fused kernels (which need CUDA and Triton too); else torch's (cuBLAS).
         self.decode_gemm: DecodeGemm = "triton" if decode_gemm == "triton" and self.fused else "cublas"
+        if decode_gemm != self.decode_gemm and self.device.type == "cuda":
+            warnings.warn("longforge: decode_gemm 'triton' needs the fused decoding kernels (Triton installed, fused "
+                          "not 'off'); decoding with cuBLAS", stacklevel=2)
         self.graph_failure: str | None = None  # why decoding runs eagerly after a failed capture (describe says it)
         self._graphed: _Graphed | None = None
         self.last: dict[str, Any] = {}  # timings and counts of the last generate call (benchmarks read them)
