@@ -71,8 +71,9 @@ def model_recipe(profile: ModelDemoProfile, model: Path, window: int, sources: l
     r["data"]["sources"] = sources
     r["data"]["short_threshold"] = window
     r["data"]["token_budget"] = profile.steps * profile.batch * t + 8 * t
+    # save_attention: backward does not run attention forward again (most of a 32K step; the same numbers).
     r["stages"][0].update(steps=profile.steps, batch_size=profile.batch, lr=profile.lr, warmup_steps=profile.warmup,
-                          save_every=max(profile.steps // 4, 1))
+                          save_every=max(profile.steps // 4, 1), checkpoint_policy="save_attention")
     # Passkey from an eighth of the window to the target: inside the window (what the base keeps) and beyond it.
     r["eval"]["passkey"] = {"lengths": doubling(max(window // 8, 128), t), "depths": profile.depths,
                             "trials": profile.trials}
