@@ -154,3 +154,18 @@ def test_engine_with_the_kernel_decodes_the_same_tokens() -> None:
     assert eng.describe()["decode_gemm"] == "triton"
     assert eng.generate(rows, 30) == want
     assert eng.last["cuda_graph"] and eng.graph_failure is None, eng.describe()
+
+
+def test_the_benchmark_runs_in_the_interpreter(tmp_path: Path) -> None:
+    why = _interpreter_works()
+    if why:
+        pytest.skip(why)
+    import json
+
+    out = tmp_path / "decode_gemm.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_gemm_gpu.py"), "--smoke", "--rows", "1,3",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["products"]) == 6 * 2 and all(p["row_alone_equal"] and p["rel_err"] < 2e-3 for p in res["products"])
