@@ -22,11 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from longforge.eval.prompts import PromptFormat  # noqa: E402
 from longforge.eval.ruler.generators import Resources  # noqa: E402
 from longforge.eval.ruler.run import build_task  # noqa: E402
-
-SELF_CONTAINED = "niah_single_1,niah_multikey_2,niah_multikey_3,vt,cwe,fwe"
+from ruler_real_gpu import SEED, SELF_CONTAINED  # noqa: E402  (the real-model benchmark's tasks and seed)
 
 
 def main() -> None:
@@ -36,10 +36,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", type=Path, required=True, help="A local tokenizer folder.")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tasks", default=SELF_CONTAINED)
+    ap.add_argument("--tasks", default=",".join(SELF_CONTAINED))
     ap.add_argument("--lengths", default="4096,8192,16384,32768")
     ap.add_argument("--samples", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--chat-template", action="store_true", help="Render prompts in the tokenizer's chat template.")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)  # a local folder; its files are read, no code is run

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from eval_engine import left_pad  # noqa: E402
+from longforge.config import RulerSpec  # noqa: E402
 from longforge.eval.grid import Prompt, generate_all  # noqa: E402
 from longforge.eval.prompts import PromptFormat  # noqa: E402
 from longforge.eval.ruler.generators import Resources  # noqa: E402
@@ -46,7 +47,7 @@ from longforge.eval.ruler.scoring import answer_done, score  # noqa: E402
 from longforge.eval.ruler.tasks import TASKS  # noqa: E402
 from longforge.inference import Engine  # noqa: E402
 
-SELF_CONTAINED = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe"]
+SELF_CONTAINED = RulerSpec().task_list()  # the tasks that need no file: longforge eval's default
 SEED = 1234  # longforge eval's default seed: the subset's prompts are the command's
 
 

@@ -477,7 +477,12 @@ class InferenceSpec(Strict):
 
 # Inference settings added after evaluations were recorded (fingerprinted), at the defaults that reproduce them.
 INFERENCE_LATER_DEFAULTS: dict[str, Any] = {"decode_gemm": "cublas"}
-_NONE = object()
+
+
+def without_later_defaults(settings: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """`settings` less the keys of `later` that hold the default given there: settings added after results were
+    fingerprinted, left out of fingerprints while at their defaults so those results stay valid."""
+    return {k: v for k, v in settings.items() if k not in later or later[k] != v}
 
 
 class EvalSpec(Strict):
@@ -495,7 +500,7 @@ class EvalSpec(Strict):
         """The evaluation's settings for fingerprints: inference settings added later are left out while at their
         defaults, so evaluations recorded before they existed stay valid."""
         out = self.model_dump(mode="json")
-        out["inference"] = {k: v for k, v in out["inference"].items() if INFERENCE_LATER_DEFAULTS.get(k, _NONE) != v}
+        out["inference"] = without_later_defaults(out["inference"], INFERENCE_LATER_DEFAULTS)
         return out
 
     def resolve_paths(self, fix: Any) -> None:

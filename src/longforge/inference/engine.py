@@ -250,9 +250,10 @@ class Engine:
         self.ragged = ragged and (not self.one_pass or self.row_rope is not None)  # prompts of different lengths together
         self.cuda_graphs: GraphMode = cuda_graphs
         self.sync_every = sync_every
-        self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse else None
+        # Dynamic RoPE rotates a row's keys for its whole length: no prefix shared between rows, no padding.
+        self.prefix_min: int | None = max(1, prefix_min) if prefix_reuse and not self.one_pass else None
         self.worth = share_worth(model) if self.device.type == "cuda" else None  # on CPU a pass costs little
-        self.pad_to = pad_to if pad_to and pad_to > 1 else None
+        self.pad_to = pad_to if pad_to and pad_to > 1 and not self.one_pass else None
         # Decoding steps with fused RMSNorm, RoPE and SwiGLU kernels (compiled; inference/fusion.py): CUDA only.
         self.fused = fused == "auto" and fused_available(self.device)
         # A decoding step's linear layers by the weight-streaming Triton kernel (inference/skinny.py), routed with the
@@ -497,9 +498,7 @@ class Engine:
         rows of equal length together."""
         note = "ragged batches are off (ragged=False)"
         if self.ragged:
-            # Dynamic RoPE rotates a row's keys for its whole length: no prefix shared between rows, no padding.
-            batch = (_Batch.sorted(rows, None, None, self.worth) if self.one_pass
-                     else _Batch.sorted(rows, self.prefix_min, self.pad_to, self.worth))
+            batch = _Batch.sorted(rows, self.prefix_min, self.pad_to, self.worth)
             capacity, width = self._shape(batch, max_new_tokens)
             key = (len(rows), capacity, width, tuple(sorted(self.stop_ids)), next(self.model.parameters()).data_ptr())
             if self._graphed is not None and self._graphed.key != key:
@@ -602,7 +601,7 @@ class Engine:
         (a padded row's last position comes before the Fill's end)."""
         head = self.model.get_output_embeddings()
         # Dynamic RoPE: each row in one pass (rotated for its length), at most PREFILL_BATCH_TOKENS per pass.
-        chunk = s.end - s.start if self.one_pass else self.prefill_chunk
+        chunk = self._prefill_span(s.end - s.start)
         per_pass = max(1, max(chunk, PREFILL_BATCH_TOKENS) // min(chunk, s.end - s.start))
         for lo in range(s.first, s.last, per_pass):
             hi = min(lo + per_pass, s.last)

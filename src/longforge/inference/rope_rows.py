@@ -49,14 +49,14 @@ def row_rope(config: Any, scaling: float) -> Rope:
     return forward
 
 
-def per_row_rope(model: Any, window: int | None = None) -> Rope | None:
+def per_row_rope(model: Any) -> Rope | None:
     """The per-row rotary forward for a dynamic-NTK model, if it equals the model's own rotary module, row by row,
     at lengths inside and past the window; else None."""
     rotary = _rotary(model)
     if rotary is None or not hasattr(rotary, "attention_scaling"):
         return None
     fn = row_rope(model.config, rotary.attention_scaling)
-    window = window or model.config.max_position_embeddings
+    window = model.config.max_position_embeddings
     device = next((b.device for b in rotary.buffers()), torch.device("cpu"))
     x = torch.zeros(1, dtype=torch.float32, device=device)
     try:

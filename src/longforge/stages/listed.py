@@ -16,7 +16,6 @@ from longforge.stages.base import Checkpoint, RunPlan, Stage
 LATER_DEFAULTS: dict[str, Any] = {"sequence_parallel": "auto"}
 # Settings that change no weight (validation only reads): a finished stage stays finished when they change.
 READ_ONLY = ("val_data", "val_every", "val_batches")
-_UNSET = object()
 
 
 @cache
@@ -33,8 +32,10 @@ def flat_settings(spec: Any) -> dict[str, Any]:
     Fingerprints cover this shape, so a stage finished by an earlier longforge stays finished (a merge stage's
     unused training defaults included); a setting added later must be left out here while at its default.
     """
+    from longforge.config import without_later_defaults
+
     settings = {**_flat_defaults(), **spec.model_dump(mode="json")}
-    return {k: v for k, v in settings.items() if LATER_DEFAULTS.get(k, _UNSET) != v and k not in READ_ONLY}
+    return {k: v for k, v in without_later_defaults(settings, LATER_DEFAULTS).items() if k not in READ_ONLY}
 
 
 @dataclass

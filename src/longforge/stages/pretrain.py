@@ -80,7 +80,7 @@ class PretrainStage(ListedStage, TrainingStage):
                              plan.target_length or ds.seq_len, spec.document_mask, rank=layout.dp_rank,
                              world=layout.dp, sentence_ends=ends)
 
-    def validation(self, plan: RunPlan, layout: Any) -> Any:
+    def validation(self, plan: RunPlan, layout: Any, train: Any) -> Any:
         """val_data's sequences with contiguous positions and the stage's document masks, this process's share of
         each global batch (micro-batches of as many tokens as the training's), or None without val_data."""
         from longforge.data.verify import check_data_for_model
@@ -93,7 +93,7 @@ class PretrainStage(ListedStage, TrainingStage):
         if layout.sp > 1 and ds.seq_len % (2 * layout.sp):
             raise LongforgeError(f"{self.said('val_data')} {spec.val_data} holds sequences of {ds.seq_len} tokens, which "
                                  f"sequence-parallel degree {layout.sp} cannot split; pack it at a multiple of {2 * layout.sp}.")
-        rows = max(1, spec.batch_size * check_data_for_model(self.data, self.model.path).seq_len // ds.seq_len)
+        rows = max(1, spec.batch_size * train.dataset.seq_len // ds.seq_len)
         return PackedBatches(ds, rows, 1, plan.seed, "contiguous", ds.seq_len, spec.document_mask,
                              rank=layout.dp_rank, world=layout.dp, order="shuffle")
 

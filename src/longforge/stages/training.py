@@ -21,8 +21,9 @@ class TrainingStage(Stage):
         """The batch source (longforge.train.batches.BatchSource) for this process's part of the data."""
         raise NotImplementedError
 
-    def validation(self, plan: RunPlan, layout: Any) -> Any:
-        """Held-out batches scored while training (a BatchSource), or None: the kind's choice."""
+    def validation(self, plan: RunPlan, layout: Any, train: Any) -> Any:
+        """Held-out batches scored while training (a BatchSource, sized after the `train` source), or None: the kind's
+        choice."""
         return None
 
     def load(self, plan: RunPlan) -> Any:
@@ -40,7 +41,7 @@ class TrainingStage(Stage):
 
         layout = plan.layout(self.spec.sp)
         source = self.batches(plan, layout)  # first: its inputs are checked against the model before it is loaded
-        validation = self.validation(plan, layout)
+        validation = self.validation(plan, layout, source)
         model = self.load(plan)
         res = train_model(model, source, self.spec, self.folder, layout.device, tokenizer_from=self.model_path(),
                           label=self.label or self.title, layout=layout, validation=validation)
